@@ -1,0 +1,1 @@
+"""Benchmarks: `python bench/bench_<x>.py` or `fastclr bench <x>`."""

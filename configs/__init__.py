@@ -1,0 +1,1 @@
+"""Preset training recipes shipped as TOML files."""
