@@ -1,1 +1,37 @@
-"""fastclr.train."""
+"""SimCLR pretraining: configuration, checkpoints, the training loop and the embedded demo data.
+
+>>> from fastclr.train import load_preset, pretrain
+>>> cfg = load_preset("cpu-demo")
+>>> result = pretrain(cfg)  # dict with final loss, kNN top-1 before/after, checkpoint path
+"""
+
+from fastclr.train.checkpoint import (
+    CheckpointError,
+    find_latest_valid,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fastclr.train.config import ConfigError, PretrainConfig, list_presets, load_config, load_preset
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "PretrainConfig",
+    "find_latest_valid",
+    "list_presets",
+    "load_checkpoint",
+    "load_config",
+    "load_preset",
+    "pretrain",
+    "save_checkpoint",
+]
+
+
+def __getattr__(name):
+    if (
+        name == "pretrain"
+    ):  # the loop pulls in the models, pipelines and plotting; load it on first use
+        from fastclr.train.trainer import pretrain
+
+        return pretrain
+    raise AttributeError(f"module 'fastclr.train' has no attribute {name!r}")

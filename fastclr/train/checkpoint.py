@@ -1,0 +1,179 @@
+"""Atomic, self-describing training checkpoints.
+
+A checkpoint is a dict saved with ``torch.save`` under ``<dir>/ckpt-<step:09d>.pt``::
+
+    {"format": "fastclr-checkpoint", "version": 1, "step": int, "epoch": int, "batch": int,
+     "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
+     "rng": {...}, "config": {section: {key: value}}, "extra": {...}}
+
+``epoch``/``batch`` is the data position: the next batch to train is batch ``batch`` of epoch ``epoch``.
+Writes go to a temporary file in the same directory, which is fsync'ed, renamed over the final name and followed by an
+fsync of the directory, so a crash at any moment leaves either the old set of checkpoints or the new one, never a
+half-written file under a checkpoint name. Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "fastclr-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, not a fastclr checkpoint, or from an incompatible configuration."""
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:09d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files in ``directory``, oldest (lowest step) first; [] if the directory does not exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` through a fsync'ed temporary file and a rename; the directory is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Never leave a partial file behind, not even a temporary one (e.g. disk full, KeyboardInterrupt).
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, *, keep: int = 3) -> Path:
+    """Write ``state`` (must hold ``step``) atomically as ``ckpt-<step>.pt`` and delete all but the newest ``keep``."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    path = atomic_save(payload, checkpoint_path(directory, int(state["step"])))
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file cannot be unpickled safely or is not a fastclr checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (
+        Exception
+    ) as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...) for bad files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fastclr checkpoint (no '{FORMAT}' marker)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint version {ckpt.get('version')!r} (expected {VERSION})"
+        )
+    missing = [k for k in ("step", "epoch", "batch", "model", "config") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return ckpt
+
+
+def find_latest_valid(directory: str | Path) -> Path | None:
+    """The newest checkpoint in ``directory`` that loads; unreadable ones are reported with a warning and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def check_config(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    ignore: frozenset[str] = frozenset(),
+    path: str | Path = "checkpoint",
+) -> None:
+    """Raise CheckpointError naming every ``section.key`` whose value differs between two nested config dicts."""
+    flat_saved = {
+        f"{s}.{k}": v for s, sec in saved.items() if isinstance(sec, dict) for k, v in sec.items()
+    }
+    flat_now = {f"{s}.{k}": v for s, sec in current.items() for k, v in sec.items()}
+    keys = sorted((set(flat_saved) | set(flat_now)) - ignore)
+    diff = [k for k in keys if flat_saved.get(k, "<absent>") != flat_now.get(k, "<absent>")]
+    if diff:
+        detail = ", ".join(
+            f"{k} (checkpoint {flat_saved.get(k, '<absent>')!r}, now {flat_now.get(k, '<absent>')!r})"
+            for k in diff
+        )
+        raise CheckpointError(f"{path} was written with a different config: {detail}")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state a run depends on, in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states captured by :func:`rng_state` (CUDA states only where the device count matches)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))

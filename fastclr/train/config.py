@@ -1,0 +1,461 @@
+"""Pretraining configuration: typed dataclasses, argparse flags, TOML/YAML files and named presets.
+
+Precedence, lowest first: dataclass defaults < preset (``--preset NAME``) or file (``--config FILE``) < flags given on
+the command line. Files group keys in sections named after the dataclasses (``[data]``, ``[model]``, ``[loss]``,
+``[optim]``, ``[run]``); a flat file with bare keys works too, since every key name is unique across sections.
+
+>>> cfg = load_preset("cifar10-r18")
+>>> cfg.model.arch, cfg.optim.batch_size
+('resnet18', 512)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the key and the value."""
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class DataConfig:
+    data: str | None = _opt(
+        None,
+        "training images: ImageFolder dir (root/<class>/<img>) or a file list; none = embedded digits demo",
+    )
+    test_data: str | None = _opt(
+        None, "held-out images for the kNN monitor (ImageFolder dir); none = no kNN monitor"
+    )
+    size: int = _opt(224, "side of the square crops fed to the network, in pixels")
+    backend: str = _opt(
+        "auto",
+        "data loader: DALI, the torchvision twin, or auto (DALI when importable)",
+        ("auto", "dali", "torchvision"),
+    )
+    pipeline_device: str = _opt(
+        "auto",
+        "where DALI decodes and augments: cpu, gpu, or auto (gpu when CUDA and DALI-GPU work)",
+        ("auto", "cpu", "gpu"),
+    )
+    workers: int = _opt(4, "decoding threads (DALI) or worker processes (torchvision) per rank")
+    color_strength: float = _opt(
+        1.0, "colour-jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)"
+    )
+    blur_p: float | None = _opt(
+        None, "Gaussian-blur probability; none = 0.5 from 64 px up, 0 below (CIFAR)"
+    )
+    min_scale: float = _opt(0.08, "smallest area fraction of the random resized crop")
+    on_corrupt: str = _opt(
+        "error",
+        "unreadable images: stop with an error naming the file, or skip and count them",
+        ("error", "skip"),
+    )
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("resnet50", "backbone architecture (resnet18, resnet34, resnet50, cnn7)")
+    width: int = _opt(64, "base channel width of the backbone (64 is the standard ResNet)")
+    cifar_stem: bool = _opt(
+        False, "3x3 stride-1 first conv and no max-pool, for small (32 px) images"
+    )
+    proj_layers: int = _opt(
+        3, "projection-head depth: 3 = SimCLR v2 head, 2 = the v1 paper's 2048-2048-128 head"
+    )
+    proj_hidden: int | None = _opt(
+        None, "projection-head hidden width; none = the backbone feature width"
+    )
+    proj_dim: int = _opt(128, "projection output dimension")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = _opt(
+        0.5, "NT-Xent temperature (0.5 for CIFAR; the paper's ImageNet value is 0.1)"
+    )
+    loss_impl: str = _opt(
+        "auto",
+        "NT-Xent implementation: auto (triton on CUDA, tiled torch elsewhere), triton, torch, reference",
+        ("auto", "triton", "torch", "reference"),
+    )
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = _opt(
+        256, "global batch size (images per step over all ranks; each gives two views)"
+    )
+    epochs: int = _opt(100, "training epochs (the cosine schedule spans all of them)")
+    warmup_epochs: float = _opt(10.0, "linear learning-rate warm-up from 0, in epochs")
+    lr: float | None = _opt(
+        None, "base learning rate before scaling; none = 0.3 (linear) or 0.075 (sqrt)"
+    )
+    lr_scaling: str = _opt(
+        "linear",
+        "peak lr = lr*B/256 (linear), lr*sqrt(B) (sqrt) or lr as given (none)",
+        ("linear", "sqrt", "none"),
+    )
+    weight_decay: float = _opt(
+        1e-6, "LARS weight decay (biases and normalisation parameters excluded)"
+    )
+    momentum: float = _opt(0.9, "LARS momentum")
+
+
+@dataclass
+class RunConfig:
+    out: str = _opt("runs/simclr", "run directory: checkpoints, metrics, resolved config and plots")
+    seed: int = _opt(0, "random seed (offset by rank for per-process randomness)")
+    device: str = _opt(
+        "auto", "compute device: cuda when available (auto), cuda or cpu", ("auto", "cuda", "cpu")
+    )
+    precision: str = _opt(
+        "auto",
+        "autocast precision: auto = bf16 on GPU, fp32 on CPU; fp16 adds a GradScaler",
+        ("auto", "bf16", "fp16", "fp32"),
+    )
+    compile: bool = _opt(False, "torch.compile the model")
+    ckpt_every: int = _opt(0, "also checkpoint every N steps (0 = only at the end of each epoch)")
+    keep: int = _opt(3, "number of most recent checkpoints kept")
+    resume: str | None = _opt(
+        None, "'auto' = continue from the newest valid checkpoint in OUT, or a checkpoint path"
+    )
+    knn_every: int = _opt(
+        1, "kNN monitor on the held-out split every N epochs (0 = only at start and end)"
+    )
+    knn_k: int = _opt(200, "neighbours in the kNN monitor")
+    knn_temperature: float = _opt(0.1, "temperature of the kNN monitor's weighted votes")
+    max_steps: int | None = _opt(
+        None,
+        "stop (with a checkpoint) after this many steps in total; the schedule still spans all epochs",
+    )
+    skip_nonfinite: bool = _opt(
+        False, "skip steps whose loss is NaN/inf and count them, instead of stopping"
+    )
+    progress: bool = _opt(True, "show a progress bar")
+    log_every: int = _opt(1, "write a metrics row every N steps")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+# Keys that may change between a run and its resumption: paths and run control, not the trajectory.
+RESUME_FREE_KEYS = frozenset(
+    {
+        "data.data",
+        "data.test_data",
+        "data.workers",
+        "data.pipeline_device",
+        "data.on_corrupt",
+        "run.out",
+        "run.device",
+        "run.compile",
+        "run.ckpt_every",
+        "run.keep",
+        "run.resume",
+        "run.knn_every",
+        "run.knn_k",
+        "run.knn_temperature",
+        "run.max_steps",
+        "run.skip_nonfinite",
+        "run.progress",
+        "run.log_every",
+    }
+)
+
+
+@dataclass
+class PretrainConfig:
+    """The full, resolved configuration of one pretraining run (saved into every checkpoint)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict ``{section: {key: value}}`` (JSON/TOML/checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        """Build from a nested or flat dict; unknown sections/keys and wrongly typed values raise ConfigError."""
+        cfg = cls()
+        cfg.update(d)
+        return cfg
+
+    def update(self, d: dict[str, Any], source: str = "config") -> None:
+        """Overlay values from a nested (``{"model": {"arch": ...}}``) or flat (``{"arch": ...}``) dict."""
+        owner = _key_owner()
+        for key, value in d.items():
+            if key in SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: section [{key}] must be a table, got {value!r}")
+                for sub, v in value.items():
+                    if owner.get(sub) != key:
+                        raise ConfigError(
+                            f"{source}: unknown key {key}.{sub} (known: {', '.join(f.name for f in dataclasses.fields(SECTIONS[key]))})"
+                        )
+                    self._set(key, sub, v, source)
+            elif key in owner:
+                self._set(owner[key], key, value, source)
+            else:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} (sections: {', '.join(SECTIONS)})"
+                )
+
+    def _set(self, section: str, key: str, value: Any, source: str) -> None:
+        setattr(getattr(self, section), key, _coerce(section, key, value, source))
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for every field."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise ConfigError for values no run can use (independent of the data set)."""
+        from fastclr.models import ARCHS
+
+        m, o, lo, r, d = self.model, self.optim, self.loss, self.run, self.data
+        if m.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {m.arch!r}; choose one of {', '.join(ARCHS)}")
+        if not (math.isfinite(lo.temperature) and lo.temperature > 0):
+            raise ConfigError(f"temperature must be a positive finite number, got {lo.temperature}")
+        if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {o.lr}")
+        for name, value in (
+            ("batch_size", o.batch_size),
+            ("epochs", o.epochs),
+            ("size", d.size),
+            ("width", m.width),
+            ("proj_dim", m.proj_dim),
+            ("keep", r.keep),
+            ("log_every", r.log_every),
+            ("knn_k", r.knn_k),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name, value in (
+            ("warmup_epochs", o.warmup_epochs),
+            ("weight_decay", o.weight_decay),
+            ("momentum", o.momentum),
+            ("ckpt_every", r.ckpt_every),
+            ("knn_every", r.knn_every),
+            ("workers", d.workers),
+        ):
+            if value < 0:
+                raise ConfigError(f"{name} must be non-negative, got {value}")
+        if r.max_steps is not None and r.max_steps <= 0:
+            raise ConfigError(f"max_steps must be positive, got {r.max_steps}")
+        if not 0 < d.min_scale <= 1:
+            raise ConfigError(f"min_scale must be in (0, 1], got {d.min_scale}")
+        if d.blur_p is not None and not 0 <= d.blur_p <= 1:
+            raise ConfigError(f"blur_p must be in [0, 1], got {d.blur_p}")
+        if m.proj_layers < 1:
+            raise ConfigError(f"proj_layers must be at least 1, got {m.proj_layers}")
+        if o.batch_size % world_size:
+            raise ConfigError(
+                f"batch_size {o.batch_size} is not divisible by the world size {world_size}"
+            )
+        for section in SECTIONS:
+            for f in dataclasses.fields(SECTIONS[section]):
+                choices = f.metadata.get("choices")
+                value = getattr(getattr(self, section), f.name)
+                if choices and value not in choices:
+                    raise ConfigError(
+                        f"{f.name} must be one of {', '.join(choices)}, got {value!r}"
+                    )
+
+    def to_toml(self) -> str:
+        """TOML text that ``load_config`` reads back to an equal config (None values are omitted: they are defaults)."""
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
+            lines.append("")
+        return "\n".join(lines)
+
+    def mismatched_keys(self, other: PretrainConfig) -> list[str]:
+        """Keys (``section.key``) that differ from ``other`` and would change the training trajectory."""
+        a, b = self.flat(), other.flat()
+        return sorted(k for k in a if k not in RESUME_FREE_KEYS and a[k] != b.get(k))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string literal is a valid TOML basic string
+
+
+def _key_owner() -> dict[str, str]:
+    return {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _field_type(section: str, key: str) -> tuple[type, bool]:
+    """(base type, optional) of a field, e.g. ``int | None`` -> (int, True)."""
+    hint = typing.get_type_hints(SECTIONS[section])[key]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _coerce(section: str, key: str, value: Any, source: str) -> Any:
+    base, optional = _field_type(section, key)
+    if value is None or (
+        optional and isinstance(value, str) and value.lower() in ("none", "null", "")
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be empty")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif base is str and isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"{source}: {key} must be {base.__name__}{' or none' if optional else ''}, got {value!r}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and presets
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``fastclr.configs`` (``configs/*.toml``)."""
+    return sorted(
+        p.name[: -len(".toml")]
+        for p in resources.files("fastclr.configs").iterdir()
+        if p.name.endswith(".toml")
+    )
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML or (when PyYAML is installed) YAML file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"{path}: reading YAML needs PyYAML (pip install pyyaml); TOML works without it"
+            ) from None
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    else:
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    """Defaults overlaid with the settings of a TOML/YAML file."""
+    cfg = PretrainConfig()
+    cfg.update(read_config_file(path), source=str(path))
+    return cfg
+
+
+def load_preset(name: str) -> PretrainConfig:
+    """Defaults overlaid with the preset ``configs/<name>.toml`` (e.g. ``cifar10-r18``)."""
+    presets = list_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(presets)}")
+    with resources.as_file(resources.files("fastclr.configs") / f"{name}.toml") as path:
+        return load_config(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command-line flags
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--preset``, ``--config`` and one flag per config field (``--batch-size``, ``--cifar-stem``, ...).
+
+    Field flags default to ``argparse.SUPPRESS`` so that ``config_from_args`` can tell given flags from defaults.
+    """
+    parser.add_argument(
+        "--preset", help="start from a named preset; one of: " + ", ".join(list_presets())
+    )
+    parser.add_argument("--config", metavar="FILE", help="start from a TOML (or YAML) config file")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings")
+        for f in dataclasses.fields(cls):
+            base, optional = _field_type(section, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            shown = "none" if f.default is None else f.default
+            help_text = f"{f.metadata['help']} (default: {shown})"
+            kwargs: dict[str, Any] = {
+                "default": argparse.SUPPRESS,
+                "help": help_text,
+                "dest": f.name,
+            }
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+                continue
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["type"] = _optional_parser(base) if optional else base
+            kwargs["metavar"] = f.name.upper()
+            group.add_argument(flag, **kwargs)
+
+
+def _optional_parser(base: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """Resolve defaults < ``--preset``/``--config`` < explicitly given flags."""
+    if getattr(args, "preset", None) and getattr(args, "config", None):
+        raise ConfigError("give either --preset or --config, not both")
+    if getattr(args, "preset", None):
+        cfg = load_preset(args.preset)
+    elif getattr(args, "config", None):
+        cfg = load_config(args.config)
+    else:
+        cfg = PretrainConfig()
+    owner = _key_owner()
+    given = {k: v for k, v in vars(args).items() if k in owner}
+    cfg.update(given, source="command line")
+    return cfg
