@@ -1,0 +1,114 @@
+"""LARS with the official SimCLR semantics, and its parameter-group helper.
+
+For each parameter ``w`` with gradient ``g`` in a group with learning rate ``lr``, momentum ``m``,
+weight decay ``wd`` and trust coefficient ``eta`` (You et al. 2017; google-research/simclr
+``lars_optimizer.py``):
+
+    g'    = g + wd * w
+    trust = eta * ||w|| / ||g'||       (1 when ||w|| == 0 or ||g'|| == 0)
+    v     = m * v + lr * trust * g'    (classic momentum: lr lives inside the buffer)
+    w     = w - v
+
+A group with ``"lars_exclude": True`` (biases and normalisation parameters) gets neither weight decay
+nor adaptation: ``v = m * v + lr * g``; ``w = w - v``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling as used by SimCLR.
+
+    Args:
+        params: parameters or parameter groups (see ``lars_param_groups``); a group may set
+            ``"lars_exclude": True`` to skip weight decay and trust-ratio adaptation.
+        lr: learning rate (e.g. ``scaled_lr(batch_size)``).
+        momentum: classic momentum coefficient (0.9 in SimCLR).
+        weight_decay: L2 coefficient added to the gradient before the trust ratio (1e-6 in SimCLR).
+        eta: trust coefficient (0.001 in SimCLR).
+
+    Example:
+        >>> opt = LARS(lars_param_groups(model, weight_decay=1e-6), lr=scaled_lr(4096))
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-6,
+        eta: float = 0.001,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"LARS learning rate must be > 0, got {lr!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"LARS momentum must be in [0, 1), got {momentum!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"LARS weight_decay must be >= 0, got {weight_decay!r}")
+        if not eta > 0:
+            raise ValueError(f"LARS eta must be > 0, got {eta!r}")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Apply one update to every parameter that has a gradient; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            exclude = group["lars_exclude"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("LARS does not support sparse gradients")
+                g = p.grad
+                if exclude:
+                    scaled = g * lr
+                else:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(g)
+                    # torch.where keeps this on-device: no host sync for the zero-norm branches.
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["eta"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    scaled = g * (trust * lr)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(momentum).add_(scaled)
+                p.sub_(buf)
+        return loss
+
+
+def lars_param_groups(model: nn.Module, weight_decay: float = 1e-6) -> list[dict]:
+    """Split a model's trainable parameters into LARS groups.
+
+    Biases and normalisation weights (every parameter with ``ndim <= 1``) go into a group with
+    ``weight_decay=0`` and ``"lars_exclude": True``, as in SimCLR; everything else (conv and linear
+    weights) gets ``weight_decay``. Frozen parameters are left out, and so are empty groups.
+
+    Returns:
+        A list of param-group dicts for ``LARS`` (or any torch optimizer, which ignores the extra key).
+    """
+    decay, exclude = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (exclude if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": exclude, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+    return [g for g in groups if g["params"]]
