@@ -1,1 +1,67 @@
-"""fastclr.pipelines."""
+"""fastclr.pipelines: SimCLR input pipelines (NVIDIA DALI) and their torchvision twins.
+
+>>> from fastclr.pipelines import make_loader
+>>> loader = make_loader("data/train", batch_size=256, size=224, device="auto")
+>>> for view_a, view_b in loader:  # (256, 3, 224, 224) each, channels_last
+...     ...
+
+DALI is imported only when a DALI pipeline is built, so this package imports without it.
+"""
+
+from __future__ import annotations
+
+from fastclr.pipelines._dali import dali_available
+from fastclr.pipelines.augment import SimCLRAugment
+from fastclr.pipelines.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    list_images,
+)
+from fastclr.pipelines.eval import EvalLoader
+from fastclr.pipelines.simclr import SimCLRLoader
+from fastclr.pipelines.torchvision_twin import (
+    EvalTransform,
+    SimCLRTransform,
+    TorchEvalLoader,
+    TorchSimCLRLoader,
+)
+
+BACKENDS = ("auto", "dali", "torch")
+
+__all__ = [
+    "BACKENDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CorruptImageError",
+    "EvalLoader",
+    "EvalTransform",
+    "SimCLRAugment",
+    "SimCLRLoader",
+    "SimCLRTransform",
+    "TorchEvalLoader",
+    "TorchSimCLRLoader",
+    "dali_available",
+    "list_images",
+    "make_loader",
+]
+
+
+def make_loader(backend: str = "auto", eval: bool = False, **kwargs):
+    """Build a SimCLR (or, with ``eval=True``, an evaluation) loader.
+
+    Args:
+        backend: ``"dali"``, ``"torch"`` (the torchvision twin) or ``"auto"`` (DALI when it can be
+            imported, else torchvision).
+        eval: build :class:`EvalLoader` / :class:`TorchEvalLoader` instead of the SimCLR loader.
+        **kwargs: the loader's arguments (``root``, ``batch_size``, ``size``, ...).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "dali" if dali_available() else "torch"
+    elif backend == "dali" and not dali_available():
+        raise ImportError("backend='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130)")
+    if backend == "dali":
+        return EvalLoader(**kwargs) if eval else SimCLRLoader(**kwargs)
+    return TorchEvalLoader(**kwargs) if eval else TorchSimCLRLoader(**kwargs)

@@ -1,0 +1,128 @@
+"""DALI-specific machinery of the loaders: one pipeline per epoch, output conversion, errors.
+
+DALI is imported lazily (inside functions) so that importing ``fastclr.pipelines`` never needs it.
+
+Determinism: every epoch builds a fresh pipeline that reads the files in the order of
+:func:`~fastclr.pipelines.data.epoch_indices` and is seeded with
+:func:`~fastclr.pipelines.data.augment_seed` ``(seed, epoch, shard_id)``. DALI draws per-sample
+random numbers from generators tied to the sample's slot in the batch, so a rebuilt pipeline
+replays an epoch exactly; resuming at batch ``k`` runs and discards the first ``k`` batches (the
+augmentation random state after ``k`` batches cannot be reached any other way).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from fastclr.pipelines.base import EpochLoader
+from fastclr.pipelines.data import CorruptImageError, augment_seed
+
+# DALI names the failing file in its decoder errors: "Failed to decode sample #3 : /path/x.jpg".
+_DECODE_ERROR = re.compile(r"Failed to decode sample #\d+ : (.+?)\s*$", re.MULTILINE)
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` can be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def dali_dtype(dtype: torch.dtype):
+    from nvidia.dali import types
+
+    return types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+
+
+def normalize_args(normalize: bool, mean, std) -> tuple[list[float], list[float]]:
+    """crop_mirror_normalize constants in uint8 units: (x/255 - mean)/std, or x/255 without."""
+    if not normalize:
+        return [0.0, 0.0, 0.0], [255.0, 255.0, 255.0]
+    return [255.0 * m for m in mean], [255.0 * s for s in std]
+
+
+def decoder_device(device: str) -> str:
+    """Where the decoder runs: nvJPEG ("mixed": CPU input, GPU output) or libjpeg-turbo."""
+    return "mixed" if device == "gpu" else "cpu"
+
+
+class DaliLoader(EpochLoader):
+    """Base of the DALI loaders; subclasses define ``_graph(jpegs, labels) -> tuple of nodes``
+    and ``_emit(outputs, keep) -> batch``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pipe = None
+
+    def _graph(self, jpegs, labels) -> tuple:
+        raise NotImplementedError
+
+    def _emit(self, outputs, keep: int):
+        raise NotImplementedError
+
+    def _build(self, epoch: int, indices: np.ndarray):
+        from nvidia.dali import fn, pipeline_def
+
+        @pipeline_def(enable_conditionals=True)
+        def pipeline():
+            jpegs, labels = fn.readers.file(
+                files=[self.files[i] for i in indices],
+                labels=[self.labels[i] for i in indices],
+                random_shuffle=False,  # the order is ours: see epoch_indices
+                name="reader",
+            )
+            return self._graph(jpegs, labels)
+
+        pipe = pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            seed=augment_seed(self.seed, epoch, self.shard_id),
+            prefetch_queue_depth=2,
+        )
+        pipe.build()
+        return pipe
+
+    def _run(self, pipe):
+        try:
+            return pipe.run()
+        except RuntimeError as e:
+            match = _DECODE_ERROR.search(str(e))
+            if match:
+                raise CorruptImageError(f"cannot decode image {match.group(1)}") from e
+            raise RuntimeError(f"DALI pipeline over {self.root} failed: {e}") from e
+
+    def _to_torch(self, out) -> torch.Tensor:
+        """Copy one DALI output batch into a torch tensor (DALI reuses its buffers)."""
+        tensor = out.as_tensor()
+        if self.device == "cpu":
+            return torch.from_numpy(np.array(tensor))
+        from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
+
+        result = torch.empty(
+            tensor.shape(), dtype=to_torch_type[tensor.dtype], device=f"cuda:{self.device_id}"
+        )
+        feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device_id))
+        return result
+
+    def _image(self, out, keep: int) -> torch.Tensor:
+        """(B, H, W, 3) DALI batch -> (keep, 3, H, W) tensor in channels_last memory format."""
+        return self._to_torch(out)[:keep].permute(0, 3, 1, 2)
+
+    def _batches(self, epoch: int, indices: np.ndarray, skip: int, real: int) -> Iterator:
+        self.close()
+        pipe = self._pipe = self._build(epoch, indices)
+        for b in range(len(self)):
+            outputs = self._run(pipe)
+            if b >= skip:
+                yield self._emit(outputs, min(self.batch_size, real - b * self.batch_size))
+        self.close()
+
+    def close(self) -> None:
+        """Release the DALI pipeline (its threads and buffers); a later iteration rebuilds it."""
+        self._pipe = None

@@ -1,0 +1,146 @@
+"""Loader behaviour shared by the DALI loaders and their torchvision twins.
+
+A loader lists and validates its data set once, then serves epochs: the order of epoch ``e`` is
+:func:`~fastclr.pipelines.data.epoch_indices` and its augmentation randomness depends only on
+``(seed, e, shard_id)``, so an epoch can be replayed, or resumed at any batch, exactly.
+Iterating runs epoch ``self.epoch`` and, when it completes, advances ``self.epoch`` by one;
+:meth:`EpochLoader.set_epoch` chooses the epoch (and leading batches to skip) explicitly. An
+iteration abandoned part-way leaves ``self.epoch`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from fastclr.pipelines.augment import check_output, check_size
+from fastclr.pipelines.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_sharding,
+    epoch_indices,
+    num_batches,
+    scan_images,
+    shard_size,
+)
+
+DEVICES = ("cpu", "gpu", "auto")
+
+
+def resolve_device(device: str, device_id: int | None) -> tuple[str, int | None]:
+    """Map ``"cpu" | "gpu" | "auto"`` to a concrete device and CUDA device id (None on CPU)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu", None
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='gpu' needs CUDA, but torch.cuda.is_available() is False")
+    return "gpu", torch.cuda.current_device() if device_id is None else int(device_id)
+
+
+class EpochLoader:
+    """Base of all loaders; subclasses implement ``_batches(epoch, indices, skip, real)``."""
+
+    def __init__(
+        self,
+        root,
+        batch_size: int,
+        size: int,
+        *,
+        device: str,
+        device_id: int | None,
+        num_threads: int,
+        seed: int,
+        shard_id: int,
+        num_shards: int,
+        last_batch: str,
+        dtype: torch.dtype,
+        normalize: bool,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        on_corrupt: str,
+        shuffle: bool,
+        min_threads: int = 1,
+    ):
+        self.size = check_size(size)
+        self.mean, self.std = check_output(dtype, mean, std)
+        if not isinstance(num_threads, int) or num_threads < min_threads:
+            raise ValueError(f"num_threads must be an int >= {min_threads}, got {num_threads!r}")
+        self.device, self.device_id = resolve_device(device, device_id)
+        images = scan_images(root, on_corrupt)
+        check_sharding(len(images.files), batch_size, shard_id, num_shards, last_batch)
+        self.root = root
+        self.files, self.labels, self.classes = images.files, images.labels, images.classes
+        self.skipped = images.skipped
+        self.batch_size, self.num_threads, self.seed = batch_size, num_threads, int(seed)
+        self.shard_id, self.num_shards, self.last_batch = shard_id, num_shards, last_batch
+        self.dtype, self.normalize, self.shuffle = dtype, normalize, shuffle
+        self.epoch, self._skip = 0, 0
+
+    @property
+    def num_samples(self) -> int:
+        """Images this shard reads per epoch (before dropping or padding to whole batches)."""
+        return shard_size(len(self.files), self.num_shards, self.shard_id, self.last_batch)
+
+    @property
+    def num_skipped(self) -> int:
+        """Files left out by ``on_corrupt="skip"``; their paths and reasons are in ``skipped``."""
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return num_batches(
+            len(self.files), self.batch_size, self.num_shards, self.shard_id, self.last_batch
+        )
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch the next iteration runs and how many of its first batches to skip.
+
+        The same ``(seed, epoch, shard_id)`` always gives the same order and augmentations, so
+        ``set_epoch(e, skip_batches=k)`` yields exactly batches ``k, k+1, ...`` of epoch ``e``.
+        """
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if not isinstance(skip_batches, int) or not 0 <= skip_batches <= len(self):
+            raise ValueError(f"skip_batches must be in [0, {len(self)}], got {skip_batches!r}")
+        self.epoch, self._skip = epoch, skip_batches
+
+    def epoch_files(self, epoch: int) -> list[str]:
+        """Files in the order this shard reads them in ``epoch`` (without wrap-around padding)."""
+        return [self.files[i] for i in self._indices(epoch)[: self._real_count()]]
+
+    def _real_count(self) -> int:
+        """Samples actually emitted per epoch: the "keep" tail is cut from the last batch."""
+        return self.num_samples if self.last_batch == "keep" else len(self) * self.batch_size
+
+    def _indices(self, epoch: int) -> np.ndarray:
+        return epoch_indices(
+            len(self.files),
+            self.batch_size,
+            epoch=epoch,
+            seed=self.seed,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            last_batch=self.last_batch,
+            shuffle=self.shuffle,
+        )
+
+    def _batches(self, epoch: int, indices: np.ndarray, skip: int, real: int) -> Iterator:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator:
+        epoch, skip = self.epoch, self._skip
+        self._skip = 0
+        yield from self._batches(epoch, self._indices(epoch), skip, self._real_count())
+        self.epoch = epoch + 1
+
+    def close(self) -> None:
+        """Release worker threads/processes and buffers; a later iteration starts afresh."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

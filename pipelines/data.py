@@ -1,0 +1,272 @@
+"""Data set listing, cheap up-front validation, sharding and per-epoch ordering.
+
+Shared by the DALI loaders and their torchvision twins so that both read the same files in the
+same order: the permutation of an epoch depends only on ``(seed, epoch)`` (so every shard sees the
+same permutation and the shards partition it) and the augmentation seed only on
+``(seed, epoch, shard_id)``.
+
+Sharding (``num_shards`` ranks, ``N`` images, batch size ``B``, ``last_batch`` policy):
+
+- ``"drop"``: every shard takes ``N // num_shards`` images (strided slice of the permutation) and
+  drops the incomplete last batch, so all shards yield ``(N // num_shards) // B`` full batches.
+- ``"pad"``: the permutation is wrapped around to a multiple of ``num_shards`` and each shard's
+  part again to a multiple of ``B``: every image is seen, a few twice; all batches are full and
+  all shards have the same length.
+- ``"keep"``: every image exactly once; the last batch of a shard may be short and shard lengths
+  may differ by one batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LAST_BATCH_POLICIES = ("drop", "pad", "keep")
+ON_CORRUPT_POLICIES = ("error", "skip")
+
+# Bytes read from each end of a file by the validity check: enough for the magic numbers at the
+# front and for an end-of-image marker followed by a little padding at the back.
+_HEAD_BYTES = 16
+_TAIL_BYTES = 1024
+
+
+class CorruptImageError(ValueError):
+    """An image file is unreadable, empty, truncated or not an image; the message names the path."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Result of scanning a data set: files with integer labels, class names and skipped files."""
+
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Cheap validity check of one image file (reads at most ~1 KiB).
+
+    Catches missing/unreadable files, empty files, non-image content and truncated JPEG/PNG files
+    (no end-of-image marker / IEND chunk). Corruption inside the compressed data is only found by
+    decoding; the loaders report such a file by name when the decoder fails on it.
+
+    Returns:
+        None if the file looks valid, else a short reason.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if head.startswith(b"\xff\xd8\xff"):
+        # EOI marker; inside entropy-coded data 0xFF is always stuffed, so it cannot occur by chance.
+        return None if b"\xff\xd9" in tail else "is truncated (no JPEG end-of-image marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail else "is truncated (no PNG IEND chunk)"
+    if head.startswith(b"BM") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return None
+    return "is not a supported image (unrecognised header; expected JPEG, PNG, BMP, WebP or TIFF)"
+
+
+def _check_policy(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        stray = [n for n in os.listdir(root) if _is_image_name(n)]
+        hint = f" ({len(stray)} images lie directly in it)" if stray else ""
+        raise ValueError(
+            f"no class folders in {root}{hint}: expected an ImageFolder layout root/<class>/<image>"
+        )
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if _is_image_name(fname):
+                    files.append(os.path.join(dirpath, fname))
+                    labels.append(label)
+    return files, labels, classes
+
+
+def _scan_file_list(list_file: Path) -> tuple[list[str], list[int], list[str]]:
+    """Read ``path`` or ``path label`` lines; relative paths are relative to the list file."""
+    base = list_file.parent
+    entries: list[tuple[str, int | None]] = []
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            path, label = line, None
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                path, label = parts[0], int(parts[1])
+                if label < 0:
+                    raise ValueError(f"{list_file}:{lineno}: negative label {label}")
+            entries.append((str(base / path), label))
+    if not entries:
+        raise ValueError(f"file list {list_file} names no images")
+    with_label = sum(label is not None for _, label in entries)
+    if with_label == len(entries):
+        num_classes = max(label for _, label in entries) + 1
+        classes = [str(i) for i in range(num_classes)]
+        return [p for p, _ in entries], [int(lbl) for _, lbl in entries], classes
+    if with_label:
+        raise ValueError(
+            f"file list {list_file}: {with_label} of {len(entries)} lines have a label; "
+            "give a label on every line or on none (then the parent folder is the class)"
+        )
+    classes = sorted({Path(p).parent.name for p, _ in entries})
+    index = {c: i for i, c in enumerate(classes)}
+    return [p for p, _ in entries], [index[Path(p).parent.name] for p, _ in entries], classes
+
+
+def scan_images(source: str | os.PathLike, on_corrupt: str = "error") -> ImageList:
+    """List and validate a data set (see :func:`list_images`), keeping the skipped files."""
+    _check_policy("on_corrupt", on_corrupt, ON_CORRUPT_POLICIES)
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"data set not found: {source}")
+    if source.is_dir():
+        files, labels, classes = _scan_folder(source)
+        if not files:
+            raise ValueError(
+                f"no images found under {source} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                f"files in {len(classes)} class folders)"
+            )
+    else:
+        files, labels, classes = _scan_file_list(source)
+
+    kept_files, kept_labels, skipped = [], [], []
+    for path, label in zip(files, labels, strict=True):
+        reason = check_image(path)
+        if reason is None:
+            kept_files.append(path)
+            kept_labels.append(label)
+        elif on_corrupt == "error":
+            raise CorruptImageError(f"image {path} {reason}")
+        else:
+            skipped.append((path, reason))
+    if not kept_files:
+        raise ValueError(f"no readable images in {source}: all {len(files)} files were skipped")
+    return ImageList(kept_files, kept_labels, classes, skipped)
+
+
+def list_images(
+    source: str | os.PathLike, on_corrupt: str = "error"
+) -> tuple[list[str], list[int], list[str]]:
+    """List the images of a data set with their labels.
+
+    Args:
+        source: an ImageFolder directory ``root/<class>/<image>`` (class = sub-folder, sorted
+            alphabetically; images found recursively, by extension) or a text file with one
+            ``path`` or ``path label`` per line (relative paths are relative to the list file;
+            without labels the parent folder name is the class).
+        on_corrupt: ``"error"`` raises :class:`CorruptImageError` (a ValueError) naming the first
+            bad file; ``"skip"`` leaves bad files out.
+
+    Returns:
+        ``(files, labels, classes)``: paths, integer labels (indices into ``classes``), class names.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: no class folders, no images, or a bad file with ``on_corrupt="error"``.
+    """
+    images = scan_images(source, on_corrupt)
+    return images.files, images.labels, images.classes
+
+
+def shard_size(num_samples: int, num_shards: int, shard_id: int, last_batch: str) -> int:
+    """Number of samples shard ``shard_id`` reads per epoch, before batching."""
+    if last_batch == "drop":
+        return num_samples // num_shards
+    if last_batch == "pad":
+        return math.ceil(num_samples / num_shards)
+    return len(range(shard_id, num_samples, num_shards))
+
+
+def num_batches(num_samples: int, batch_size: int, num_shards: int, shard_id: int, last_batch: str):
+    """Batches per epoch for one shard under a ``last_batch`` policy."""
+    n = shard_size(num_samples, num_shards, shard_id, last_batch)
+    return n // batch_size if last_batch == "drop" else math.ceil(n / batch_size)
+
+
+def check_sharding(
+    num_samples: int, batch_size: int, shard_id: int, num_shards: int, last_batch: str
+) -> None:
+    """Validate batch/shard arguments against the data set size; raise ValueError naming them."""
+    _check_policy("last_batch", last_batch, LAST_BATCH_POLICIES)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id!r}")
+    if num_batches(num_samples, batch_size, num_shards, shard_id, last_batch) == 0:
+        raise ValueError(
+            f"shard {shard_id}/{num_shards} of {num_samples} images yields no batch of "
+            f"{batch_size} with last_batch={last_batch!r}"
+        )
+
+
+def epoch_indices(
+    num_samples: int,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    last_batch: str = "drop",
+    shuffle: bool = True,
+) -> np.ndarray:
+    """Sample indices one shard reads in one epoch, in order.
+
+    Returns:
+        int64 array of length ``num_batches * batch_size``; with ``last_batch="keep"`` the tail
+        of the last batch is filled by wrapping around and must be cut off by the caller
+        (the first ``shard_size(...)`` entries are the real ones).
+    """
+    check_sharding(num_samples, batch_size, shard_id, num_shards, last_batch)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    else:
+        order = np.arange(num_samples)
+    if last_batch == "drop":
+        per_shard = num_samples // num_shards
+        mine = order[shard_id : per_shard * num_shards : num_shards]
+    elif last_batch == "pad":
+        total = math.ceil(num_samples / num_shards) * num_shards
+        mine = np.resize(order, total)[shard_id::num_shards]
+    else:
+        mine = order[shard_id::num_shards]
+    nb = num_batches(num_samples, batch_size, num_shards, shard_id, last_batch)
+    return np.resize(mine, nb * batch_size).astype(np.int64)
+
+
+def augment_seed(seed: int, epoch: int, shard_id: int) -> int:
+    """A 31-bit seed for the augmentation randomness of one (seed, epoch, shard)."""
+    return int(np.random.SeedSequence([seed, epoch, shard_id]).generate_state(1)[0] & 0x7FFFFFFF)

@@ -1,0 +1,244 @@
+"""SimCLR pretraining input: two independently augmented views per image, built with NVIDIA DALI.
+
+One graph, placed by ``device``: on ``"gpu"`` the decoder is nvJPEG (``device="mixed"``) and every
+later op runs on the GPU; on ``"cpu"`` the same ops run on CPU threads (``device_id=None``, no
+GPU needed). The random resized crop is fused into the decoder (``decoders.image_random_crop``),
+which decodes only the crop window, once per view.
+
+Per view (see :class:`~fastclr.pipelines.augment.SimCLRAugment`): crop -> resize -> [colour
+jitter, p] -> [grayscale, p] -> [blur, p] -> [solarize, p] -> flip + normalise + layout. Each
+bracketed op runs only on the samples whose coin came up (DALI conditionals), never as an op of
+strength 0. The flip is fused into the final ``crop_mirror_normalize``; doing it last instead of
+after the crop changes nothing because every later op is pointwise or mirror-symmetric.
+
+Colour jitter applies brightness, contrast, saturation and hue in a random order per image, as
+torchvision's ``ColorJitter`` does: one of the 24 orders is drawn per sample and four steps each
+dispatch to the op that order puts there. Each step rounds and clips to uint8, as PIL does
+between ops. Brightness scales by ``b``; contrast blends with the mean luma (``c x + (1-c) m``);
+saturation blends with the luma and hue rotates chroma in YIQ, which approximates torchvision's
+HSV hue shift.
+
+Example:
+    >>> with SimCLRLoader("data/train", batch_size=256, size=224, device="gpu") as loader:
+    ...     for epoch in range(epochs):
+    ...         loader.set_epoch(epoch)
+    ...         for view_a, view_b in loader:  # each (256, 3, 224, 224), channels_last
+    ...             ...
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+
+import torch
+from fastclr.pipelines._dali import (
+    DaliLoader,
+    dali_dtype,
+    decoder_device,
+    normalize_args,
+)
+from fastclr.pipelines.augment import SOLARIZE_THRESHOLD, SimCLRAugment
+from fastclr.pipelines.data import IMAGENET_MEAN, IMAGENET_STD
+
+JITTER_ORDERS = tuple(permutations(range(4)))  # 0 brightness, 1 contrast, 2 saturation, 3 hue
+
+
+def _with_probability(p: float, op, img, *args):
+    """Apply ``op`` to the samples whose coin (probability ``p``) came up."""
+    from nvidia.dali import fn, types
+
+    apply = True if p >= 1 else fn.random.coin_flip(probability=p, dtype=types.BOOL)
+    if apply:
+        img = op(img, *args)
+    return img
+
+
+def _contrast(img, factor):
+    """torchvision/PIL contrast: blend with the image's mean luma, ``c x + (1 - c) mean``."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    luma = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
+    mean = fn.reductions.mean(luma, keep_dims=True)  # (1, 1, 1): broadcasts over H, W, C
+    out = dmath.clamp(img * factor + mean * (1.0 - factor), 0.0, 255.0)
+    return fn.cast(out, dtype=types.UINT8)
+
+
+def _jitter_step(img, op, brightness, contrast, saturation, hue):
+    from nvidia.dali import fn
+
+    if op == 0:
+        img = fn.brightness(img, brightness=brightness)
+    elif op == 1:
+        img = _contrast(img, contrast)
+    elif op == 2:
+        img = fn.saturation(img, saturation=saturation)
+    else:
+        img = fn.hue(img, hue=hue)
+    return img
+
+
+def _color_jitter(img, aug: SimCLRAugment):
+    from nvidia.dali import fn, types
+
+    b, c, s, h = aug.jitter
+    brightness = fn.random.uniform(range=[max(0.0, 1 - b), 1 + b])
+    contrast = fn.random.uniform(range=[max(0.0, 1 - c), 1 + c])
+    saturation = fn.random.uniform(range=[max(0.0, 1 - s), 1 + s])
+    hue = fn.random.uniform(range=[-360.0 * h, 360.0 * h])  # DALI hue is in degrees
+    order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
+    for step in range(4):
+        op = fn.lookup_table(
+            order,
+            keys=list(range(len(JITTER_ORDERS))),
+            values=[o[step] for o in JITTER_ORDERS],
+            dtype=types.INT32,
+        )
+        img = _jitter_step(img, op, brightness, contrast, saturation, hue)
+    return img
+
+
+def _grayscale(img):
+    from nvidia.dali import fn, types
+
+    luma = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
+    return fn.cat(luma, luma, luma, axis=2)
+
+
+def _blur(img, aug: SimCLRAugment):
+    from nvidia.dali import fn
+
+    sigma = fn.random.uniform(range=list(aug.blur_sigma))
+    return fn.gaussian_blur(img, window_size=aug.blur_kernel, sigma=sigma)
+
+
+def _solarize(img):
+    from nvidia.dali import fn, types
+
+    levels = list(range(256))
+    inverted = [v if v < SOLARIZE_THRESHOLD else 255 - v for v in levels]
+    return fn.lookup_table(img, keys=levels, values=inverted, dtype=types.UINT8)
+
+
+def simclr_view(jpegs, aug: SimCLRAugment, *, device: str, dtype: torch.dtype, mean, std):
+    """DALI graph of one augmented view: encoded images -> (B, size, size, 3) float, HWC."""
+    from nvidia.dali import fn, types
+
+    img = fn.decoders.image_random_crop(
+        jpegs,
+        device=decoder_device(device),
+        output_type=types.RGB,
+        random_area=list(aug.crop_scale),
+        random_aspect_ratio=list(aug.crop_ratio),
+        num_attempts=10,
+    )
+    img = fn.resize(img, size=[aug.size, aug.size], interp_type=types.INTERP_LINEAR)
+    if aug.color_active:
+        img = _with_probability(aug.color_p, _color_jitter, img, aug)
+    if aug.gray_p > 0:
+        img = _with_probability(aug.gray_p, _grayscale, img)
+    if aug.blur_p > 0:
+        img = _with_probability(aug.blur_p, _blur, img, aug)
+    if aug.solarize_p > 0:
+        img = _with_probability(aug.solarize_p, _solarize, img)
+    mirror = fn.random.coin_flip(probability=aug.flip_p) if aug.flip_p > 0 else 0
+    return fn.crop_mirror_normalize(
+        img, dtype=dali_dtype(dtype), output_layout="HWC", mean=mean, std=std, mirror=mirror
+    )
+
+
+class SimCLRLoader(DaliLoader):
+    """Pairs of SimCLR views from an image folder or file list, decoded and augmented by DALI.
+
+    Args:
+        root: ImageFolder directory ``root/<class>/<image>`` or a file list
+            (see :func:`~fastclr.pipelines.data.list_images`).
+        batch_size: images per batch (per shard).
+        size: output side in pixels.
+        device: ``"cpu"`` (no GPU needed), ``"gpu"`` (nvJPEG decode, outputs on CUDA) or
+            ``"auto"`` (gpu when CUDA is available).
+        device_id: CUDA device for ``"gpu"`` (default: the current one); ignored on CPU.
+        num_threads: DALI CPU worker threads.
+        seed: base seed; shuffle and augmentation depend only on ``(seed, epoch, shard_id)``.
+        shard_id, num_shards: this rank's slice of every epoch (DDP).
+        last_batch: ``"drop"`` (default), ``"pad"`` or ``"keep"``; see :mod:`fastclr.pipelines.data`.
+        dtype: ``torch.float32`` or ``torch.float16``.
+        normalize: ``(x - mean) / std`` if True, else values in [0, 1].
+        crop_scale, crop_ratio, flip_p, color_strength, color_p, gray_p, blur_p, blur_sigma,
+            solarize_p: augmentation, see :class:`~fastclr.pipelines.augment.SimCLRAugment`.
+        on_corrupt: ``"error"`` or ``"skip"`` (count in :attr:`num_skipped`) for files failing
+            the up-front check; a file that only fails in the decoder raises
+            :class:`~fastclr.pipelines.data.CorruptImageError` naming it.
+
+    Yields:
+        ``(view_a, view_b)``, each ``(B, 3, size, size)`` in ``torch.channels_last`` memory
+        format and ``dtype``, on CPU or on ``cuda:device_id``.
+    """
+
+    def __init__(
+        self,
+        root,
+        batch_size: int,
+        size: int = 224,
+        *,
+        device: str = "cpu",
+        device_id: int | None = None,
+        num_threads: int = 2,
+        seed: int = 0,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        last_batch: str = "drop",
+        dtype: torch.dtype = torch.float32,
+        normalize: bool = True,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_scale=(0.08, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        color_strength: float = 1.0,
+        color_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_p: float | None = None,
+        blur_sigma=(0.1, 2.0),
+        solarize_p: float = 0.0,
+        on_corrupt: str = "error",
+    ):
+        self.augment = SimCLRAugment(
+            size,
+            crop_scale=crop_scale,
+            crop_ratio=crop_ratio,
+            flip_p=flip_p,
+            color_strength=color_strength,
+            color_p=color_p,
+            gray_p=gray_p,
+            blur_p=blur_p,
+            blur_sigma=blur_sigma,
+            solarize_p=solarize_p,
+        )
+        super().__init__(
+            root,
+            batch_size,
+            size,
+            device=device,
+            device_id=device_id,
+            num_threads=num_threads,
+            seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            last_batch=last_batch,
+            dtype=dtype,
+            normalize=normalize,
+            mean=mean,
+            std=std,
+            on_corrupt=on_corrupt,
+            shuffle=True,
+        )
+
+    def _graph(self, jpegs, labels) -> tuple:
+        mean, std = normalize_args(self.normalize, self.mean, self.std)
+        kw = dict(device=self.device, dtype=self.dtype, mean=mean, std=std)
+        return simclr_view(jpegs, self.augment, **kw), simclr_view(jpegs, self.augment, **kw)
+
+    def _emit(self, outputs, keep: int):
+        view_a, view_b = outputs
+        return self._image(view_a, keep), self._image(view_b, keep)
