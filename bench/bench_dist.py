@@ -1,0 +1,512 @@
+"""NT-Xent with negatives gathered across W ranks: the time of the communication next to the time of the loss, per rank.
+
+    python -m fastclr.bench.bench_dist --world-size 2 --sizes 256 1024 --impls reference torch
+    python bench/bench_loss.py --world-size 2 ...          (the loss benchmark hands its --world-size runs to this module)
+
+W processes join a gloo group on 127.0.0.1 (NCCL with ``--device cuda``, one GPU per rank). Every rank runs
+``nt_xent(z_a, z_b, gather_distributed=True)`` forward and backward on its own (N, D) embeddings; every
+``torch.distributed`` collective called meanwhile (the shape check, the all_gather of rows and log-sum-exps, the
+backward's scalar gather, or the reference's autograd all_gather and its backward) is timed, so each row reports, per
+rank and per phase, the wall time of the loss and the part of it spent communicating. Timings are medians over ``--reps``
+iterations after ``--warmup``; ranks meet at a barrier before each iteration so that one rank's lag is not booked as
+another's communication.
+
+``spawn_world`` (used here and by the tests) starts the W processes, bounds them in time and always tears them down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import pickle
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+BENCH_IMPLS = ("reference", "torch", "triton")
+DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "loss_dist.csv"
+# Collectives of torch.distributed that the loss paths may call (gloo emulates all_to_all with scatter).
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+
+
+def _rank_main(
+    blob: bytes,
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    env: dict[str, str],
+    pg_timeout_s: float,
+    threads: int,
+    out_dir: str,
+) -> None:
+    """Entry point of one spawned rank: environment first (before anything imports triton), then the group, the worker."""
+    os.environ.update(env)
+    out = Path(out_dir)
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(threads)
+        worker, args = pickle.loads(blob)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        try:
+            result = worker(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        torch.save({"result": result}, out / f"rank{rank}.pt")
+    except Exception:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+def spawn_world(
+    worker: Callable,
+    world_size: int,
+    *args,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 300.0,
+    pg_timeout_s: float = 60.0,
+    backend: str = "gloo",
+    threads: int = 1,
+) -> list:
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` fresh processes joined in one process group.
+
+    The group's store is served from this process on 127.0.0.1 at a port the OS picks, so concurrent worlds never collide.
+    Every process is bounded: the whole world gets ``timeout_s`` seconds, a collective ``pg_timeout_s``; when a rank fails,
+    the others are given a few seconds to report, then terminated (killed if need be), whatever happens.
+
+    Args:
+        worker: a module-level function (it is pickled by reference); its result must be ``torch.save``-able.
+        world_size: W >= 1 processes.
+        *args: passed on to the worker after (rank, world_size).
+        env: environment variables set in each rank before the worker is unpickled (e.g. TRITON_INTERPRET=1).
+        timeout_s: wall-clock limit for the whole world.
+        pg_timeout_s: limit for any one collective (and for joining the group).
+        backend: "gloo" (CPU) or "nccl" (one GPU per rank).
+        threads: torch intra-op threads per rank.
+
+    Returns:
+        The W results, by rank.
+
+    Raises:
+        RuntimeError: a rank failed; the message holds every failed rank's traceback.
+        TimeoutError: the world ran past ``timeout_s``.
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    import torch.distributed as dist
+
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    blob = pickle.dumps((worker, args))
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=pg_timeout_s),
+    )
+    with tempfile.TemporaryDirectory(prefix="fastclr-world-") as out_dir:
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(
+                    blob,
+                    rank,
+                    world_size,
+                    store.port,
+                    backend,
+                    dict(env or {}),
+                    pg_timeout_s,
+                    threads,
+                    out_dir,
+                ),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        try:
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + timeout_s
+            failed_at = None
+            while any(p.is_alive() for p in procs):
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                    failed_at = now
+                # A failed rank leaves its peers blocked in a collective: grant them 5 s to report, then stop them.
+                if failed_at is not None and now - failed_at > 5.0:
+                    break
+                wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
+            stuck = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        finally:
+            _tear_down(procs)
+        out = Path(out_dir)
+        errors = [
+            f"--- rank {rank} ---\n{(out / f'rank{rank}.err').read_text()}"
+            for rank in range(world_size)
+            if (out / f"rank{rank}.err").exists()
+        ]
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {world_size} ranks failed:\n" + "\n".join(errors))
+        if stuck:
+            raise TimeoutError(
+                f"ranks {stuck} of {world_size} were still running after {timeout_s} s and were killed"
+            )
+        bad = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"ranks exited without a result, (rank, exit code): {bad}")
+        return [
+            torch.load(out / f"rank{rank}.pt", weights_only=False)["result"]
+            for rank in range(world_size)
+        ]
+
+
+def _tear_down(procs) -> None:
+    """Terminate, then kill, every process still alive; reap them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5.0)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5.0)
+
+
+class CollectiveTimer:
+    """Times every ``torch.distributed`` collective called inside ``with timer:`` (wall clock, per call).
+
+    Gloo collectives return when done, so their wall time is their cost on this rank (waiting for peers included). For
+    CUDA tensors the stream is synchronised around each call, which costs the overlap that NCCL could have had.
+    """
+
+    def __init__(self, sync_cuda: bool = False):
+        self.sync_cuda = sync_cuda
+        self.seconds = 0.0
+        self.calls = 0
+        self.bytes = 0
+        self._saved: dict[str, Callable] = {}
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+
+    def _wrap(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            if self.sync_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            if self.sync_cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            # The first argument of every collective is its output (or in-place) tensor or list of tensors.
+            out = args[0] if args else None
+            tensors = out if isinstance(out, (list, tuple)) else [out]
+            self.bytes += sum(
+                t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)
+            )
+            return result
+
+        return timed
+
+    def __enter__(self) -> CollectiveTimer:
+        import torch.distributed as dist
+
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self._saved[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(self._saved[name]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
+
+def _median_ms(seconds: Sequence[float]) -> float:
+    return 1e3 * statistics.median(seconds)
+
+
+def _bench_rank(
+    rank: int,
+    world_size: int,
+    sizes: Sequence[int],
+    impls: Sequence[str],
+    dim: int,
+    temperature: float,
+    dtype_name: str,
+    warmup: int,
+    reps: int,
+    device_type: str,
+) -> list[dict]:
+    """One rank's measurements: a row per (impl, N) with forward/backward wall time and the communication inside each."""
+    import torch.distributed as dist
+
+    from fastclr import nt_xent
+
+    device = torch.device("cuda" if device_type == "cuda" else "cpu")
+    dtype = getattr(torch, dtype_name)
+    timer = CollectiveTimer(sync_cuda=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    gen = torch.Generator(device="cpu").manual_seed(1234 + rank)  # seeds offset by rank
+    rows = []
+    for impl in impls:
+        for n in sizes:
+            z_a = torch.randn(n, dim, generator=gen).to(device, dtype).requires_grad_()
+            z_b = torch.randn(n, dim, generator=gen).to(device, dtype).requires_grad_()
+            samples = {key: [] for key in ("fwd", "bwd", "fwd_comm", "bwd_comm")}
+            calls, nbytes = {}, {}
+            for it in range(warmup + reps):
+                z_a.grad = z_b.grad = None
+                dist.barrier()
+                sync()
+                with timer:
+                    timer.reset()
+                    start = time.perf_counter()
+                    loss = nt_xent(z_a, z_b, temperature, impl=impl, gather_distributed=True)
+                    sync()  # host-device sync: the forward must finish inside its own timing
+                    mid = time.perf_counter()
+                    fwd_comm, calls["fwd"], nbytes["fwd"] = timer.seconds, timer.calls, timer.bytes
+                    timer.reset()
+                    loss.backward()
+                    sync()
+                    stop = time.perf_counter()
+                    bwd_comm, calls["bwd"], nbytes["bwd"] = timer.seconds, timer.calls, timer.bytes
+                if it >= warmup:
+                    samples["fwd"].append(mid - start)
+                    samples["bwd"].append(stop - mid)
+                    samples["fwd_comm"].append(fwd_comm)
+                    samples["bwd_comm"].append(bwd_comm)
+            totals = [f + b for f, b in zip(samples["fwd"], samples["bwd"], strict=True)]
+            comms = [f + b for f, b in zip(samples["fwd_comm"], samples["bwd_comm"], strict=True)]
+            total_ms, comm_ms = _median_ms(totals), _median_ms(comms)
+            q1, _, q3 = statistics.quantiles(totals, n=4) if len(totals) > 1 else totals * 3
+            rows.append(
+                {
+                    "world_size": world_size,
+                    "rank": rank,
+                    "impl": impl,
+                    "n": n,
+                    "dim": dim,
+                    "dtype": dtype_name,
+                    "fwd_ms": _median_ms(samples["fwd"]),
+                    "fwd_comm_ms": _median_ms(samples["fwd_comm"]),
+                    "bwd_ms": _median_ms(samples["bwd"]),
+                    "bwd_comm_ms": _median_ms(samples["bwd_comm"]),
+                    "total_ms": total_ms,
+                    "total_iqr_ms": 1e3 * (q3 - q1),
+                    "comm_ms": comm_ms,
+                    "loss_ms": total_ms - comm_ms,
+                    "comm_share": comm_ms / total_ms if total_ms > 0 else 0.0,
+                    "fwd_collectives": calls["fwd"],
+                    "bwd_collectives": calls["bwd"],
+                    "fwd_comm_bytes": nbytes["fwd"],
+                    "bwd_comm_bytes": nbytes["bwd"],
+                }
+            )
+    return rows
+
+
+def run_world(
+    world_size: int,
+    sizes: Sequence[int],
+    impls: Sequence[str] = ("torch",),
+    *,
+    dim: int = 128,
+    temperature: float = 0.5,
+    dtype: str = "float32",
+    warmup: int = 2,
+    reps: int = 10,
+    device: str = "cpu",
+    timeout_s: float = 600.0,
+) -> list[dict]:
+    """Spawn ``world_size`` ranks and measure ``nt_xent(..., gather_distributed=True)`` on each.
+
+    Args:
+        world_size: W >= 1 processes (gloo on 127.0.0.1 for device "cpu"; NCCL and W GPUs for "cuda").
+        sizes: per-rank batch sizes N (each rank holds N pairs, so 2N anchors against 2N*W candidates).
+        impls: any of "reference", "torch", "triton" (on CPU the triton path runs under TRITON_INTERPRET=1).
+        dim: embedding width D.
+        temperature: tau.
+        dtype: "float32", "float16", "bfloat16" or "float64".
+        warmup, reps: untimed and timed iterations per (impl, N).
+        device: "cpu" or "cuda".
+        timeout_s: wall-clock limit for the whole run.
+
+    Returns:
+        One dict per (rank, impl, N), sorted that way: times in ms (medians), ``comm_ms`` the part of ``total_ms`` spent
+        in collectives, ``loss_ms = total_ms - comm_ms``, collective counts and bytes received per phase.
+    """
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"sizes must be positive ints, got {list(sizes)!r}")
+    bad = [impl for impl in impls if impl not in BENCH_IMPLS]
+    if bad or not impls:
+        raise ValueError(f"impls must be a non-empty subset of {BENCH_IMPLS}, got {list(impls)!r}")
+    if dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if not (isinstance(reps, int) and reps >= 1 and isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps!r}, warmup={warmup!r}")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(
+            f"device='cuda' needs one GPU per rank: {world_size} ranks, {torch.cuda.device_count()} GPUs"
+        )
+    env = {"TRITON_INTERPRET": "1"} if device == "cpu" and "triton" in impls else {}
+    per_rank = spawn_world(
+        _bench_rank,
+        world_size,
+        list(sizes),
+        list(impls),
+        dim,
+        float(temperature),
+        dtype,
+        warmup,
+        reps,
+        device,
+        env=env,
+        timeout_s=timeout_s,
+        backend="nccl" if device == "cuda" else "gloo",
+    )
+    return [row for rows in per_rank for row in rows]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The rows as an aligned text table, one line per (rank, impl, N)."""
+    head = (
+        f"{'W':>2} {'rank':>4} {'impl':>9} {'N':>6} {'D':>4} | {'fwd ms':>9} {'comm':>8} | "
+        f"{'bwd ms':>9} {'comm':>8} | {'loss ms':>9} {'comm ms':>8} {'comm %':>6} {'iqr ms':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['world_size']:>2} {r['rank']:>4} {r['impl']:>9} {r['n']:>6} {r['dim']:>4} | "
+            f"{r['fwd_ms']:>9.3f} {r['fwd_comm_ms']:>8.3f} | {r['bwd_ms']:>9.3f} {r['bwd_comm_ms']:>8.3f} | "
+            f"{r['loss_ms']:>9.3f} {r['comm_ms']:>8.3f} {100 * r['comm_share']:>6.1f} {r['total_iqr_ms']:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def append_csv(rows: Sequence[dict], path: Path, device: str) -> None:
+    """Append the rows to a CSV, with the date, device and versions on every line (header written for a new file)."""
+    if device == "cuda":
+        device_name = torch.cuda.get_device_name(0)
+    else:
+        device_name = platform.processor() or platform.machine()
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads_per_rank": 1,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(meta) + list(rows[0])
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(meta | row)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench_dist",
+        description="Per-rank time of the communication and of the NT-Xent loss with negatives gathered across ranks.",
+    )
+    parser.add_argument("--world-size", type=int, default=2, help="number of ranks W (default 2)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[256, 1024], help="per-rank batch sizes N"
+    )
+    parser.add_argument("--dim", type=int, default=128, help="embedding width D (default 128)")
+    parser.add_argument(
+        "--impls", nargs="+", default=["reference", "torch"], choices=BENCH_IMPLS, help="paths"
+    )
+    parser.add_argument("--temperature", type=float, default=0.5, help="tau (default 0.5)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64")
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (default 2)")
+    parser.add_argument("--reps", type=int, default=10, help="timed iterations (default 10)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu: gloo on 127.0.0.1; cuda: NCCL, one GPU per rank",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="limit in seconds for the whole run"
+    )
+    parser.add_argument(
+        "--csv",
+        default=str(DEFAULT_CSV),
+        help=f"append results here (default {DEFAULT_CSV}); empty string: no CSV",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Command line: run the world, print the table, append the CSV. Returns the rows."""
+    args = build_parser().parse_args(argv)
+    rows = run_world(
+        args.world_size,
+        args.sizes,
+        args.impls,
+        dim=args.dim,
+        temperature=args.temperature,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        reps=args.reps,
+        device=args.device,
+        timeout_s=args.timeout,
+    )
+    print(format_table(rows))
+    if args.csv:
+        append_csv(rows, Path(args.csv), args.device)
+        print(f"appended {len(rows)} rows to {args.csv}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
