@@ -86,11 +86,14 @@ def test_torch_matches_reference_fp32(n, d, tau):
         )
 
 
-@pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])
-def test_torch_block_size_does_not_change_result(block_rows):
+@pytest.mark.parametrize("block_rows,block_cols", [(1, 1), (7, 5), (64, 16), (1000, 1000), (5, 74)])
+@pytest.mark.parametrize("tau", [0.2, 0.01])
+def test_torch_tile_size_does_not_change_result(block_rows, block_cols, tau):
     a, b = pair(37, 19, torch.float64)
-    ref = loss_and_grads(lambda x, y: nt_xent_reference(x, y, 0.2), a, b)
-    got = loss_and_grads(lambda x, y: nt_xent_tiled(x, y, 0.2, block_rows=block_rows), a, b)
+    ref = loss_and_grads(lambda x, y: nt_xent_reference(x, y, tau), a, b)
+    got = loss_and_grads(
+        lambda x, y: nt_xent_tiled(x, y, tau, block_rows=block_rows, block_cols=block_cols), a, b
+    )
     for g, r, what in zip(got, ref, ("loss", "grad z_a", "grad z_b"), strict=True):
         assert_close(g, r, 1e-12, 1e-10, what)
 
@@ -99,7 +102,7 @@ def test_torch_block_size_does_not_change_result(block_rows):
 def test_gradcheck_float64(tau):
     a, b = pair(5, 7, torch.float64, seed=3)
     assert torch.autograd.gradcheck(
-        lambda x, y: NTXentTiledFunction.apply(x, y, tau, 2, None), (a, b)
+        lambda x, y: NTXentTiledFunction.apply(x, y, tau, 2, 3, None), (a, b)
     )
 
 

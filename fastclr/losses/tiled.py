@@ -29,6 +29,9 @@ from fastclr.losses import distributed as dist_utils
 SHIFT_MIN_TEMPERATURE = 0.025
 EPS = 1e-12  # as F.normalize
 DEFAULT_BLOCK_ROWS = 256
+DEFAULT_BLOCK_COLS = (
+    1024  # a 256 x 1024 fp32 tile is 1 MiB: it stays in L2 through its elementwise passes
+)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,33 +60,71 @@ def normalize_backward(
     return dz
 
 
-def _blocks(a: int, block_rows: int):
-    for start in range(0, a, block_rows):
-        yield start, min(start + block_rows, a)
+def _tiles(a: int, m: int, block_rows: int, block_cols: int):
+    """(row start, row stop, col start, col stop) over the (a, m) logits, column tiles innermost."""
+    for r0 in range(0, a, block_rows):
+        for c0 in range(0, m, block_cols):
+            yield r0, min(r0 + block_rows, a), c0, min(c0 + block_cols, m)
+
+
+def _self_columns(
+    r0: int, r1: int, c0: int, c1: int, offset: int, device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tile rows, tile cols) of the self-similarity entries S_{i, offset+i} that fall inside a tile, or None."""
+    lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
+    if lo >= hi:
+        return None
+    i = torch.arange(lo, hi, device=device)
+    return i - r0, i + offset - c0
+
+
+def _logits_tile(
+    buf: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shift: float
+) -> torch.Tensor:
+    """buf[:B, :C] = rows @ cols^T - shift, the shift written by the fill and accumulated by the GEMM (no extra pass)."""
+    out = buf[: rows.shape[0], : cols.shape[0]]
+    return out.fill_(-shift).addmm_(rows, cols.T)
 
 
 def rows_lse(
-    z_hat: torch.Tensor, cols: torch.Tensor, temperature: float, offset: int, block_rows: int
+    z_hat: torch.Tensor,
+    cols: torch.Tensor,
+    temperature: float,
+    offset: int,
+    block_rows: int,
+    block_cols: int = DEFAULT_BLOCK_COLS,
 ) -> torch.Tensor:
-    """Per-row log-sum-exp over the non-self columns: lse_i = log sum_{j != i} exp(S_ij / tau). Returns (A,)."""
+    """Per-row log-sum-exp over the non-self columns: lse_i = log sum_{j != i} exp(S_ij / tau). Returns (A,).
+
+    Works on (block_rows, block_cols) tiles that stay in cache, so memory is O(A*D + tile) whatever the batch.
+    """
     inv_t = 1.0 / temperature
-    a = z_hat.shape[0]
-    lse = torch.empty(a, dtype=z_hat.dtype, device=z_hat.device)
+    a, m = z_hat.shape[0], cols.shape[0]
+    rows_scaled = z_hat * inv_t  # 1/tau folded into the small operand
+    buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
     shift = temperature >= SHIFT_MIN_TEMPERATURE
-    for start, stop in _blocks(a, block_rows):
-        rows = torch.arange(stop - start, device=z_hat.device)
-        logits = (
-            z_hat[start:stop] * inv_t
-        ) @ cols.T  # (B, M) = S / tau; 1/tau folded into the small operand
-        if shift:
-            # |S| <= 1, so S/tau - 1/tau <= 0: a fixed shift replaces the row max and exp cannot overflow.
-            logits.sub_(inv_t).exp_()
-            logits[rows, rows + offset + start] = 0.0
-            lse[start:stop] = logits.sum(dim=1).log_().add_(inv_t)
-        else:
-            logits[rows, rows + offset + start] = float("-inf")
-            lse[start:stop] = torch.logsumexp(logits, dim=1)
-    return lse
+    total = z_hat.new_zeros(a)
+    if shift:
+        # |S| <= 1, so S/tau - 1/tau <= 0: a fixed shift replaces the running max and exp cannot overflow.
+        for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
+            tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], inv_t).exp_()
+            if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
+                tile[diag] = 0.0
+            total[r0:r1] += tile.sum(dim=1)
+        return total.log_().add_(inv_t)
+    # Online log-sum-exp (running max); finfo.min instead of -inf keeps exp(m_old - m_new) finite-or-zero, never NaN.
+    low = torch.finfo(z_hat.dtype).min
+    run_max = torch.full((a,), low, dtype=z_hat.dtype, device=z_hat.device)
+    for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
+        tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], 0.0)
+        if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
+            tile[diag] = float("-inf")
+        new_max = torch.maximum(run_max[r0:r1], tile.amax(dim=1)).clamp_min_(low)
+        total[r0:r1] = total[r0:r1] * torch.exp(run_max[r0:r1] - new_max) + torch.exp(
+            tile - new_max[:, None]
+        ).sum(1)
+        run_max[r0:r1] = new_max
+    return total.log_().add_(run_max)
 
 
 def rows_grad(
@@ -97,6 +138,7 @@ def rows_grad(
     offset: int,
     n: int,
     block_rows: int,
+    block_cols: int = DEFAULT_BLOCK_COLS,
 ) -> torch.Tensor:
     """dJ/dz_hat (A, D) for J = sum_r g_r L_r, from the symmetric form in the module docstring.
 
@@ -104,23 +146,28 @@ def rows_grad(
     g_rows: 0-d upstream gradient of this rank; g_cols: (M,) upstream gradient of the rank owning each column.
     """
     inv_t = 1.0 / temperature
-    a = z_hat.shape[0]
-    grad = torch.empty_like(z_hat)
+    a, m = z_hat.shape[0], cols.shape[0]
+    rows_scaled = z_hat * inv_t
+    grad = torch.zeros_like(z_hat)
+    buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
+    weight_buf = torch.empty_like(buf)
     shift = temperature >= SHIFT_MIN_TEMPERATURE
     if shift:
         # P_ij + P_ji = exp(S_ij/tau - 1/tau) * (u_i + u_j) with u = g * exp(1/tau - lse): one exp per element, not two.
         u_cols = g_cols * torch.exp(inv_t - lse_cols)
-    for start, stop in _blocks(a, block_rows):
-        rows = torch.arange(stop - start, device=z_hat.device)
-        logits = (z_hat[start:stop] * inv_t) @ cols.T
+        u_rows = u_cols[offset : offset + a]
+    for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
         if shift:
-            weight = torch.add(u_cols[offset + start : offset + stop, None], u_cols[None, :])
-            weight.mul_(logits.sub_(inv_t).exp_())
+            tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], inv_t).exp_()
+            weight = weight_buf[: r1 - r0, : c1 - c0]
+            torch.add(u_rows[r0:r1, None], u_cols[None, c0:c1], out=weight).mul_(tile)
         else:
-            weight = torch.exp(logits - lse[start:stop, None]).mul_(g_rows)
-            weight.add_(torch.exp(logits.sub_(lse_cols[None, :])).mul_(g_cols[None, :]))
-        weight[rows, rows + offset + start] = 0.0
-        grad[start:stop] = weight @ cols
+            tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], 0.0)
+            weight = torch.exp(tile - lse[r0:r1, None]).mul_(g_rows)
+            weight.add_(torch.exp(tile.sub_(lse_cols[None, c0:c1])).mul_(g_cols[None, c0:c1]))
+        if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
+            weight[diag] = 0.0
+        grad[r0:r1].addmm_(weight, cols[c0:c1])
     pos = offset + (torch.arange(a, device=z_hat.device) + n) % a
     grad.sub_(cols[pos] * (2.0 * g_rows))
     return grad.mul_(1.0 / (a * temperature))
@@ -130,25 +177,25 @@ class NTXentTiledFunction(torch.autograd.Function):
     """Tiled NT-Xent: forward keeps z_hat, norms and lse (O(A*D)); backward recomputes S block by block."""
 
     @staticmethod
-    def forward(ctx, z_a, z_b, temperature, block_rows, group):
+    def forward(ctx, z_a, z_b, temperature, block_rows, block_cols, group):
         n = z_a.shape[0]
         z = torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype))
         z_hat, norm = normalize_rows(z)
         cols, offset = z_hat, 0
         if group is not None:
             cols, offset = dist_utils.all_gather_rows(z_hat, group)
-        lse = rows_lse(z_hat, cols, temperature, offset, block_rows)
+        lse = rows_lse(z_hat, cols, temperature, offset, block_rows, block_cols)
         pos = offset + (torch.arange(2 * n, device=z.device) + n) % (2 * n)
         pos_logit = (z_hat * cols[pos]).sum(dim=1) / temperature
         lse_cols = lse if group is None else dist_utils.all_gather_rows(lse, group)[0]
         ctx.save_for_backward(z_hat, norm, cols, lse, lse_cols)
-        ctx.meta = (temperature, offset, n, block_rows, group, z_a.dtype)
+        ctx.meta = (temperature, offset, n, block_rows, block_cols, group, z_a.dtype)
         return (lse - pos_logit).mean().to(z_a.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         z_hat, norm, cols, lse, lse_cols = ctx.saved_tensors
-        temperature, offset, n, block_rows, group, dtype = ctx.meta
+        temperature, offset, n, block_rows, block_cols, group, dtype = ctx.meta
         g = grad_out.to(z_hat.dtype)
         if group is None:
             g_cols = g.expand(cols.shape[0])
@@ -156,10 +203,10 @@ class NTXentTiledFunction(torch.autograd.Function):
             # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
             g_cols = dist_utils.all_gather_scalar(g, group).repeat_interleave(2 * n)
         dz_hat = rows_grad(
-            z_hat, cols, lse, lse_cols, g, g_cols, temperature, offset, n, block_rows
+            z_hat, cols, lse, lse_cols, g, g_cols, temperature, offset, n, block_rows, block_cols
         )
         dz = normalize_backward(dz_hat, z_hat, norm).to(dtype)
-        return dz[:n], dz[n:], None, None, None
+        return dz[:n], dz[n:], None, None, None, None
 
 
 def nt_xent_tiled(
@@ -168,11 +215,13 @@ def nt_xent_tiled(
     temperature: float = 0.5,
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_cols: int = DEFAULT_BLOCK_COLS,
     group=None,
 ) -> torch.Tensor:
     """Tiled NT-Xent (no input checks; see ``fastclr.nt_xent``). z_a, z_b: (N, D). Returns the scalar loss."""
-    if not (isinstance(block_rows, int) and block_rows > 0):
-        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    for name, value in (("block_rows", block_rows), ("block_cols", block_cols)):
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not math.isfinite(temperature):
         raise ValueError(f"temperature must be finite, got {temperature}")
-    return NTXentTiledFunction.apply(z_a, z_b, float(temperature), block_rows, group)
+    return NTXentTiledFunction.apply(z_a, z_b, float(temperature), block_rows, block_cols, group)

@@ -1,0 +1,311 @@
+"""NT-Xent forward+backward: time and peak extra memory per implementation, side by side, with the three-GEMM floor.
+
+    python bench/bench_loss.py                       # 2N in {1024, 4096, 16384, 65536}, D = 128, fp32, this device
+    python bench/bench_loss.py --sizes 1024 4096 --impls torch reference lightly --repeats 5
+    python bench/bench_loss.py --world-size 2        # + gathered negatives over 2 gloo ranks (communication vs loss)
+    fastclr bench loss ...                            # the same
+
+Every (impl, 2N) runs in a fresh child process: peak memory is the child's ru_maxrss (CPU) or the CUDA allocator's peak
+above the baseline taken after the inputs exist, and an address-space limit (--mem-limit-gb) turns "would not fit" into a
+reported out-of-memory instead of a swapping machine. Time is the median of repeated forward+backward passes after a
+warm-up (CUDA: triton.testing.do_bench). The floor is three (2N x D) @ (D x 2N) GEMMs timed in the same child way:
+forward+backward of NT-Xent cannot do less matrix work (S once forward; S again and P @ Z backward).
+Results: a table on stdout, rows appended to bench/results/bench_loss.csv, and bench/results/bench_loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLS = ("floor", "torch", "triton", "reference", "compile", "lightly")
+DEFAULT_SIZES = (1024, 4096, 16384, 65536)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def make_loss_fn(impl: str, temperature: float):
+    """A callable (z_a, z_b) -> loss for one provider; raises RuntimeError('skipped: ...') where it cannot run."""
+    import torch
+
+    import fastclr
+    from fastclr.losses.reference import nt_xent_reference
+
+    if impl == "lightly":
+        try:
+            from lightly.loss import NTXentLoss as LightlyNTXent
+        except ImportError as exc:
+            raise RuntimeError(f"skipped: lightly is not installed ({exc})") from None
+        return LightlyNTXent(temperature=temperature)
+    if impl == "compile":
+        return torch.compile(lambda a, b: nt_xent_reference(a, b, temperature))
+    if impl == "triton" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "skipped: no CUDA device (the Triton interpreter is a correctness tool, not a fast path)"
+        )
+    return lambda a, b: fastclr.nt_xent(a, b, temperature, impl=impl)
+
+
+def _child(spec: dict) -> dict:
+    """Run one (impl, 2N) measurement in this process and return its result row."""
+    import torch
+
+    impl, two_n, d, device = spec["impl"], spec["two_n"], spec["d"], spec["device"]
+    dtype = getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    n = two_n // 2
+    z_a = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    z_b = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    cuda = device == "cuda"
+
+    if impl == "floor":
+        z = torch.cat([z_a, z_b]).detach()
+        block = 1024
+
+        def step():
+            for _ in range(3):
+                for s in range(0, two_n, block):
+                    z[s : s + block] @ z.T
+    else:
+        fn = make_loss_fn(impl, spec["temperature"])
+
+        def step():
+            loss = fn(z_a, z_b)
+            loss.backward()
+            z_a.grad = z_b.grad = None
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up (and compilation for the compile provider)
+    if cuda:
+        import triton.testing
+
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        med, lo, hi = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
+        times = [med / 1e3, lo / 1e3, hi / 1e3]
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        samples, start = [], time.perf_counter()
+        while len(samples) < spec["repeats"] and (
+            len(samples) < 1 or time.perf_counter() - start < spec["budget_s"]
+        ):
+            t0 = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - t0)
+        times = [statistics.median(samples), min(samples), max(samples)]
+    return {
+        "status": "ok",
+        "median_s": times[0],
+        "lo_s": times[1],
+        "hi_s": times[2],
+        "peak_extra_mb": peak / 2**20,
+    }
+
+
+def run_one(spec: dict, mem_limit_gb: float, timeout_s: float) -> dict:
+    """Measure one (impl, 2N) in a fresh child process, bounded in memory and time."""
+    cmd = [sys.executable, "-m", "fastclr.bench.bench_loss", "--child", json.dumps(spec)]
+
+    def limit():
+        if mem_limit_gb > 0:
+            cap = int(mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=limit
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = proc.stderr.strip().splitlines()
+    last = err[-1] if err else f"exit code {proc.returncode}"
+    if "skipped:" in last:
+        return {"status": last[last.index("skipped:") :]}
+    if any(
+        k in proc.stderr
+        for k in ("out of memory", "can't allocate memory", "MemoryError", "std::bad_alloc")
+    ):
+        return {"status": f"out of memory (> {mem_limit_gb:g} GiB)"}
+    return {"status": f"failed: {last[:160]}"}
+
+
+def fmt_time(s):
+    return "-" if s is None else (f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s")
+
+
+def print_table(rows, sizes, impls):
+    floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
+    print(
+        f"\n{'impl':<10} {'2N':>7} {'time (median)':>14} {'min..max':>20} {'x floor':>8} {'peak extra':>12}  status"
+    )
+    for r in rows:
+        t = r.get("median_s")
+        floor = floors.get(r["two_n"])
+        ratio = f"{t / floor:.2f}" if t and floor else "-"
+        spread = f"{fmt_time(r.get('lo_s'))}..{fmt_time(r.get('hi_s'))}" if t else "-"
+        mem = f"{r['peak_extra_mb']:.0f} MiB" if "peak_extra_mb" in r else "-"
+        print(
+            f"{r['impl']:<10} {r['two_n']:>7} {fmt_time(t):>14} {spread:>20} {ratio:>8} {mem:>12}  {r['status']}"
+        )
+
+
+def write_csv(rows, meta):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "bench_loss.csv"
+    fields = ["date", "device", "torch", "impl", "two_n", "d", "dtype", "temperature", "median_s", "lo_s", "hi_s",
+              "x_floor", "peak_extra_mb", "status"]  # fmt: skip
+    floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            floor, t = floors.get(r["two_n"]), r.get("median_s")
+            w.writerow({**meta, **r, "x_floor": round(t / floor, 3) if t and floor else ""})
+    return path
+
+
+def plot(rows, meta, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        ok = [r for r in rows if r["impl"] == impl and r["status"] == "ok"]
+        if not ok:
+            continue
+        xs = [r["two_n"] for r in ok]
+        style = "--" if impl == "floor" else "-o"
+        ax_t.loglog(xs, [r["median_s"] for r in ok], style, label=impl, base=2)
+        if impl != "floor":
+            ax_m.loglog(xs, [max(r["peak_extra_mb"], 1e-1) for r in ok], style, label=impl, base=2)
+    ax_t.set(xlabel="2N", ylabel="forward+backward time (s)", title="time")
+    ax_m.set(xlabel="2N", ylabel="peak extra memory (MiB)", title="memory")
+    for ax in (ax_t, ax_m):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"NT-Xent, D={meta['d']}, {meta['dtype']}, {meta['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="values of 2N")
+    p.add_argument("--dim", type=int, default=128, help="embedding dimension D")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument(
+        "--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="providers, side by side"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (CPU), at most")
+    p.add_argument(
+        "--budget-s", type=float, default=20.0, help="stop repeating after this many seconds (CPU)"
+    )
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=20.0,
+        help="address-space cap per child (CPU); 0 = none",
+    )
+    p.add_argument("--timeout-s", type=float, default=900.0, help="wall-clock cap per child")
+    p.add_argument(
+        "--world-size", type=int, default=0, help="also time gathered negatives over W gloo ranks"
+    )
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        try:
+            print(json.dumps(_child(json.loads(args.child))))
+        except RuntimeError as exc:
+            print(str(exc), file=sys.stderr)
+            sys.exit(3)
+        return []
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device_name(device),
+            "torch": torch.__version__, "d": args.dim, "dtype": args.dtype, "temperature": args.temperature}  # fmt: skip
+    mem_limit = args.mem_limit_gb if device == "cpu" else 0
+    print(
+        f"NT-Xent forward+backward on {meta['device']}; D={args.dim}, {args.dtype}, tau={args.temperature}"
+    )
+    rows = []
+    for two_n in args.sizes:
+        if two_n < 2 or two_n % 2:
+            p.error(f"--sizes: 2N must be an even number >= 2, got {two_n}")
+        for impl in args.impls:
+            spec = {"impl": impl, "two_n": two_n, "d": args.dim, "dtype": args.dtype, "device": device,
+                    "temperature": args.temperature, "repeats": args.repeats, "budget_s": args.budget_s}  # fmt: skip
+            t0 = time.perf_counter()
+            res = run_one(spec, mem_limit, args.timeout_s)
+            row = {"impl": impl, "two_n": two_n, **res}
+            rows.append(row)
+            print(f"  {impl:<10} 2N={two_n:<6} {fmt_time(res.get('median_s')):>10}  {res['status']}"
+                  f"  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    print_table(rows, args.sizes, args.impls)
+    path = write_csv(rows, meta)
+    print(f"\nappended {len(rows)} rows to {path}")
+    if not args.no_plot:
+        png = RESULTS / "bench_loss.png"
+        plot(rows, meta, png)
+        print(f"plot: {png}")
+    if args.world_size:
+        from fastclr.bench.bench_dist import main as dist_main
+
+        dist_main(
+            [
+                "--world-size",
+                str(args.world_size),
+                "--sizes",
+                *map(str, args.sizes),
+                "--dim",
+                str(args.dim),
+            ]
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
