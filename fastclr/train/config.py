@@ -44,8 +44,8 @@ class DataConfig:
     size: int = _opt(224, "side of the square crops fed to the network, in pixels")
     backend: str = _opt(
         "auto",
-        "data loader: DALI, the torchvision twin, or auto (DALI when importable)",
-        ("auto", "dali", "torchvision"),
+        "data loader: dali, torch (the torchvision twin), or auto (DALI when importable)",
+        ("auto", "dali", "torch"),
     )
     pipeline_device: str = _opt(
         "auto",
@@ -70,7 +70,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = _opt("resnet50", "backbone architecture (resnet18, resnet34, resnet50, cnn7)")
-    width: int = _opt(64, "base channel width of the backbone (64 is the standard ResNet)")
+    width: int | None = _opt(
+        None,
+        "base channel width of the backbone; none = the architecture's standard (64 for ResNets, 32 for cnn7)",
+    )
     cifar_stem: bool = _opt(
         False, "3x3 stride-1 first conv and no max-pool, for small (32 px) images"
     )
@@ -246,7 +249,6 @@ class PretrainConfig:
             ("batch_size", o.batch_size),
             ("epochs", o.epochs),
             ("size", d.size),
-            ("width", m.width),
             ("proj_dim", m.proj_dim),
             ("keep", r.keep),
             ("log_every", r.log_every),
@@ -264,6 +266,8 @@ class PretrainConfig:
         ):
             if value < 0:
                 raise ConfigError(f"{name} must be non-negative, got {value}")
+        if m.width is not None and m.width <= 0:
+            raise ConfigError(f"width must be positive, got {m.width}")
         if r.max_steps is not None and r.max_steps <= 0:
             raise ConfigError(f"max_steps must be positive, got {r.max_steps}")
         if not 0 < d.min_scale <= 1:
@@ -406,6 +410,9 @@ def load_preset(name: str) -> PretrainConfig:
 # Command-line flags
 
 
+_METAVARS = {"data": "DIR", "test_data": "DIR", "out": "DIR", "resume": "auto|CKPT"}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add ``--preset``, ``--config`` and one flag per config field (``--batch-size``, ``--cifar-stem``, ...).
 
@@ -432,8 +439,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 continue
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
+            else:
+                kwargs["metavar"] = _METAVARS.get(f.name, base.__name__.upper())
             kwargs["type"] = _optional_parser(base) if optional else base
-            kwargs["metavar"] = f.name.upper()
             group.add_argument(flag, **kwargs)
 
 

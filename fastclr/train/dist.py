@@ -41,6 +41,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun launched (1 without torchrun), known before joining the group."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
     if device == "auto":

@@ -1,0 +1,286 @@
+"""The ``fastclr`` command (also ``python -m fastclr``).
+
+    fastclr pretrain [--data DIR] [--test-data DIR] [--preset NAME | --config FILE] [flags]   # see --help
+    fastclr knn --ckpt CKPT [--data DIR --test-data DIR]
+    fastclr linear --ckpt CKPT [--data DIR --test-data DIR] [--epochs 10 --lr 0.1]
+    fastclr export --ckpt CKPT --out FILE
+    fastclr bench loss|pipeline|train [benchmark flags]
+    fastclr info
+
+Bad input (missing data, impossible settings, unreadable checkpoints) ends with one ``fastclr: error: ...`` line on
+stderr and exit status 1; set ``FASTCLR_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS = ("loss", "pipeline", "train")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fastclr import __version__
+    from fastclr.train.config import add_config_flags
+
+    parser = argparse.ArgumentParser(
+        prog="fastclr", description="Fast SimCLR pretraining and evaluation."
+    )
+    parser.add_argument("--version", action="version", version=f"fastclr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="SimCLR pretraining (no --data: the embedded digits demo)",
+        description="SimCLR pretraining. Without --data it trains on the embedded digits data set with the cpu-demo "
+        "preset. Flags override the preset/config file, which overrides the defaults. Under torchrun the same "
+        "command trains with DDP.",
+    )
+    add_config_flags(pre)
+
+    def eval_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ckpt", required=True, help="checkpoint written by fastclr pretrain")
+        p.add_argument("--data", help="training images (default: the checkpoint's --data)")
+        p.add_argument("--test-data", help="test images (default: the checkpoint's --test-data)")
+        p.add_argument(
+            "--batch-size", type=int, default=256, help="images per batch (default: 256)"
+        )
+        p.add_argument("--size", type=int, help="image side in px (default: the checkpoint's)")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=2,
+            help="decoding threads / worker processes (default: 2)",
+        )
+        p.add_argument(
+            "--backend",
+            choices=("auto", "dali", "torch"),
+            default="auto",
+            help="data loader (default: auto)",
+        )
+        p.add_argument(
+            "--device",
+            choices=("auto", "cuda", "cpu"),
+            default="auto",
+            help="compute device (default: auto)",
+        )
+
+    knn = sub.add_parser(
+        "knn",
+        help="kNN top-1 of a checkpoint's backbone",
+        description="Weighted kNN (cosine) evaluation of a checkpoint.",
+    )
+    eval_flags(knn)
+    knn.add_argument("--k", type=int, default=200, help="neighbours (default: 200)")
+    knn.add_argument(
+        "--temperature", type=float, default=0.1, help="vote temperature (default: 0.1)"
+    )
+
+    lin = sub.add_parser(
+        "linear",
+        help="linear evaluation of a checkpoint's frozen backbone",
+        description="Linear evaluation: frozen backbone, linear classifier, crop+flip augmentation only.",
+    )
+    eval_flags(lin)
+    lin.add_argument(
+        "--epochs", type=int, default=10, help="classifier training epochs (default: 10)"
+    )
+    lin.add_argument(
+        "--lr", type=float, default=0.1, help="classifier learning rate (default: 0.1)"
+    )
+    lin.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
+    )
+
+    exp = sub.add_parser(
+        "export", help="write a checkpoint's backbone as a plain torchvision state_dict"
+    )
+    exp.add_argument("--ckpt", required=True, help="checkpoint written by fastclr pretrain")
+    exp.add_argument(
+        "--out", required=True, help="output file (torch.save of the backbone's state_dict)"
+    )
+
+    bench = sub.add_parser(
+        "bench", help="run a benchmark: " + ", ".join(BENCHMARKS), add_help=False
+    )
+    bench.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
+    bench.add_argument(
+        "args", nargs=argparse.REMAINDER, help="flags passed on to the benchmark (see its --help)"
+    )
+
+    sub.add_parser("info", help="versions, devices, and what 'auto' picks here")
+    return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fastclr.train.config import config_from_args
+    from fastclr.train.trainer import pretrain
+
+    if args.preset is None and args.config is None and getattr(args, "data", None) is None:
+        # The demo: the embedded digits want the small CPU recipe, not the ImageNet defaults.
+        args.preset = "cpu-demo"
+    cfg = config_from_args(args)
+    result = pretrain(cfg)
+    return 0 if result["status"] in ("completed", "stopped", "max_steps") else 1
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from fastclr.train.evaluate import run_knn
+
+    r = run_knn(
+        args.ckpt,
+        args.data,
+        args.test_data,
+        k=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        size=args.size,
+        workers=args.workers,
+        backend=args.backend,
+        device=args.device,
+    )
+    print(
+        f"kNN top-1 (k={r['k']}): {100 * r['knn_top1']:.2f}%  ({r['train_images']} bank images from {r['train']}, {r['test_images']} test images from {r['test']})"
+    )
+    return 0
+
+
+def _linear(args: argparse.Namespace) -> int:
+    from fastclr.train.evaluate import run_linear
+
+    r = run_linear(
+        args.ckpt,
+        args.data,
+        args.test_data,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        size=args.size,
+        workers=args.workers,
+        backend=args.backend,
+        device=args.device,
+        progress=args.progress,
+    )
+    print(
+        f"linear evaluation: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%  (train {r['train']}, test {r['test']})"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastclr.train.evaluate import export_backbone
+
+    r = export_backbone(args.ckpt, args.out)
+    print(
+        f"wrote {r['out']}: {r['arch']} backbone, {r['tensors']} tensors, {r['feat_dim']}-d features"
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"fastclr.bench.bench_{args.benchmark}")
+    module.main(args.args)
+    return 0
+
+
+def info_lines() -> list[str]:
+    """What ``fastclr info`` prints: versions, devices, and the choices ``auto`` makes on this machine, with reasons."""
+    import numpy
+    import torch
+    import torchvision
+
+    from fastclr import __version__
+    from fastclr.losses.nt_xent import resolve_impl, triton_available
+    from fastclr.pipelines import dali_available
+
+    def version(module: str) -> str:
+        try:
+            return importlib.import_module(module).__version__
+        except ImportError:
+            return "not installed"
+
+    cuda = torch.cuda.is_available()
+    lines = [
+        f"fastclr {__version__}, python {platform.python_version()} ({platform.platform()})",
+        f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}), torchvision {torchvision.__version__}, numpy {numpy.__version__}",
+        f"triton {version('triton')}, nvidia-dali {version('nvidia.dali')}",
+        f"CPU: {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads",
+    ]
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(
+                f"GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}"
+            )
+    else:
+        lines.append("GPU: none (torch.cuda.is_available() is False)")
+    device = torch.device("cuda" if cuda else "cpu")
+    impl = resolve_impl("auto", device)
+    why = (
+        "CUDA tensors and triton imports"
+        if impl == "triton"
+        else (
+            "no CUDA device, so tensors live on the CPU" if not cuda else "triton does not import"
+        )
+    )
+    lines.append(
+        f"loss impl 'auto' -> {impl} ({why}; triton {'importable' if triton_available() else 'not importable'})"
+    )
+    dali = dali_available()
+    lines.append(
+        f"data backend 'auto' -> {'dali' if dali else 'torch (torchvision twin)'} ({'nvidia.dali imports' if dali else 'nvidia.dali does not import'})"
+    )
+    lines.append(
+        f"pipeline device 'auto' -> {'gpu' if cuda else 'cpu'} ({'CUDA is available: nvJPEG decode + GPU augmentation' if cuda else 'no CUDA device: DALI CPU operators'})"
+    )
+    lines.append(
+        f"precision 'auto' -> {'bf16 autocast' if cuda else 'fp32'} ({'GPU' if cuda else 'CPU'} run)"
+    )
+    return lines
+
+
+def _info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+COMMANDS = {
+    "pretrain": _pretrain,
+    "knn": _knn,
+    "linear": _linear,
+    "export": _export,
+    "bench": _bench,
+    "info": _info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastclr`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("fastclr: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
+        if os.environ.get("FASTCLR_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "0")
+        prefix = "fastclr: error: " if rank == "0" else f"fastclr [rank {rank}]: error: "
+        message = (
+            " ".join(str(e).split()) or type(e).__name__
+        )  # one line, whatever the exception text holds
+        from fastclr.train.trainer import TrainingError
+
+        expected = (ValueError, TypeError, OSError, TrainingError)
+        hint = (
+            ""
+            if isinstance(e, expected)
+            else f" ({type(e).__name__}; FASTCLR_DEBUG=1 shows the traceback)"
+        )
+        print(prefix + message + hint, file=sys.stderr)
+        return 1

@@ -1,0 +1,118 @@
+"""Run metrics: CSV + JSONL files (and TensorBoard when installed) on the main rank, and the end-of-run PNG.
+
+Files under the run directory:
+    metrics.csv    one row per logged training step (step, epoch, loss, lr, contrastive top-1, images/s, timings)
+    knn.csv        one row per kNN evaluation (step, epoch, knn_top1)
+    metrics.jsonl  every record of both kinds, with a "kind" field
+    curves.png     loss and kNN top-1 curves (written by :func:`plot_curves`)
+    tb/            TensorBoard event files, only when ``torch.utils.tensorboard`` imports
+A resumed run appends; the plot keeps the last value logged for each step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TRAIN_FIELDS = (
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "contrastive_top1",
+    "images_per_s",
+    "data_s",
+    "step_s",
+    "elapsed_s",
+)
+KNN_FIELDS = ("step", "epoch", "knn_top1")
+
+
+class MetricsLog:
+    """Append-only metric files; a disabled log (non-main ranks) accepts calls and writes nothing."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+
+    def log(self, kind: str, row: dict[str, Any]) -> None:
+        """Record ``row`` as a ``"train"`` or ``"knn"`` metric."""
+        if not self.enabled:
+            return
+        fields = {"train": TRAIN_FIELDS, "knn": KNN_FIELDS}[kind]
+        path = self.out_dir / ("metrics.csv" if kind == "train" else "knn.csv")
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        with (self.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"kind": kind, **row}) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, int | float):
+                    self._tb.add_scalar(f"{kind}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_curve(path: Path, key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of column ``key`` in a metrics CSV, the last row winning for a repeated step."""
+    if not path.is_file():
+        return [], []
+    by_step: dict[int, float] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                by_step[int(row["step"])] = float(row[key])
+            except (KeyError, TypeError, ValueError):
+                continue
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_curves(out_dir: str | Path) -> Path | None:
+    """Write ``curves.png`` (loss per step, kNN top-1 per evaluation); None when nothing was logged."""
+    out_dir = Path(out_dir)
+    loss_steps, losses = read_curve(out_dir / "metrics.csv", "loss")
+    knn_steps, knn = read_curve(out_dir / "knn.csv", "knn_top1")
+    if not losses and not knn:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.8))
+    finite = [(s, v) for s, v in zip(loss_steps, losses, strict=True) if math.isfinite(v)]
+    if finite:
+        ax_loss.plot(*zip(*finite, strict=True), lw=1)
+    ax_loss.set(xlabel="step", ylabel="NT-Xent loss", title="training loss")
+    if knn:
+        ax_knn.plot(knn_steps, [100 * v for v in knn], marker="o")
+    ax_knn.set(xlabel="step", ylabel="top-1 (%)", title="kNN top-1 on the held-out split")
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
