@@ -22,6 +22,7 @@ import datetime
 import os
 import pickle
 import platform
+import signal
 import statistics
 import tempfile
 import time
@@ -185,9 +186,15 @@ def spawn_world(
             raise TimeoutError(
                 f"ranks {stuck} of {world_size} were still running after {timeout_s} s and were killed"
             )
-        bad = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
+        bad = [
+            f"rank {rank}: "
+            + (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+            for rank, p in enumerate(procs)
+            if (code := p.exitcode) != 0
+        ]
         if bad:
-            raise RuntimeError(f"ranks exited without a result, (rank, exit code): {bad}")
+            # A native abort (e.g. gloo's on mismatched collective shapes) leaves no traceback, only its stderr.
+            raise RuntimeError("ranks died without a result: " + ", ".join(bad))
         return [
             torch.load(out / f"rank{rank}.pt", weights_only=False)["result"]
             for rank in range(world_size)
