@@ -1,0 +1,486 @@
+"""Full SimCLR training steps: images/s and where the time goes, and fastclr against a plain PyTorch loop.
+
+Two modes, both side by side in one run:
+
+* split (default): for every loader backend x loss implementation, ``--steps`` timed training steps
+  after ``--warmup`` untimed ones, each cut into data / forward / loss / backward / optimiser time
+  (median per phase; GPU phases are synchronised). Throughput is ``batch_size / median step time``
+  in source images per second (each image gives two views, so the network sees twice as many).
+* ``--baseline``: the same model trained for the same wall-clock ``--budget`` by (a) a plain PyTorch
+  loop (torchvision ImageFolder + DataLoader, the textbook NT-Xent with a full similarity matrix and a
+  cross-entropy, SGD with momentum, fp32, contiguous tensors) and (b) fastclr's trainer (its loader,
+  the tiled/fused loss, LARS with warm-up + cosine, channels-last). Both are scored by the same kNN
+  monitor (k=200, temperature 0.1, train split as memory bank) before and after training.
+
+    python bench/bench_train.py                                  # split on synthetic 32 px JPEGs
+    python bench/bench_train.py --data cifar10/train --arch resnet18 --width 16
+    python bench/bench_train.py --baseline --data cifar10/train --test-data cifar10/test --budget 540
+    fastclr bench train --baseline ...
+
+A table goes to stdout; rows are appended to ``bench/results/bench_train.csv`` (split) and
+``bench/results/bench_train_baseline.csv`` (baseline), with device, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PHASES = ("data", "forward", "loss", "backward", "optimiser")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared set-up
+
+
+def make_config(args: argparse.Namespace, out: Path, *, backend="auto", impl="auto", epochs=1):
+    """A fastclr PretrainConfig for the benchmarked model, data and recipe."""
+    from fastclr.train.config import PretrainConfig
+
+    cfg = PretrainConfig()
+    d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    d.data, d.size, d.backend, d.workers = str(args.data), args.size, backend, args.workers
+    d.color_strength, d.blur_p, d.min_scale = args.color_strength, 0.0, args.min_scale
+    m.arch, m.width, m.cifar_stem = args.arch, args.width, args.cifar_stem
+    m.proj_layers, m.proj_dim = args.proj_layers, args.proj_dim
+    cfg.loss.temperature, cfg.loss.loss_impl = args.temperature, impl
+    o.batch_size, o.epochs, o.warmup_epochs = args.batch_size, epochs, args.warmup_epochs
+    o.lr, o.lr_scaling = args.lr, "linear"
+    r.out, r.device, r.precision, r.seed = str(out), args.device, args.precision, args.seed
+    r.knn_every, r.progress, r.keep = 0, args.progress, 1
+    return cfg
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forever(loader):
+    """Batches across epoch boundaries (each ``iter`` of a fastclr loader starts the next epoch)."""
+    while True:
+        yield from loader
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": f"{device.type}:{name or platform.machine()}",
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def synthetic_data(root: Path, count: int) -> Path:
+    from fastclr.bench.bench_pipeline import make_jpegs
+
+    return make_jpegs(root / "train", count, 32, 40)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Split: time per phase of full training steps
+
+
+def time_steps(cfg, loader, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Run ``warmup + steps`` fastclr training steps; seconds per phase of the timed ones."""
+    from fastclr import NTXentLoss
+    from fastclr.train.dist import DistInfo, resolve_device
+    from fastclr.train.trainer import build_model, build_optimizer, resolve_precision
+
+    device = resolve_device(cfg.run.device)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    autocast_dtype, use_scaler = resolve_precision(cfg.run.precision, device)
+    model = build_model(cfg, info)
+    optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch=max(len(loader), 1))
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    loss_fn = NTXentLoss(cfg.loss.temperature, impl=cfg.loss.loss_impl)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    times = {phase: [] for phase in PHASES}
+    batches = forever(loader)
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        view_a, view_b = next(batches)
+        x = torch.cat([view_a, view_b]).to(device).contiguous(memory_format=torch.channels_last)
+        sync(device)
+        t1 = time.perf_counter()
+        with autocast:
+            _, z = model(x)
+        sync(device)
+        t2 = time.perf_counter()
+        z_a, z_b = z.float().chunk(2)
+        loss = loss_fn(z_a, z_b)
+        sync(device)
+        t3 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        sync(device)
+        t4 = time.perf_counter()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        sync(device)
+        t5 = time.perf_counter()
+        if step >= warmup:
+            for phase, seconds in zip(
+                PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+            ):
+                times[phase].append(seconds)
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"non-finite loss while benchmarking {cfg.loss.loss_impl}")
+    return times
+
+
+def run_split(args: argparse.Namespace) -> list[dict]:
+    from fastclr.pipelines import dali_available
+
+    from fastclr.losses.nt_xent import resolve_impl
+    from fastclr.train.dist import DistInfo, resolve_device
+    from fastclr.train.trainer import build_train_loader
+
+    device = resolve_device(args.device)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
+    env = environment(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            cfg = make_config(args, Path(tmp), backend=backend)
+            loader = build_train_loader(cfg, info, torch.float32)
+            try:
+                for impl in args.impls.split(","):
+                    cfg.loss.loss_impl = impl
+                    times = time_steps(cfg, loader, args.steps, args.warmup)
+                    step_s = [sum(parts) for parts in zip(*times.values(), strict=True)]
+                    median = statistics.median(step_s)
+                    rows.append(
+                        {
+                            **env,
+                            "arch": f"{args.arch}/w{args.width or 'std'}",
+                            "size": args.size,
+                            "batch_size": args.batch_size,
+                            "loader": "dali" if backend == "dali" else "torchvision",
+                            "loss_impl": resolve_impl(impl, device),
+                            "images_per_s": round(args.batch_size / median, 1),
+                            "step_ms": round(1e3 * median, 1),
+                            "step_ms_min": round(1e3 * min(step_s), 1),
+                            "step_ms_max": round(1e3 * max(step_s), 1),
+                            **{
+                                f"{p}_ms": round(1e3 * statistics.median(t), 1)
+                                for p, t in times.items()
+                            },
+                        }
+                    )
+                    print_split(rows[-1:], header=len(rows) == 1)
+            finally:
+                loader.close()
+    return rows
+
+
+def print_split(rows: list[dict], header: bool) -> None:
+    cols = ["loader", "loss_impl", "images_per_s", "step_ms", *(f"{p}_ms" for p in PHASES)]
+    if header:
+        print(" ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]!s:>12}" for c in cols), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Baseline: a plain PyTorch loop vs fastclr under the same time budget
+
+
+def naive_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The textbook NT-Xent: full (2N, 2N) similarity matrix, diagonal masked, cross-entropy."""
+    n = z_a.shape[0]
+    z = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+class TwoViews:
+    """ImageFolder transform returning two independently augmented views."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+def plain_loop(args: argparse.Namespace, model: torch.nn.Module) -> dict:
+    """Train ``model`` the way a minimal SimCLR script does, for ``args.budget`` seconds."""
+    from fastclr.pipelines import IMAGENET_MEAN, IMAGENET_STD
+    from torchvision import transforms as T
+
+    s = args.color_strength
+    augment = T.Compose(
+        [
+            T.RandomResizedCrop(args.size, scale=(args.min_scale, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    dataset = torchvision.datasets.ImageFolder(str(args.data), transform=TwoViews(augment))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
+    base_lr = args.baseline_lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    steps, losses, start = 0, [], time.perf_counter()
+    elapsed = 0.0
+    while elapsed < args.budget:
+        for (view_a, view_b), _ in loader:
+            # Cosine decay over the wall-clock budget, so the plain loop also ends at a small lr.
+            for group in optimizer.param_groups:
+                group["lr"] = (
+                    base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / args.budget)))
+                )
+            _, z = model(torch.cat([view_a, view_b]))
+            z_a, z_b = z.chunk(2)
+            loss = naive_nt_xent(z_a, z_b, args.temperature)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            steps += 1
+            elapsed = time.perf_counter() - start
+            if args.progress and steps % 20 == 0:
+                print(
+                    f"  plain loop: step {steps}, {elapsed:.0f}s, loss {losses[-1]:.4f}", flush=True
+                )
+            if elapsed >= args.budget:
+                break
+    return {"steps": steps, "train_s": elapsed, "final_loss": statistics.mean(losses[-10:])}
+
+
+def knn_top1(args: argparse.Namespace, backbone: torch.nn.Module, device: torch.device) -> float:
+    """kNN top-1 on --test-data with the un-augmented --data split as memory bank."""
+    from fastclr.pipelines import make_loader
+
+    from fastclr.eval import extract_features, knn_accuracy
+
+    common = dict(batch_size=256, size=args.size, device="cpu", num_threads=args.workers)
+    feats = []
+    for root in (args.data, args.test_data):
+        with make_loader(backend="auto", eval=True, root=str(root), **common) as loader:
+            feats.append(extract_features(backbone, loader, device))
+    (bank, bank_y), (test, test_y) = feats
+    return knn_accuracy(bank, bank_y, test, test_y, k=200, temperature=0.1)
+
+
+def run_baseline(args: argparse.Namespace) -> list[dict]:
+    from fastclr.models import SimCLRModel
+    from fastclr.train.dist import DistInfo, resolve_device
+    from fastclr.train.trainer import Trainer, build_train_loader
+
+    if args.test_data is None:
+        raise SystemExit("--baseline needs --test-data (the kNN monitor's held-out split)")
+    device = resolve_device(args.device)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    env = environment(device)
+    rows = []
+
+    # The same initial weights for both (fastclr's build_model seeds with run.seed the same way).
+    torch.manual_seed(args.seed)
+    model = SimCLRModel(
+        args.arch,
+        cifar_stem=args.cifar_stem,
+        width=args.width,
+        proj_layers=args.proj_layers,
+        proj_dim=args.proj_dim,
+    ).to(device)
+    knn_init = knn_top1(args, model.backbone, device)
+    print(f"random-init encoder: kNN top-1 {100 * knn_init:.2f}%", flush=True)
+
+    if "plain" in args.runs:
+        print(f"plain PyTorch loop for {args.budget:.0f}s ...", flush=True)
+        plain = plain_loop(args, model)
+        knn = knn_top1(args, model.backbone, device)
+        rows.append(baseline_row(env, args, "plain-pytorch", plain, knn_init, knn))
+
+    if "fastclr" in args.runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            # Pick the number of epochs that fits the budget from a short throughput probe.
+            probe_cfg = make_config(args, Path(tmp) / "probe")
+            loader = build_train_loader(probe_cfg, info, torch.float32)
+            try:
+                n_train = len(loader) * args.batch_size
+                times = time_steps(probe_cfg, loader, args.probe_steps, warmup=2)
+            finally:
+                loader.close()
+            step_s = statistics.median(sum(parts) for parts in zip(*times.values(), strict=True))
+            epochs = max(1, int(args.budget * args.budget_fill / (step_s * len(loader))))
+            print(
+                f"fastclr: probe {args.batch_size / step_s:.0f} images/s -> {epochs} epochs "
+                f"of {n_train} images for a {args.budget:.0f}s budget",
+                flush=True,
+            )
+            cfg = make_config(args, Path(tmp) / "run", epochs=epochs)
+            cfg.validate()
+            trainer = Trainer(cfg, info)
+            trainer.setup()
+            try:
+                start = time.perf_counter()
+                result = trainer.fit()
+                train_s = time.perf_counter() - start
+            finally:
+                trainer.loader.close()
+            knn = knn_top1(args, trainer.model.backbone, device)
+            fast = {
+                "steps": result["step"],
+                "train_s": train_s,
+                "final_loss": statistics.mean(result["losses"][-10:]),
+            }
+            rows.append(baseline_row(env, args, "fastclr", fast, knn_init, knn))
+
+    cols = [
+        "run",
+        "train_s",
+        "steps",
+        "images_per_s",
+        "final_loss",
+        "knn_init",
+        "knn_final",
+        "knn_gain",
+    ]
+    print(" ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]!s:>12}" for c in cols))
+    return rows
+
+
+def baseline_row(env, args, run: str, r: dict, knn_init: float, knn: float) -> dict:
+    return {
+        **env,
+        "run": run,
+        "arch": f"{args.arch}/w{args.width or 'std'}",
+        "data": str(args.data),
+        "batch_size": args.batch_size,
+        "budget_s": args.budget,
+        "train_s": round(r["train_s"], 1),
+        "steps": r["steps"],
+        "images_per_s": round(r["steps"] * args.batch_size / r["train_s"], 1),
+        "final_loss": round(r["final_loss"], 4),
+        "knn_init": round(100 * knn_init, 2),
+        "knn_final": round(100 * knn, 2),
+        "knn_gain": round(100 * (knn - knn_init), 2),
+        "seed": args.seed,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fastclr bench train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data", type=Path, help="ImageFolder training images (default: synthetic JPEGs)"
+    )
+    p.add_argument("--test-data", type=Path, help="held-out ImageFolder images (kNN, --baseline)")
+    p.add_argument("--baseline", action="store_true", help="plain PyTorch loop vs fastclr")
+    p.add_argument("--runs", default="plain,fastclr", help="with --baseline: which runs")
+    p.add_argument(
+        "--budget", type=float, default=540.0, help="training seconds per --baseline run"
+    )
+    p.add_argument(
+        "--budget-fill",
+        type=float,
+        default=0.95,
+        help="fraction of the budget fastclr's epoch count is sized for (from its probe speed)",
+    )
+    p.add_argument("--probe-steps", type=int, default=6, help="timed steps of fastclr's probe")
+    p.add_argument("--arch", default="cnn7", help="backbone (fastclr.models.ARCHS)")
+    p.add_argument("--width", type=int, help="backbone base width (default: the arch's)")
+    p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--proj-layers", type=int, default=2)
+    p.add_argument("--proj-dim", type=int, default=128)
+    p.add_argument("--size", type=int, default=32, help="crop side in pixels")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--color-strength", type=float, default=0.5)
+    p.add_argument("--min-scale", type=float, default=0.2, help="smallest random-crop area")
+    p.add_argument("--lr", type=float, default=1.0, help="fastclr LARS base lr (x B/256)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="fastclr lr warm-up")
+    p.add_argument("--baseline-lr", type=float, default=0.06, help="plain loop SGD lr (x B/256)")
+    p.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--backends", default="dali,torch", help="split: loaders to compare")
+    p.add_argument("--impls", default="reference,torch", help="split: loss impls to compare")
+    p.add_argument("--steps", type=int, default=10, help="split: timed steps per combination")
+    p.add_argument("--warmup", type=int, default=3, help="split: untimed steps first")
+    p.add_argument("--images", type=int, default=1024, help="synthetic images without --data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--csv", type=Path, help="CSV to append to (default: bench/results/...)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    """Run the benchmark; returns the result rows (also printed and appended to the CSV)."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.data is None:
+            if args.baseline:
+                raise SystemExit("--baseline needs --data and --test-data")
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            args.data = synthetic_data(tmp, args.images)
+        if not Path(args.data).is_dir():
+            raise SystemExit(f"--data {args.data}: not a directory")
+        rows = run_baseline(args) if args.baseline else run_split(args)
+    name = "bench_train_baseline.csv" if args.baseline else "bench_train.csv"
+    if rows:
+        append_csv(args.csv or RESULTS / name, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
