@@ -241,7 +241,7 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def plain_loop(args: argparse.Namespace, model: torch.nn.Module) -> dict:
+def plain_loop(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> dict:
     """Train ``model`` the way a minimal SimCLR script does, for ``args.budget`` seconds."""
     from fastclr.pipelines import IMAGENET_MEAN, IMAGENET_STD
     from torchvision import transforms as T
@@ -278,7 +278,7 @@ def plain_loop(args: argparse.Namespace, model: torch.nn.Module) -> dict:
                 group["lr"] = (
                     base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / args.budget)))
                 )
-            _, z = model(torch.cat([view_a, view_b]))
+            _, z = model(torch.cat([view_a, view_b]).to(device))
             z_a, z_b = z.chunk(2)
             loss = naive_nt_xent(z_a, z_b, args.temperature)
             optimizer.zero_grad()
@@ -337,7 +337,7 @@ def run_baseline(args: argparse.Namespace) -> list[dict]:
 
     if "plain" in args.runs:
         print(f"plain PyTorch loop for {args.budget:.0f}s ...", flush=True)
-        plain = plain_loop(args, model)
+        plain = plain_loop(args, model, device)
         knn = knn_top1(args, model.backbone, device)
         rows.append(baseline_row(env, args, "plain-pytorch", plain, knn_init, knn))
 
