@@ -1,0 +1,794 @@
+r"""Fused NT-Xent in Triton: in-kernel L2 normalisation, online-logsumexp forward, single-pass symmetric backward.
+
+Notation (as ``fastclr/losses/tiled.py``): z = [z_a; z_b] (A = 2N rows), z_hat_i = z_i / max(||z_i||, eps),
+S = z_hat cols^T with cols = z_hat (or the z_hat of every rank, local row i at column OFFSET + i), pos(i) = (i + N) mod A.
+
+    forward    lse_i = log sum_{j != i} exp(S_ij / tau),        L = 1/A * sum_i (lse_i - S_{i,pos(i)} / tau)
+    backward   dL/dz_hat_i = g/(A tau) * [ sum_{j != i} (P_ij + P_ji) cols_j - 2 z_hat_pos(i) ]
+               P_ij = exp(S_ij/tau - lse_i),   P_ji = exp(S_ij/tau - lse_j)             (S is symmetric)
+    chain      dL/dz_i = (dz_hat_i - z_hat_i <z_hat_i, dz_hat_i>) / ||z_i||       (dz_hat_i / eps for clamped rows)
+
+The trick that makes it cheap: S is symmetric, so the row block i of S alone yields the whole gradient of rows i
+(the P_ji term needs only lse_j, saved by the forward): no transpose pass, no atomics, and forward + backward cost three
+(2N)x(2N)xD GEMMs (S forward, S again and W @ cols backward). The (2N)x(2N) matrix never exists in memory.
+
+Launches (two each way):
+    forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,)
+               _nt_xent_fwd_kernel        row blocks x all column blocks: online logsumexp in fp32 -> per-row stats
+                                          (m_i, log l_i), the positive picked from the same S tiles, and the mean loss,
+                                          reduced in a fixed order by the last program to finish (no host sync)
+    backward   _nt_xent_bwd_kernel        row blocks (x output D chunks): acc_i = sum_j W_ij cols_j with
+                                          W_ij = g P_ij + g_j P_ji - 2 g [j = pos(i)], W_ii = 0
+               _nt_xent_norm_bwd_kernel   dz_hat = acc / (A tau), then the chain through the normalisation
+
+Exponentials are base 2 (``exp2`` is the native instruction): QK_SCALE = log2(e)/tau. Every exponent is a difference of
+cosines times QK_SCALE, never a difference of two numbers of size 1/tau (see _nt_xent_fwd_kernel).
+For D up to MAX_BLOCK_D the whole row fits one block and every MAC is useful; above it the forward loops over D, and the
+backward splits the output D into chunks of MAX_BLOCK_D and recomputes S per chunk (see ``executed_macs``).
+Under TRITON_INTERPRET=1 the INTERPRETER constexpr upcasts dot operands to fp32 (the interpreter's bf16 dot returns
+garbage, its fp32 dot is exact) and rounds fp32 -> bf16 to nearest even by hand (its cast truncates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastclr.losses import distributed as dist_utils
+from fastclr.losses.tiled import EPS, SHIFT_MIN_TEMPERATURE
+
+LOG2E = math.log2(math.e)
+# Globals read inside @triton.jit must be constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
+MAX_BLOCK_D = (
+    256  # widest D kept in one block; the backward accumulator is BLOCK_M x MAX_BLOCK_D fp32
+)
+CHUNK_BLOCK_D = 64  # D step of the forward / logits loop when D > MAX_BLOCK_D
+ELEMENTWISE_BLOCK_R = 32  # rows per program of the two memory-bound normalisation kernels
+PRECISIONS = ("tf32", "ieee")
+_TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 x -> DTYPE, rounded to nearest even (what the GPU's cvt.rn does)."""
+    if INTERPRETER and DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr, not a constant)
+        # The interpreter's fp32 -> bf16 cast truncates: round on the bits first (ties to even), then the cast is exact.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _load_rows(ptr, idx, idx_ok, d0, D, BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr):
+    """(len(idx), BLOCK_D) tile of a row-major (rows, D) buffer, zero outside; fp32 only under the interpreter."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    tile = tl.load(
+        ptr + idx[:, None].to(tl.int64) * D + offs_d[None, :],
+        mask=idx_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    if INTERPRETER:
+        # The interpreter's tl.dot on bf16/fp16 returns garbage, its fp32 dot is exact: upcast the (already rounded)
+        # operands so the interpreter computes what the tensor cores compute up to the accumulation order.
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _logits_tile(
+    zhat_ptr,
+    cols_ptr,
+    q,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_BLOCKS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """S for rows x cols, (BLOCK_M, BLOCK_N) fp32. With D_BLOCKS == 1 the row tile q is preloaded by the caller."""
+    if D_BLOCKS == 1:
+        k = _load_rows(cols_ptr, cols, col_ok, 0, D, BLOCK_D, INTERPRETER)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D_BLOCKS * BLOCK_D, BLOCK_D):
+            q_d = _load_rows(zhat_ptr, rows, row_ok, d0, D, BLOCK_D, INTERPRETER)
+            k_d = _load_rows(cols_ptr, cols, col_ok, d0, D, BLOCK_D, INTERPRETER)
+            s = tl.dot(q_d, tl.trans(k_d), s, input_precision=INPUT_PRECISION)
+    return s
+
+
+@triton.jit
+def _nt_xent_norm_fwd_kernel(
+    za_ptr,
+    zb_ptr,
+    zhat_ptr,
+    norm_ptr,
+    count_ptr,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    EPS_: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Rows r of z_a and of z_b -> z_hat rows r and N + r (input dtype) and their norms max(||z||, eps) (fp32)."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        # The forward kernel's arrival counter starts at zero (stream order puts this store before that launch).
+        tl.store(count_ptr, 0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < N
+    ra = za_ptr + r[:, None].to(tl.int64) * stride_a
+    rb = zb_ptr + r[:, None].to(tl.int64) * stride_b
+    ssa = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    ssb = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (offs[None, :] < D)
+        a = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        ssa += tl.sum(a * a, 1)
+        ssb += tl.sum(b * b, 1)
+    # F.normalize semantics: divide by max(||z||, eps), so zero rows stay zero.
+    na = tl.maximum(tl.sqrt(ssa), EPS_)
+    nb = tl.maximum(tl.sqrt(ssb), EPS_)
+    out_a = zhat_ptr + r[:, None].to(tl.int64) * D
+    out_b = zhat_ptr + (N + r[:, None]).to(tl.int64) * D
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (offs[None, :] < D)
+        a = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(
+            out_a + offs[None, :],
+            _round_to(a / na[:, None], zhat_ptr.dtype.element_ty, INTERPRETER),
+            mask=m,
+        )
+        tl.store(
+            out_b + offs[None, :],
+            _round_to(b / nb[:, None], zhat_ptr.dtype.element_ty, INTERPRETER),
+            mask=m,
+        )
+    tl.store(norm_ptr + r, na, mask=ok)
+    tl.store(norm_ptr + N + r, nb, mask=ok)
+
+
+@triton.jit
+def _nt_xent_fwd_kernel(
+    zhat_ptr,
+    cols_ptr,
+    stats_ptr,
+    partial_ptr,
+    count_ptr,
+    loss_ptr,
+    A,
+    M,
+    D,
+    OFFSET,
+    QK_SCALE,
+    inv_t,
+    inv_a,
+    SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_BLOCKS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One program per BLOCK_M rows: the logsumexp over all M columns (diagonal masked), the positive logit picked from
+    the same S tiles, the per-row loss, and the fixed-order mean.
+
+    Writes stats_ptr[i] = (m_i, log l_i) with lse_i = m_i/tau + log l_i: m_i the row max of S in cosine units (1 on the
+    fixed-shift path), l_i = sum_{j != i} exp((S_ij - m_i)/tau). Every exponent, here and in the backward, is then a
+    difference of cosines scaled by 1/tau, never a difference of two numbers of size 1/tau (at tau = 0.01 that alone
+    would cost fp32 ~1e-5 absolute, on a gradient that can be ~0).
+    """
+    tl.static_assert(
+        BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
+    )
+    tl.static_assert(D_BLOCKS >= 1)
+    pid = tl.program_id(0)
+    n = A // 2
+    r0 = pid * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, A)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < A
+    q = rows  # placeholder; the row tile is preloaded only when all of D fits one block
+    if D_BLOCKS == 1:
+        q = _load_rows(zhat_ptr, rows, row_ok, 0, D, BLOCK_D, INTERPRETER)
+    diag = rows + OFFSET
+    pos_col = OFFSET + tl.where(rows < n, rows + n, rows - n)
+    # The positive columns of this row block form at most two runs, [lo_a, hi_a) and [lo_b, hi_b) (local indices).
+    lo_a = r0 + n
+    hi_a = tl.minimum(r1, n) + n
+    lo_b = tl.maximum(r0, n) - n
+    hi_b = r1 - n
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of S (cosine units)
+    s_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        s = _logits_tile(
+            zhat_ptr, cols_ptr, q, rows, row_ok, cols, col_ok, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+        )  # fmt: skip
+        c0 = start_n - OFFSET
+        c1 = c0 + BLOCK_N
+        if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
+            # Only the (at most two) tiles holding positives pay for the select; the positive comes from the very S
+            # that enters the logsumexp, so identical rows give exactly log(A - 1).
+            s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
+        valid = col_ok[None, :] & (cols[None, :] != diag[:, None])
+        if SHIFT:
+            # |S| <= 1, so (S - 1)/tau <= 0 (up to rounding): the fixed shift 1/tau replaces the running max and exp
+            # cannot overflow; for tau >= SHIFT_MIN_TEMPERATURE the smallest term exp(-2/tau) is a normal fp32.
+            # QK_SCALE = log2(e)/tau turns exp into the native exp2.
+            p = tl.where(valid, tl.exp2((s - 1.0) * QK_SCALE), 0.0)
+            l_i += tl.sum(p, 1)
+        else:
+            # Online logsumexp: rescale the running sum when the running max grows.
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A tile can hold only masked columns for a row; subtract 0 then so that -inf - -inf never makes NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2((m_i - m_safe) * QK_SCALE) + tl.sum(
+                tl.exp2((s - m_safe[:, None]) * QK_SCALE), 1
+            )
+            m_i = m_new
+    if SHIFT:
+        m_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    log_l = tl.log(l_i)
+    tl.store(stats_ptr + 2 * rows, m_i, mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, log_l, mask=row_ok)
+    # loss_i = lse_i - S_pos/tau = log l_i + (m_i - S_pos)/tau
+    row_loss = tl.where(row_ok, log_l + (m_i - s_pos) * inv_t, 0.0)
+    tl.store(partial_ptr + pid, tl.sum(row_loss, 0))
+    # Mean without a host sync, deterministic: every program publishes its partial sum, the last one to arrive adds
+    # them in program order. The barrier orders all threads' stores before the (acq_rel) ticket.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr, 1)
+    n_prog = tl.num_programs(0)
+    if ticket == n_prog - 1:
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, n_prog, BLOCK_R):
+            k = k0 + tl.arange(0, BLOCK_R)
+            # .cg reads L2, where the other programs' partials are, never a stale L1 line.
+            total += tl.load(partial_ptr + k, mask=k < n_prog, other=0.0, cache_modifier=".cg")
+        tl.store(
+            loss_ptr, _round_to(tl.sum(total, 0) * inv_a, loss_ptr.dtype.element_ty, INTERPRETER)
+        )
+        tl.store(
+            count_ptr, 0
+        )  # re-armed, so a re-run of this launch alone (autotuning) reduces correctly too
+
+
+@triton.jit
+def _nt_xent_bwd_kernel(
+    zhat_ptr,
+    cols_ptr,
+    stats_ptr,
+    stats_cols_ptr,
+    g_ptr,
+    g_cols_ptr,
+    acc_ptr,
+    A,
+    M,
+    D,
+    OFFSET,
+    QK_SCALE,
+    SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_BLOCKS: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Program (row block, output D chunk): acc_i = sum_{j != i} (g P_ij + g_j P_ji - 2 g [j = pos(i)]) cols_j, fp32
+    (A, D), no atomics. With the forward's stats (m, log l): P_ij = exp((S_ij - m_i)/tau - log l_i).
+    """
+    tl.static_assert(
+        BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
+    )
+    tl.static_assert(
+        D_BLOCKS > 1 or BLOCK_DO == BLOCK_D,
+        "one D block: the logits tile doubles as the W @ cols operand",
+    )
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < A
+    q = rows  # placeholder; the row tile is preloaded only when all of D fits one block
+    if D_BLOCKS == 1:
+        q = _load_rows(zhat_ptr, rows, row_ok, 0, D, BLOCK_D, INTERPRETER)
+    diag = rows + OFFSET
+    n = A // 2
+    r0 = pid_m * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, A)
+    pos_col = OFFSET + tl.where(rows < n, rows + n, rows - n)
+    lo_a = r0 + n
+    hi_a = tl.minimum(r1, n) + n
+    lo_b = tl.maximum(r0, n) - n
+    hi_b = r1 - n
+    g = tl.load(g_ptr).to(tl.float32)
+    m_i = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
+    log2_l_i = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0) * _LOG2E
+    u_i = log2_l_i  # placeholder; only the shift form uses u
+    if SHIFT:
+        # m = 1 for every row: P_ij = exp2(t_ij) * exp2(-log2 l_i) with t = (S - 1) log2(e)/tau <= 0, so
+        # W_ij = exp2(t_ij) * (u_i + u_j) with u = g * exp2(-log2 l): one exponential per element instead of two.
+        u_i = g * tl.exp2(-log2_l_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        m_j = tl.load(stats_cols_ptr + 2 * cols, mask=col_ok, other=0.0)
+        log2_l_j = tl.load(stats_cols_ptr + 2 * cols + 1, mask=col_ok, other=0.0) * _LOG2E
+        # Column j belongs to rank j // A: weight its P_ji by that rank's upstream gradient (g itself when local).
+        g_j = tl.load(g_cols_ptr + cols // A, mask=col_ok, other=0.0).to(tl.float32)
+        if D_BLOCKS == 1:
+            k = _load_rows(cols_ptr, cols, col_ok, 0, D, BLOCK_D, INTERPRETER)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        else:
+            s = _logits_tile(
+                zhat_ptr, cols_ptr, q, rows, row_ok, cols, col_ok, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
+            k = _load_rows(cols_ptr, cols, col_ok, pid_d * BLOCK_DO, D, BLOCK_DO, INTERPRETER)
+        if SHIFT:
+            u_j = g_j * tl.exp2(-log2_l_j)
+            w = tl.exp2((s - 1.0) * QK_SCALE) * (u_i[:, None] + u_j[None, :])
+        else:
+            w = g * tl.exp2((s - m_i[:, None]) * QK_SCALE - log2_l_i[:, None])
+            w += g_j[None, :] * tl.exp2((s - m_j[None, :]) * QK_SCALE - log2_l_j[None, :])
+        valid = col_ok[None, :] & (cols[None, :] != diag[:, None])
+        w = tl.where(valid, w, 0.0)
+        c0 = start_n - OFFSET
+        c1 = c0 + BLOCK_N
+        if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
+            # The positive's -2g joins W here, in fp32: W_pos = g (P_ij + P_ji) tends to 2g as the pair gets confident,
+            # and subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
+            w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w)
+        # W goes through the tensor cores in the input dtype (rounding it like the GPU does, also when interpreting).
+        w = _round_to(w, cols_ptr.dtype.element_ty, INTERPRETER)
+        if INTERPRETER:
+            w = w.to(tl.float32)
+        acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out = acc_ptr + rows[:, None].to(tl.int64) * D + offs_o[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & (offs_o[None, :] < D))
+
+
+@triton.jit
+def _nt_xent_norm_bwd_kernel(
+    za_ptr,
+    zb_ptr,
+    norm_ptr,
+    acc_ptr,
+    dza_ptr,
+    dzb_ptr,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    grad_scale,
+    EPS_: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Rows r and N + r: dz_hat = grad_scale * acc, then the chain rule through the normalisation.
+
+    z_hat is recomputed in fp32 from the raw rows and the saved norms, so the projection is as exact as the input.
+    """
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < N
+    na = tl.load(norm_ptr + r, mask=ok, other=1.0)
+    nb = tl.load(norm_ptr + N + r, mask=ok, other=1.0)
+    ra = za_ptr + r[:, None].to(tl.int64) * stride_a
+    rb = zb_ptr + r[:, None].to(tl.int64) * stride_b
+    acc_a = acc_ptr + r[:, None].to(tl.int64) * D
+    acc_b = acc_ptr + (N + r[:, None]).to(tl.int64) * D
+    rad_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    rad_b = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (offs[None, :] < D)
+        ha = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32) / na[:, None]
+        hb = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32) / nb[:, None]
+        dha = grad_scale * tl.load(acc_a + offs[None, :], mask=m, other=0.0)
+        dhb = grad_scale * tl.load(acc_b + offs[None, :], mask=m, other=0.0)
+        rad_a += tl.sum(ha * dha, 1)
+        rad_b += tl.sum(hb * dhb, 1)
+    # Clamped rows (norm == eps) have z_hat = z / eps, whose Jacobian is I / eps: no radial projection.
+    rad_a = tl.where(na <= EPS_, 0.0, rad_a)
+    rad_b = tl.where(nb <= EPS_, 0.0, rad_b)
+    out_a = dza_ptr + r[:, None].to(tl.int64) * D
+    out_b = dzb_ptr + r[:, None].to(tl.int64) * D
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (offs[None, :] < D)
+        ha = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32) / na[:, None]
+        hb = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32) / nb[:, None]
+        dha = grad_scale * tl.load(acc_a + offs[None, :], mask=m, other=0.0)
+        dhb = grad_scale * tl.load(acc_b + offs[None, :], mask=m, other=0.0)
+        dza = (dha - ha * rad_a[:, None]) / na[:, None]
+        dzb = (dhb - hb * rad_b[:, None]) / nb[:, None]
+        tl.store(
+            out_a + offs[None, :], _round_to(dza, dza_ptr.dtype.element_ty, INTERPRETER), mask=m
+        )
+        tl.store(
+            out_b + offs[None, :], _round_to(dzb, dzb_ptr.dtype.element_ty, INTERPRETER), mask=m
+        )
+
+
+# Fixed when the kernels above were decorated: TRITON_INTERPRET=1 at import made them interpreted functions.
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of the two GEMM kernels; ``name`` is how benchmarks select it."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"BM{self.block_m}_BN{self.block_n}_W{self.num_warps}_S{self.num_stages}"
+
+
+# Pruned by hand: 64/128-row blocks are what Hopper's wgmma (64 rows per warpgroup) and Ampere's mma.sync tile well;
+# 128x128 only where the backward accumulator leaves registers for it (see ``candidate_configs``).
+CONFIGS = {
+    c.name: c
+    for c in (
+        KernelConfig(128, 64, 8, 3),
+        KernelConfig(128, 128, 8, 2),
+        KernelConfig(64, 64, 4, 3),
+        KernelConfig(64, 128, 4, 3),
+        KernelConfig(64, 32, 4, 2),
+        KernelConfig(32, 32, 4, 2),
+    )
+}
+DEFAULT_CONFIG = "BM128_BN64_W8_S3"
+KERNELS = ("fwd", "bwd")
+
+
+def list_configs() -> list[str]:
+    """Names accepted by ``config=`` of ``nt_xent_triton`` / ``nt_xent_forward`` / ``nt_xent_backward``."""
+    return list(CONFIGS)
+
+
+class BlockD(NamedTuple):
+    """How D is tiled: BLOCK_D (logits loop step), D_BLOCKS (its trip count), BLOCK_DO (backward output chunk)."""
+
+    block_d: int
+    d_blocks: int
+    block_do: int
+
+
+def d_tiling(d: int) -> BlockD:
+    """D <= MAX_BLOCK_D: one power-of-two block (>= 16, tl.dot's minimum). Larger D: a loop of CHUNK_BLOCK_D steps and
+    backward output chunks of MAX_BLOCK_D."""
+    if d <= MAX_BLOCK_D:
+        block = max(16, triton.next_power_of_2(d))
+        return BlockD(block, 1, block)
+    return BlockD(CHUNK_BLOCK_D, triton.cdiv(d, CHUNK_BLOCK_D), MAX_BLOCK_D)
+
+
+def candidate_configs(kernel: str, a: int, d: int) -> list[KernelConfig]:
+    """The configs worth trying for this kernel and (2N, D), best guess first.
+
+    Blocks larger than the padded problem only add masked work; a 128-row backward keeps a 128 x BLOCK_DO fp32
+    accumulator, so with BLOCK_DO = 256 only 64-row blocks stay within 255 registers.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    tiling = d_tiling(d)
+    a_pad = max(32, triton.next_power_of_2(a))
+    keep = []
+    for c in CONFIGS.values():
+        if c.block_m > a_pad or c.block_n > a_pad:
+            continue
+        width = tiling.block_do if kernel == "bwd" else tiling.block_d
+        if width * c.block_m > 128 * 128 or (kernel == "bwd" and c.block_n * width > 128 * 128):
+            continue
+        keep.append(c)
+    return keep or [CONFIGS["BM32_BN32_W4_S2"]]
+
+
+def resolve_config(kernel: str, a: int, d: int, config: str | None) -> KernelConfig:
+    """A named config (checked against CONFIGS) or the first candidate for this size."""
+    if config is None:
+        return candidate_configs(kernel, a, d)[0]
+    if config not in CONFIGS:
+        raise ValueError(f"unknown kernel config {config!r}; choose one of {list_configs()}")
+    return CONFIGS[config]
+
+
+def executed_macs(
+    a: int, d: int, config: str | None = None, m: int | None = None
+) -> dict[str, int]:
+    """Multiply-accumulates the tensor cores execute (padding included), counted from grid x loop trips.
+
+    a = 2N local rows, m = candidate columns (a unless negatives are gathered). Returns {"fwd", "bwd", "total", "ideal",
+    "ratio"} with ideal = 3 m a d (the three-GEMM floor) and ratio = total / ideal.
+    """
+    m = a if m is None else m
+    tiling = d_tiling(d)
+    out = {}
+    for kernel in KERNELS:
+        cfg = resolve_config(kernel, a, d, config)
+        rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
+        cols = triton.cdiv(m, cfg.block_n) * cfg.block_n
+        logits = rows * cols * tiling.d_blocks * tiling.block_d
+        if kernel == "fwd":
+            out["fwd"] = logits
+        else:
+            chunks = triton.cdiv(d, tiling.block_do)
+            out["bwd"] = chunks * (logits + rows * cols * tiling.block_do)
+    out["total"] = out["fwd"] + out["bwd"]
+    out["ideal"] = 3 * m * a * d
+    out["ratio"] = out["total"] / out["ideal"]
+    return out
+
+
+def _autotuned(fn, kernel: str):
+    """Autotuning over the pruned candidates on a GPU, keyed on (2N, D) (and M for the distributed case)."""
+
+    def prune(configs, named_args, **kwargs):
+        names = {c.name for c in candidate_configs(kernel, named_args["A"], named_args["D"])}
+        return [c for c in configs if _config_name(c) in names]
+
+    configs = [
+        triton.Config(
+            {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in CONFIGS.values()
+    ]
+    return triton.autotune(
+        configs=configs, key=["A", "M", "D"], prune_configs_by={"early_config_prune": prune}
+    )(fn)
+
+
+def _config_name(c) -> str:
+    return KernelConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages).name
+
+
+_AUTOTUNED: dict[str, object] = {}
+
+
+def _launch(kernel: str, fn, grid_fn, a: int, d: int, config: str | None, **kwargs) -> None:
+    """Launch with a named config, the heuristic pick (interpreter), or autotuning (GPU, no config named)."""
+    if config is None and not INTERPRET:
+        if kernel not in _AUTOTUNED:
+            _AUTOTUNED[kernel] = _autotuned(fn, kernel)
+        _AUTOTUNED[kernel][grid_fn](**kwargs)
+        return
+    cfg = resolve_config(kernel, a, d, config)
+    meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+    fn[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Host functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ForwardState(NamedTuple):
+    """What the backward needs besides z_a, z_b (all O(A D) or O(A))."""
+
+    zhat: torch.Tensor  # (A, D) input dtype
+    norm: torch.Tensor  # (A,) fp32, max(||z||, eps)
+    stats: (
+        torch.Tensor
+    )  # (A, 2) fp32 (m_i, log l_i): lse_i = m_i / tau + log l_i (see _nt_xent_fwd_kernel)
+    cols: torch.Tensor  # (M, D) candidates (zhat itself unless gathered)
+    stats_cols: torch.Tensor  # (M, 2) fp32, the stats of every candidate column
+    offset: int  # column of local row 0
+
+
+def _check(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, precision: str) -> None:
+    if z_a.dtype not in _TL_DTYPES or z_b.dtype != z_a.dtype:
+        raise TypeError(
+            f"the triton kernel takes fp32/bf16/fp16 z_a and z_b of one dtype, got {z_a.dtype} and {z_b.dtype}"
+        )
+    if z_a.ndim != 2 or z_a.shape != z_b.shape or z_a.shape[0] == 0 or z_a.shape[1] == 0:
+        raise ValueError(
+            f"z_a and z_b must be non-empty (N, D) of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
+    if z_a.device != z_b.device:
+        raise ValueError(f"z_a and z_b are on different devices: {z_a.device} and {z_b.device}")
+    if z_a.device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"the triton kernel needs CUDA tensors (got {z_a.device}); set TRITON_INTERPRET=1 to interpret it on CPU"
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _unit_stride(z: torch.Tensor) -> torch.Tensor:
+    """Rows may be strided, elements within a row must be contiguous for vector loads."""
+    return z if z.stride(1) == 1 else z.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype, precision: str) -> str:
+    # Only fp32 has a choice (tf32 tensor cores or exact fp32 FMA); bf16/fp16 always multiply exactly into fp32.
+    return precision if dtype == torch.float32 else "ieee"
+
+
+def nt_xent_forward(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    group=None,
+    precision: str = "tf32",
+    config: str | None = None,
+) -> tuple[torch.Tensor, ForwardState]:
+    """Forward: z_a, z_b (N, D) raw embeddings -> (0-d loss in the input dtype, ForwardState). Two launches.
+
+    group: a torch.distributed process group whose ranks' rows are gathered as candidate columns, or None.
+    precision: "tf32" (default) or "ieee" for fp32 inputs' dot products. config: a name from ``list_configs()``.
+    """
+    _check(z_a, z_b, temperature, precision)
+    z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
+    n, d = z_a.shape
+    a = 2 * n
+    dev = z_a.device
+    zhat = torch.empty((a, d), dtype=z_a.dtype, device=dev)
+    norm = torch.empty(a, dtype=torch.float32, device=dev)
+    count = torch.empty(1, dtype=torch.int32, device=dev)
+    block_d = min(triton.next_power_of_2(d), 128)
+    _nt_xent_norm_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
+        za_ptr=z_a, zb_ptr=z_b, zhat_ptr=zhat, norm_ptr=norm, count_ptr=count, N=n, D=d,
+        stride_a=z_a.stride(0), stride_b=z_b.stride(0), EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=block_d,
+        INTERPRETER=INTERPRET,
+    )  # fmt: skip
+    cols, offset = zhat, 0
+    if group is not None:
+        cols, offset = dist_utils.all_gather_rows(zhat, group)
+    m = cols.shape[0]
+    stats = torch.empty((a, 2), dtype=torch.float32, device=dev)
+    max_programs = triton.cdiv(a, min(c.block_m for c in CONFIGS.values()))
+    partial = torch.empty(max_programs, dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=z_a.dtype, device=dev)
+    tiling = d_tiling(d)
+    _launch(
+        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]),), a, d, config,
+        zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, partial_ptr=partial, count_ptr=count, loss_ptr=loss,
+        A=a, M=m, D=d, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
+        SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
+        INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=128,
+    )  # fmt: skip
+    stats_cols = stats if group is None else dist_utils.all_gather_rows(stats, group)[0]
+    return loss, ForwardState(zhat, norm, stats, cols, stats_cols, offset)
+
+
+def nt_xent_backward(
+    grad_out: torch.Tensor,
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    state: ForwardState,
+    temperature: float = 0.5,
+    *,
+    group=None,
+    precision: str = "tf32",
+    config: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: upstream gradient (0-d) -> (dz_a, dz_b), each (N, D) in the input dtype. Two launches, no atomics.
+
+    With ``group`` every rank's upstream gradient is gathered (one scalar each) to weight the P_ji of its columns.
+    """
+    _check(z_a, z_b, temperature, precision)
+    z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
+    n, d = z_a.shape
+    a = 2 * n
+    m = state.cols.shape[0]
+    g = grad_out.reshape(1).to(torch.float32)
+    g_cols = g if group is None else dist_utils.all_gather_scalar(g, group)
+    acc = torch.empty((a, d), dtype=torch.float32, device=z_a.device)
+    tiling = d_tiling(d)
+    chunks = triton.cdiv(d, tiling.block_do)
+    _launch(
+        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks), a, d, config,
+        zhat_ptr=state.zhat, cols_ptr=state.cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
+        g_cols_ptr=g_cols, acc_ptr=acc, A=a, M=m, D=d, OFFSET=state.offset, QK_SCALE=LOG2E / temperature,
+        SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
+        BLOCK_DO=tiling.block_do, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
+    )  # fmt: skip
+    dz_a = torch.empty((n, d), dtype=z_a.dtype, device=z_a.device)
+    dz_b = torch.empty_like(dz_a)
+    _nt_xent_norm_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
+        za_ptr=z_a, zb_ptr=z_b, norm_ptr=state.norm, acc_ptr=acc, dza_ptr=dz_a, dzb_ptr=dz_b,
+        N=n, D=d, stride_a=z_a.stride(0), stride_b=z_b.stride(0), grad_scale=1.0 / (a * temperature),
+        EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=min(triton.next_power_of_2(d), 128),
+        INTERPRETER=INTERPRET,
+    )  # fmt: skip
+    return dz_a, dz_b
+
+
+class NTXentTritonFunction(torch.autograd.Function):
+    """Autograd glue: the forward saves z_a, z_b and the O(A D) state; the backward runs the two backward kernels."""
+
+    @staticmethod
+    def forward(ctx, z_a, z_b, temperature, group, precision, config):
+        loss, state = nt_xent_forward(
+            z_a, z_b, temperature, group=group, precision=precision, config=config
+        )
+        ctx.save_for_backward(
+            z_a, z_b, state.zhat, state.norm, state.stats, state.cols, state.stats_cols
+        )
+        ctx.meta = (temperature, state.offset, group, precision, config)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z_a, z_b, zhat, norm, stats, cols, stats_cols = ctx.saved_tensors
+        temperature, offset, group, precision, config = ctx.meta
+        state = ForwardState(zhat, norm, stats, cols, stats_cols, offset)
+        dz_a, dz_b = nt_xent_backward(
+            grad_out, z_a, z_b, state, temperature, group=group, precision=precision, config=config
+        )
+        return dz_a, dz_b, None, None, None, None
+
+
+def nt_xent_triton(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    group=None,
+    precision: str = "tf32",
+    config: str | None = None,
+) -> torch.Tensor:
+    """Fused NT-Xent with autograd. z_a, z_b: (N, D) fp32/bf16/fp16 CUDA tensors (CPU under TRITON_INTERPRET=1).
+
+    Args:
+        temperature: tau > 0.
+        group: torch.distributed process group to gather negatives from (see ``fastclr.losses.distributed``), or None.
+        precision: fp32 inputs only: "tf32" (tensor cores, ~1e-3 relative error on S) or "ieee" (exact fp32).
+        config: a kernel variant from ``list_configs()`` for both GEMM kernels; None autotunes on the GPU.
+
+    Returns:
+        0-d loss in the input dtype.
+    """
+    return NTXentTritonFunction.apply(z_a, z_b, float(temperature), group, precision, config)
