@@ -271,7 +271,7 @@ def _median_ms(seconds: Sequence[float]) -> float:
     return 1e3 * statistics.median(seconds)
 
 
-def _bench_rank(
+def measure_rank(
     rank: int,
     world_size: int,
     sizes: Sequence[int],
@@ -283,7 +283,11 @@ def _bench_rank(
     reps: int,
     device_type: str,
 ) -> list[dict]:
-    """One rank's measurements: a row per (impl, N) with forward/backward wall time and the communication inside each."""
+    """One rank's measurements, run inside a process group: a row per (impl, N), as described in ``run_world``.
+
+    Each rank holds (N, dim) embeddings z_a, z_b of its own (seeded by rank) and times ``nt_xent(...,
+    gather_distributed=True)`` forward and backward, with every collective inside timed by a ``CollectiveTimer``.
+    """
     import torch.distributed as dist
 
     from fastclr import nt_xent
@@ -400,7 +404,7 @@ def run_world(
         )
     env = {"TRITON_INTERPRET": "1"} if device == "cpu" and "triton" in impls else {}
     per_rank = spawn_world(
-        _bench_rank,
+        measure_rank,
         world_size,
         list(sizes),
         list(impls),

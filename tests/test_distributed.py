@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastclr.bench.bench_dist import spawn_world
+from fastclr.bench.bench_dist import main, measure_rank, run_world, spawn_world
 from torch import nn
 
 from fastclr import NTXentLoss, nt_xent
@@ -132,6 +132,11 @@ def world_worker(rank: int, world_size: int) -> dict:
     for impl in IMPLS:
         try:
             results[impl] = _checks_for_impl(rank, world_size, impl, singleton)
+            # The benchmark's accounting of the collectives, on a tiny size (one timed iteration).
+            (row,) = measure_rank(
+                rank, world_size, [N], [impl], D_OUT, TEMPERATURE, "float32", 0, 1, "cpu"
+            )
+            results[impl]["bench"] = row
         except Exception:
             results[impl] = {"error": traceback.format_exc()}
     return results
@@ -299,3 +304,63 @@ def test_gather_without_torch_distributed_raises(monkeypatch):
         NTXentLoss(gather_distributed=True)
     # Without the flag nothing asks for torch.distributed.
     assert torch.isfinite(nt_xent(z, z.flip(0), impl="torch"))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gathered_paths_communicate_rows_lse_and_one_scalar(world, impl):
+    """Forward: the shape check, the rows, per-row statistics; backward: one scalar per rank, nothing else."""
+    world_size, ranks = impl_results(world, impl)
+    f32, i64 = 4, 8
+    for rank, res in enumerate(ranks):
+        row = res["bench"]
+        assert (row["world_size"], row["rank"], row["impl"], row["n"]) == (
+            world_size,
+            rank,
+            impl,
+            N,
+        )
+        assert row["fwd_collectives"] == 3, row
+        # The shape check (2 int64), the normalised rows, then a per-row statistic or two (log-sum-exp; max and sum).
+        stats_bytes = row["fwd_comm_bytes"] - world_size * (2 * i64 + 2 * N * D_OUT * f32)
+        assert stats_bytes in (world_size * 2 * N * f32, world_size * 2 * N * 2 * f32), row
+        assert row["bwd_collectives"] == 1, row
+        assert row["bwd_comm_bytes"] == world_size * f32
+        assert 0 < row["comm_ms"] <= row["total_ms"]
+        assert row["loss_ms"] == pytest.approx(row["total_ms"] - row["comm_ms"])
+
+
+def test_reference_path_communicates_gradients_back(world):
+    """The reference gathers with autograd: its backward sends the (2N, D) row gradients back to their owners."""
+    world_size, ranks = impl_results(world, "reference")
+    for res in ranks:
+        row = res["bench"]
+        assert row["fwd_collectives"] == 2, row  # shape check, autograd all_gather
+        assert row["bwd_comm_bytes"] >= 2 * N * D_OUT * 4 * world_size, row
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(world_size=0, sizes=[4]), "world_size"),
+        (dict(world_size=2, sizes=[]), "sizes"),
+        (dict(world_size=2, sizes=[0]), "sizes"),
+        (dict(world_size=2, sizes=[4], impls=["fused"]), "impls"),
+        (dict(world_size=2, sizes=[4], dtype="int8"), "dtype"),
+        (dict(world_size=2, sizes=[4], device="tpu"), "device"),
+        (dict(world_size=2, sizes=[4], reps=0), "reps"),
+    ],
+)
+def test_run_world_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_world(**kwargs)
+
+
+@pytest.mark.slow
+def test_bench_main_writes_rows_for_every_rank(tmp_path, capsys):
+    csv_path = tmp_path / "loss_dist.csv"
+    argv = ["--world-size", "2", "--sizes", "4", "8", "--dim", "8", "--impls", "torch"]
+    rows = main([*argv, "--warmup", "0", "--reps", "2", "--csv", str(csv_path)])
+    assert sorted((r["rank"], r["n"]) for r in rows) == [(0, 4), (0, 8), (1, 4), (1, 8)]
+    assert "comm ms" in capsys.readouterr().out
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 1 + len(rows) and lines[0].startswith("date,device,torch")
