@@ -449,6 +449,8 @@ def append_csv(rows: Sequence[dict], path: Path, device: str) -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads_per_rank": 1,
+        # Timings from a shared machine are only comparable at a similar load.
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(meta) + list(rows[0])
