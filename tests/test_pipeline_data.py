@@ -1,0 +1,185 @@
+"""Data set listing, validation and per-epoch sharding (no DALI needed)."""
+
+import os
+
+import numpy as np
+import pytest
+from fastclr.pipelines.augment import SimCLRAugment
+from fastclr.pipelines.data import (
+    CorruptImageError,
+    augment_seed,
+    check_image,
+    epoch_indices,
+    list_images,
+    num_batches,
+    scan_images,
+    shard_size,
+)
+from PIL import Image
+
+
+def write_image(path, value=(200, 60, 90), side=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((side, side, 3), value, dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "data"
+    for cls, count in (("zebra", 2), ("ant", 3)):
+        for i in range(count):
+            write_image(root / cls / f"{i}.jpg")
+    write_image(root / "ant" / "nested" / "deep.png")
+    (root / "ant" / "notes.txt").write_text("not an image")
+    write_image(root / "ant" / ".hidden.jpg")
+    return root
+
+
+def test_folder_labels_match_class_folders(folder):
+    files, labels, classes = list_images(folder)
+    assert classes == ["ant", "zebra"]
+    assert len(files) == 6  # 3 + nested + 2; .txt and hidden files ignored
+    for path, label in zip(files, labels, strict=True):
+        assert os.path.relpath(path, folder).split(os.sep)[0] == classes[label]
+    assert files == sorted(files, key=lambda p: (labels[files.index(p)], p))
+
+
+def test_file_list_with_and_without_labels(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\ndata/zebra/0.jpg 4\n\ndata/ant/1.jpg 0\n")
+    files, labels, classes = list_images(listing)
+    assert files == [str(tmp_path / "data/zebra/0.jpg"), str(tmp_path / "data/ant/1.jpg")]
+    assert labels == [4, 0] and classes == ["0", "1", "2", "3", "4"]
+
+    listing.write_text("data/zebra/0.jpg\ndata/ant/1.jpg\n")
+    _, labels, classes = list_images(listing)
+    assert classes == ["ant", "zebra"] and labels == [1, 0]
+
+    listing.write_text("data/zebra/0.jpg 1\ndata/ant/1.jpg\n")
+    with pytest.raises(ValueError, match="label on every line or on none"):
+        list_images(listing)
+
+
+def test_missing_empty_and_imageless_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"no class folders in {empty}"):
+        list_images(empty)
+    (empty / "cls").mkdir()
+    (empty / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"no images found under {empty}"):
+        list_images(empty)
+    flat = tmp_path / "flat"
+    write_image(flat / "a.jpg")
+    with pytest.raises(ValueError, match="1 images lie directly in it"):
+        list_images(flat)
+    listing = tmp_path / "empty.txt"
+    listing.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="names no images"):
+        list_images(listing)
+
+
+def _bad_files(root):
+    """Each kind of bad file the up-front check must catch, with the reason it gives."""
+    good = write_image(root / "c" / "good.jpg").read_bytes()
+    (root / "c" / "empty.jpg").write_bytes(b"")
+    (root / "c" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "c" / "text.jpg").write_bytes(b"this is not an image at all")
+    png = write_image(root / "c" / "good.png").read_bytes()
+    (root / "c" / "truncated.png").write_bytes(png[:-20])
+    os.symlink(root / "missing-target.jpg", root / "c" / "dangling.jpg")
+    return {
+        "empty.jpg": "empty",
+        "truncated.jpg": "no JPEG end-of-image",
+        "text.jpg": "unrecognised header",
+        "truncated.png": "no PNG IEND",
+        "dangling.jpg": "cannot be read",
+    }
+
+
+def test_each_bad_file_is_named(tmp_path):
+    expected = _bad_files(tmp_path)
+    for name, reason in expected.items():
+        assert reason in check_image(tmp_path / "c" / name), name
+    assert check_image(tmp_path / "c" / "good.jpg") is None
+    assert check_image(tmp_path / "c" / "good.png") is None
+    with pytest.raises(CorruptImageError, match=r"c/dangling\.jpg cannot be read"):
+        list_images(tmp_path)
+
+
+def test_skip_counts_bad_files(tmp_path):
+    expected = _bad_files(tmp_path)
+    images = scan_images(tmp_path, on_corrupt="skip")
+    assert sorted(os.path.basename(p) for p in images.files) == ["good.jpg", "good.png"]
+    assert sorted(os.path.basename(p) for p, _ in images.skipped) == sorted(expected)
+    with pytest.raises(ValueError, match="on_corrupt"):
+        scan_images(tmp_path, on_corrupt="ignore")
+
+
+def test_all_files_bad_is_an_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="all 1 files were skipped"):
+        scan_images(tmp_path, on_corrupt="skip")
+
+
+@pytest.mark.parametrize("n", [61, 64])
+@pytest.mark.parametrize("last_batch", ["drop", "pad", "keep"])
+def test_shards_partition_each_epoch(n, last_batch):
+    num_shards, batch = 3, 4
+    parts = []
+    for shard in range(num_shards):
+        idx = epoch_indices(
+            n, batch, epoch=5, seed=1, shard_id=shard, num_shards=num_shards, last_batch=last_batch
+        )
+        assert len(idx) == num_batches(n, batch, num_shards, shard, last_batch) * batch
+        parts.append(
+            idx[: shard_size(n, num_shards, shard, last_batch)] if last_batch == "keep" else idx
+        )
+    flat = np.concatenate(parts)
+    if last_batch == "drop":  # whole batches only, no image twice
+        per_shard = (n // num_shards) // batch * batch
+        assert len(set(flat)) == len(flat) == per_shard * num_shards
+    elif last_batch == "keep":
+        assert sorted(flat) == list(range(n))  # every image exactly once
+    else:
+        assert set(flat) == set(range(n))  # every image, a few twice
+        assert len({len(p) for p in parts}) == 1
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    kw = dict(seed=3, shard_id=0, num_shards=1)
+    a = epoch_indices(100, 10, epoch=0, **kw)
+    assert np.array_equal(a, epoch_indices(100, 10, epoch=0, **kw))
+    assert not np.array_equal(a, epoch_indices(100, 10, epoch=1, **kw))
+    assert not np.array_equal(a, epoch_indices(100, 10, epoch=0, seed=4))
+    assert np.array_equal(epoch_indices(10, 5, epoch=0, seed=0, shuffle=False), np.arange(10))
+    assert augment_seed(0, 1, 0) != augment_seed(0, 1, 1) != augment_seed(0, 2, 1)
+
+
+def test_bad_sharding_arguments():
+    with pytest.raises(ValueError, match="yields no batch of 50"):
+        epoch_indices(60, 50, epoch=0, seed=0, num_shards=2)
+    with pytest.raises(ValueError, match="shard_id must be in"):
+        epoch_indices(60, 5, epoch=0, seed=0, shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="last_batch"):
+        epoch_indices(60, 5, epoch=0, seed=0, last_batch="partial")
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_indices(60, 0, epoch=0, seed=0)
+
+
+def test_augment_parameters_are_checked():
+    assert SimCLRAugment(224).blur_p == 0.5 and SimCLRAugment(32).blur_p == 0.0
+    assert SimCLRAugment(224).blur_kernel == 23 and SimCLRAugment(32).blur_kernel == 3
+    assert SimCLRAugment(224, color_strength=0.5).jitter == (0.4, 0.4, 0.4, 0.1)
+    with pytest.raises(ValueError, match="gray_p"):
+        SimCLRAugment(32, gray_p=1.5)
+    with pytest.raises(ValueError, match="crop_scale"):
+        SimCLRAugment(32, crop_scale=(0.9, 0.1))
+    with pytest.raises(ValueError, match="size"):
+        SimCLRAugment(0)
+    with pytest.raises(ValueError, match="color_strength"):
+        SimCLRAugment(32, color_strength=-1)
