@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastclr.bench.bench_dist import main, measure_rank, run_world, spawn_world
+from fastclr.bench.bench_dist import _skip_reason, main, measure_rank, run_world, spawn_world
 from torch import nn
 
 from fastclr import NTXentLoss, nt_xent
@@ -134,7 +134,7 @@ def world_worker(rank: int, world_size: int) -> dict:
             results[impl] = _checks_for_impl(rank, world_size, impl, singleton)
             # The benchmark's accounting of the collectives, on a tiny size (one timed iteration).
             (row,) = measure_rank(
-                rank, world_size, [N], [impl], D_OUT, TEMPERATURE, "float32", 0, 1, "cpu"
+                rank, world_size, [2 * N], [impl], D_OUT, TEMPERATURE, "float32", 0, 1, "cpu"
             )
             results[impl]["bench"] = row
         except Exception:
@@ -313,12 +313,13 @@ def test_gathered_paths_communicate_rows_lse_and_one_scalar(world, impl):
     f32, i64 = 4, 8
     for rank, res in enumerate(ranks):
         row = res["bench"]
-        assert (row["world_size"], row["rank"], row["impl"], row["n"]) == (
+        assert (row["world_size"], row["rank"], row["impl"], row["two_n"]) == (
             world_size,
             rank,
             impl,
-            N,
+            2 * N,
         )
+        assert (row["status"], row["reps"]) == ("ok", 1), row
         assert row["fwd_collectives"] == 3, row
         # The shape check (2 int64), the normalised rows, then a per-row statistic or two (log-sum-exp; max and sum).
         stats_bytes = row["fwd_comm_bytes"] - world_size * (2 * i64 + 2 * N * D_OUT * f32)
@@ -344,10 +345,12 @@ def test_reference_path_communicates_gradients_back(world):
         (dict(world_size=0, sizes=[4]), "world_size"),
         (dict(world_size=2, sizes=[]), "sizes"),
         (dict(world_size=2, sizes=[0]), "sizes"),
+        (dict(world_size=2, sizes=[7]), "even"),
         (dict(world_size=2, sizes=[4], impls=["fused"]), "impls"),
         (dict(world_size=2, sizes=[4], dtype="int8"), "dtype"),
         (dict(world_size=2, sizes=[4], device="tpu"), "device"),
         (dict(world_size=2, sizes=[4], reps=0), "reps"),
+        (dict(world_size=2, sizes=[4], budget_s=0), "budget_s"),
     ],
 )
 def test_run_world_rejects_bad_arguments(kwargs, match):
@@ -360,7 +363,17 @@ def test_bench_main_writes_rows_for_every_rank(tmp_path, capsys):
     csv_path = tmp_path / "loss_dist.csv"
     argv = ["--world-size", "2", "--sizes", "4", "8", "--dim", "8", "--impls", "torch"]
     rows = main([*argv, "--warmup", "0", "--reps", "2", "--csv", str(csv_path)])
-    assert sorted((r["rank"], r["n"]) for r in rows) == [(0, 4), (0, 8), (1, 4), (1, 8)]
+    assert sorted((r["rank"], r["two_n"]) for r in rows) == [(0, 4), (0, 8), (1, 4), (1, 8)]
     assert "comm ms" in capsys.readouterr().out
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 1 + len(rows) and lines[0].startswith("date,device,torch")
+
+
+def test_bench_skips_what_would_not_fit_or_finish():
+    # The reference's (2N, 2N*W) logits: 2N = 65536 on 2 ranks is ~128 GB; 2N = 512 is a few MB.
+    assert _skip_reason("reference", 65536, 2, None, 20.0, 4.0).startswith("skipped: ~128 GB")
+    assert _skip_reason("reference", 512, 2, None, 20.0, 4.0) == ""
+    assert _skip_reason("torch", 65536, 2, None, 20.0, 4.0) == ""  # tiled: nothing materialised
+    # 1 s at 2N = 1024 predicts 16 s at 4096 (within a 20 s budget) and 64 s at 8192 (not).
+    assert _skip_reason("torch", 4096, 2, (1024, 1.0), 20.0, 4.0) == ""
+    assert "predicted 64 s" in _skip_reason("torch", 8192, 2, (1024, 1.0), 20.0, 4.0)
