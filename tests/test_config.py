@@ -161,3 +161,10 @@ def test_mismatched_keys_ignore_run_control_only():
     b.model.width, b.loss.temperature = 32, 0.1
     assert a.mismatched_keys(b) == ["loss.temperature", "model.width"]
     assert all(k.split(".")[0] in SECTIONS for k in RESUME_FREE_KEYS)
+
+
+def test_data_flag_is_not_mistaken_for_the_data_section(tmp_path):
+    cfg = _parse(["--data", "imgs/train", "--test-data", "imgs/test"])
+    assert (cfg.data.data, cfg.data.test_data) == ("imgs/train", "imgs/test")
+    (tmp_path / "flat.toml").write_text('data = "x"\n[model]\narch = "cnn7"\n')
+    assert load_config(tmp_path / "flat.toml").data.data == "x"

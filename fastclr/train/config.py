@@ -211,7 +211,8 @@ class PretrainConfig:
         """Overlay values from a nested (``{"model": {"arch": ...}}``) or flat (``{"arch": ...}``) dict."""
         owner = _key_owner()
         for key, value in d.items():
-            if key in SECTIONS:
+            # "data" is both a section and a key in it: a table means the section, anything else the key.
+            if key in SECTIONS and (isinstance(value, dict) or key not in owner):
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: section [{key}] must be a table, got {value!r}")
                 for sub, v in value.items():

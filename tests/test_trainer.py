@@ -1,0 +1,253 @@
+"""End-to-end pretraining on generated JPEGs: learning, checkpoints, exact resume, signals, non-finite losses, DDP."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastclr.train.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.train.config import PretrainConfig
+from fastclr.train.trainer import TrainingError, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_image_folder(
+    root: Path, classes: int = 4, per_class: int = 16, size: int = 20, seed: int = 0
+) -> Path:
+    """ImageFolder of JPEGs: every image a distinct smooth colour layout (upsampled 4x4 noise) on a class tint."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        tint = rng.uniform(0, 255, size=3)
+        for i in range(per_class):
+            cells = np.clip(0.5 * tint + rng.uniform(0, 128, size=(4, 4, 3)), 0, 255).astype(
+                np.uint8
+            )
+            Image.fromarray(cells).resize((size, size), Image.BILINEAR).save(
+                folder / f"{i}.jpg", quality=90
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_image_folder(root / "train"), make_image_folder(root / "test", per_class=6, seed=1)
+
+
+def tiny_config(data, out, **run) -> PretrainConfig:
+    """cnn7 of width 8 at 16 px, 4 steps per epoch of batch 16, no kNN monitor: about a second per epoch on a CPU."""
+    cfg = PretrainConfig()
+    cfg.data.data = str(data[0])
+    cfg.data.size, cfg.data.workers, cfg.data.backend = 16, 1, "dali"
+    cfg.data.min_scale, cfg.data.color_strength = (
+        0.6,
+        0.1,
+    )  # gentle views: the loss drops within a few steps
+    cfg.model.arch, cfg.model.width, cfg.model.proj_dim = "cnn7", 8, 32
+    cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs = 16, 3, 0
+    cfg.optim.lr, cfg.optim.lr_scaling = 2.0, "none"
+    cfg.run.out, cfg.run.progress, cfg.run.knn_every, cfg.run.knn_k = str(out), False, 0, 10
+    for key, value in run.items():
+        setattr(cfg.run, key, value)
+    return cfg
+
+
+def test_loss_decreases_and_run_artifacts_are_written(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run")
+    cfg.data.test_data, cfg.optim.epochs = str(data[1]), 5
+    r = pretrain(cfg)
+    losses = r["losses"]
+    assert r["status"] == "completed" and len(losses) == r["step"] == 20
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+    ckpt = load_checkpoint(r["checkpoint"])
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (20, 5, 0)
+    assert PretrainConfig.from_dict(ckpt["config"]) == cfg
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
+    out = tmp_path / "run"
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 20
+    assert (out / "curves.png").stat().st_size > 0 and (out / "metrics.jsonl").exists()
+    assert (
+        PretrainConfig.from_dict(__import__("tomllib").loads((out / "config.toml").read_text()))
+        == cfg
+    )
+    assert 0 <= r["knn_init"] <= 1 and 0 <= r["knn_final"] <= 1
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
+        f"ckpt-{s:09d}.pt" for s in (12, 16, 20)
+    ]  # keep=3
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(data, tmp_path):
+    full = pretrain(tiny_config(data, tmp_path / "full"))
+    first = pretrain(
+        tiny_config(data, tmp_path / "cut", max_steps=6)
+    )  # stops mid-epoch 1 (batch 2 of 4)
+    assert first["status"] == "max_steps"
+    ckpt = load_checkpoint(first["checkpoint"])
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (6, 1, 2)
+    second = pretrain(tiny_config(data, tmp_path / "cut", resume="auto"))
+    assert second["status"] == "completed"
+    assert first["losses"] + second["losses"] == full["losses"]  # bit-identical, not approximately
+
+
+def test_resume_with_another_config_names_the_keys(data, tmp_path):
+    pretrain(tiny_config(data, tmp_path / "run", max_steps=2))
+    cfg = tiny_config(data, tmp_path / "run", resume="auto")
+    cfg.model.width, cfg.loss.temperature = 16, 0.2
+    with pytest.raises(
+        ValueError,
+        match=r"different config: loss\.temperature \(checkpoint 0\.5, now 0\.2\), model\.width",
+    ):
+        pretrain(cfg)
+    fresh = tiny_config(data, tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(fresh)  # never silently mixes two runs in one directory
+
+
+@pytest.fixture
+def nan_after(monkeypatch):
+    """Make the loss NaN from the given optimiser step on."""
+    from fastclr.losses import nt_xent
+
+    calls = {"n": 0, "from": None}
+    forward = nt_xent.NTXentLoss.forward
+
+    def patched(self, z_a, z_b):
+        loss = forward(self, z_a, z_b)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > calls["from"] else loss
+
+    monkeypatch.setattr(nt_xent.NTXentLoss, "forward", patched)
+    return calls
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint(data, tmp_path, nan_after):
+    nan_after["from"] = 5
+    cfg = tiny_config(data, tmp_path / "run")
+    with pytest.raises(
+        TrainingError,
+        match=r"non-finite loss \(nan\) at step 5 \(epoch 1, batch 1\); last good checkpoint: .*ckpt-000000004\.pt",
+    ):
+        pretrain(cfg)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "ckpt-000000004.pt"
+    ]
+
+
+def test_skip_nonfinite_counts_and_keeps_weights(data, tmp_path, nan_after):
+    nan_after["from"] = 10
+    r = pretrain(tiny_config(data, tmp_path / "run", skip_nonfinite=True))
+    assert r["status"] == "completed" and r["nonfinite_skipped"] == 2
+    assert all(np.isfinite(r["losses"][:10])) and not any(np.isfinite(r["losses"][10:]))
+    model = load_checkpoint(r["checkpoint"])["model"]
+    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subprocesses: signals and torchrun
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fastclr", *args]
+
+
+def _tiny_flags(data, out) -> list[str]:
+    """``tiny_config`` as command-line flags (with lr 1.0)."""
+    return [
+        "pretrain", "--data", str(data[0]), "--size", "16", "--workers", "1", "--arch", "cnn7", "--width", "8",
+        "--proj-dim", "32", "--batch-size", "16", "--warmup-epochs", "0", "--lr", "1.0", "--lr-scaling", "none",
+        "--knn-every", "0", "--no-progress", "--out", str(out), "--backend", "dali", "--min-scale", "0.6",
+        "--color-strength", "0.1",
+    ]  # fmt: skip
+
+
+def _run(cmd, timeout, **kwargs):
+    """Run in a new session and kill the whole process group whatever happens (never leaves workers behind)."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=REPO,
+        **kwargs,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, out
+
+
+def test_sigterm_mid_epoch_saves_a_loadable_checkpoint_and_exits_0(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = _cli(*_tiny_flags(data, out), "--epochs", "100")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=REPO,
+    )
+    try:
+        metrics = out / "metrics.csv"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    logged = len(metrics.read_text().splitlines()) - 1
+    ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    # saved at the step the signal interrupted, not at an earlier epoch end
+    assert ckpt["step"] == logged
+    assert (ckpt["epoch"], ckpt["batch"]) == divmod(ckpt["step"], 4)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    cfg = tiny_config(data, out, resume="auto", max_steps=ckpt["step"] + 2)
+    cfg.optim.epochs, cfg.optim.lr = 100, 1.0
+    resumed = pretrain(cfg)  # the same run, continued in this process
+    assert resumed["status"] == "max_steps" and len(resumed["losses"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_keep_parameters_identical(data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", "-m", "fastclr", *_tiny_flags(data, out), "--epochs", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code, output = _run(cmd, timeout=240, env=env)
+    assert code == 0, output
+    assert "2 process(es) on cpu" in output and "parameters identical on all 2 ranks" in output, (
+        output
+    )
+    ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    # 64 images, global batch 16 -> 8 per rank, 32 images per shard -> 4 steps per epoch
+    assert (ckpt["step"], ckpt["world_size"], len(ckpt["rng"])) == (8, 2, 2)
