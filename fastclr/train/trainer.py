@@ -315,7 +315,12 @@ class Trainer:
 
         self.autocast_dtype, use_scaler = resolve_precision(cfg.run.precision, info.device)
         loader_dtype = torch.float16 if self.autocast_dtype == torch.float16 else torch.float32
-        self.loader = build_train_loader(cfg, info, loader_dtype)
+        try:
+            self.loader = build_train_loader(cfg, info, loader_dtype)
+        except ValueError as e:  # e.g. fewer images than one batch, a corrupt file: say which settings met which data
+            raise ValueError(
+                f"--data {cfg.data.data}, --batch-size {cfg.optim.batch_size}: {e}"
+            ) from None
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(
