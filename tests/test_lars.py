@@ -158,3 +158,22 @@ def test_lars_is_exported_from_package_root():
     import fastclr
 
     assert fastclr.LARS is LARS
+
+
+def test_mixed_dtypes_in_one_group_match_numpy():
+    rng = np.random.default_rng(3)
+    w64, w32 = rng.standard_normal((4, 5)), rng.standard_normal((6,)).astype(np.float32)
+    p64 = torch.tensor(w64, requires_grad=True)
+    p32 = torch.tensor(w32, requires_grad=True)
+    opt = LARS([p64, p32], lr=0.5, momentum=0.9, weight_decay=1e-3)
+    v64, v32 = np.zeros_like(w64), np.zeros_like(w32, dtype=np.float64)
+    ref64, ref32 = w64.copy(), w32.astype(np.float64)
+    for _ in range(3):
+        g64, g32 = rng.standard_normal(w64.shape), rng.standard_normal(w32.shape)
+        p64.grad, p32.grad = torch.tensor(g64), torch.tensor(g32, dtype=torch.float32)
+        opt.step()
+        ref64, v64 = numpy_lars_step(ref64, g64, v64, 0.5, 0.9, 1e-3, 0.001, False)
+        ref32, v32 = numpy_lars_step(ref32, g32, v32, 0.5, 0.9, 1e-3, 0.001, False)
+    assert p32.dtype == torch.float32
+    assert_close(p64.detach().numpy(), ref64, "float64 parameter")
+    assert_close(p32.detach().double().numpy(), ref32, "float32 parameter", atol=1e-5, rtol=1e-5)

@@ -15,6 +15,8 @@ nor adaptation: ``v = m * v + lr * g``; ``w = w - v``.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import nn
 
@@ -63,34 +65,40 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            exclude = group["lars_exclude"]
+            # Multi-tensor (foreach) kernels per device and dtype: a handful of launches per group
+            # instead of ~10 per parameter, which dominates the optimiser step of a ResNet-50 on GPU.
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("LARS does not support sparse gradients")
-                g = p.grad
-                if exclude:
-                    scaled = g * lr
-                else:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    # torch.where keeps this on-device: no host sync for the zero-norm branches.
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["eta"] * w_norm / g_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    scaled = g * (trust * lr)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(momentum).add_(scaled)
-                p.sub_(buf)
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise TypeError("LARS does not support sparse gradients")
+                    buckets[(p.device, p.dtype)].append(p)
+            for params in buckets.values():
+                self._update(group, params)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, grads = group["lr"], [p.grad for p in params]
+        if group["lars_exclude"]:
+            updates = torch._foreach_mul(grads, lr)
+        else:
+            updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(updates))
+            # torch.where keeps this on-device: no host sync for the zero-norm branches.
+            trust = torch.where(
+                (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+            )
+            torch._foreach_mul_(updates, (trust * lr).unbind())
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, updates)
+        torch._foreach_sub_(params, bufs)
 
 
 def lars_param_groups(model: nn.Module, weight_decay: float = 1e-6) -> list[dict]:
