@@ -18,10 +18,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from fastclr.pipelines.base import EpochLoader
-from fastclr.pipelines.data import CorruptImageError, augment_seed
+from fastclr.pipelines.data import CorruptImageError, augment_seed, decode_error
 
-# DALI names the failing file in its decoder errors: "Failed to decode sample #3 : /path/x.jpg".
+# DALI's decoder errors name the file ("Failed to decode sample #3 : /path/x.jpg") or, when the
+# stream cannot even be parsed, name none ("nvImageCodec failure: '#3'"; that number is not the
+# sample's slot in the batch).
 _DECODE_ERROR = re.compile(r"Failed to decode sample #\d+ : (.+?)\s*$", re.MULTILINE)
+PREFETCH_DEPTH = 2
+# Batches that may be in flight when run() fails: this one, the pipeline's prefetched ones and
+# the one the file reader has read ahead.
+_IN_FLIGHT = PREFETCH_DEPTH + 2
 
 
 def dali_available() -> bool:
@@ -83,19 +89,34 @@ class DaliLoader(EpochLoader):
             num_threads=self.num_threads,
             device_id=self.device_id,
             seed=augment_seed(self.seed, epoch, self.shard_id),
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=PREFETCH_DEPTH,
         )
         pipe.build()
         return pipe
 
-    def _run(self, pipe):
+    def _run(self, pipe, batch: int, indices: np.ndarray):
         try:
             return pipe.run()
         except RuntimeError as e:
             match = _DECODE_ERROR.search(str(e))
             if match:
                 raise CorruptImageError(f"cannot decode image {match.group(1)}") from e
+            culprit = self._find_undecodable(batch, indices)
+            if culprit:
+                raise CorruptImageError(f"cannot decode image {culprit[0]} ({culprit[1]})") from e
             raise RuntimeError(f"DALI pipeline over {self.root} failed: {e}") from e
+
+    def _find_undecodable(self, batch: int, indices: np.ndarray):
+        """(path, reason) of a file in the batches in flight that PIL cannot decode either."""
+        nb, size = len(indices) // self.batch_size, self.batch_size
+        # Past the end of the epoch, the reader wraps around to its start.
+        in_flight = sorted({b % nb for b in range(batch, batch + _IN_FLIGHT)})
+        for b in in_flight:
+            for i in indices[b * size : (b + 1) * size]:
+                reason = decode_error(self.files[i])
+                if reason:
+                    return self.files[i], reason
+        return None
 
     def _to_torch(self, out) -> torch.Tensor:
         """Copy one DALI output batch into a torch tensor (DALI reuses its buffers)."""
@@ -118,7 +139,7 @@ class DaliLoader(EpochLoader):
         self.close()
         pipe = self._pipe = self._build(epoch, indices)
         for b in range(len(self)):
-            outputs = self._run(pipe)
+            outputs = self._run(pipe, b, indices)
             if b >= skip:
                 yield self._emit(outputs, min(self.batch_size, real - b * self.batch_size))
         self.close()

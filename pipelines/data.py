@@ -83,6 +83,18 @@ def check_image(path: str | os.PathLike) -> str | None:
     return "is not a supported image (unrecognised header; expected JPEG, PNG, BMP, WebP or TIFF)"
 
 
+def decode_error(path: str | os.PathLike) -> str | None:
+    """Fully decode an image with PIL (slow: for diagnosing a decoder failure); None if it decodes."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # PIL raises many types for bad data; each one means "bad file"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _check_policy(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
