@@ -120,12 +120,28 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastclr.train.config import config_from_args
     from fastclr.train.trainer import pretrain
 
-    if args.preset is None and args.config is None and getattr(args, "data", None) is None:
+    demo = getattr(args, "data", None) is None
+    if demo and args.preset is None and args.config is None:
         # The demo: the embedded digits want the small CPU recipe, not the ImageNet defaults.
         args.preset = "cpu-demo"
     cfg = config_from_args(args)
+    if demo and "out" not in vars(args) and cfg.run.resume is None:
+        cfg.run.out = _unused_run_dir(
+            cfg.run.out
+        )  # running the demo again starts a new run beside the old one
     result = pretrain(cfg)
     return 0 if result["status"] in ("completed", "stopped", "max_steps") else 1
+
+
+def _unused_run_dir(out: str) -> str:
+    """``out``, or ``out-2``, ``out-3``, ... : the first that holds no checkpoints yet."""
+    from fastclr.train.checkpoint import list_checkpoints
+
+    candidate, n = out, 1
+    while list_checkpoints(os.path.join(candidate, "checkpoints")):
+        n += 1
+        candidate = f"{out}-{n}"
+    return candidate
 
 
 def _knn(args: argparse.Namespace) -> int:

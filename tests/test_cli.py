@@ -257,3 +257,14 @@ def test_resume_with_a_different_config_names_the_keys(trained, data, capsys):
     assert (
         sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     )  # nothing written, nothing removed
+
+
+def test_demo_reruns_go_to_a_fresh_run_directory(tmp_path):
+    from fastclr.cli import _unused_run_dir
+
+    out = str(tmp_path / "cpu-demo")
+    assert _unused_run_dir(out) == out
+    for name in ("cpu-demo", "cpu-demo-2"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "ckpt-000000001.pt").write_bytes(b"")
+    assert _unused_run_dir(out) == out + "-3"
