@@ -171,7 +171,7 @@ def oracle(world_size: int, dtype: torch.dtype, weights: list[float]) -> dict:
 
 def assert_close(actual, expected, dtype, what):
     tol = TOLERANCES[dtype]
-    # torch.as_tensor would turn a Python float (a double) into float32.
+    # dtype given: torch.as_tensor would otherwise turn a Python float (a double) into float32.
     expected, actual = (torch.as_tensor(x, dtype=torch.float64) for x in (expected, actual))
     # Gradients near zero: scale the absolute tolerance to the tensor's magnitude.
     atol = tol["atol"] + tol["rtol"] * expected.abs().max().item()
