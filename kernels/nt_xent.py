@@ -50,7 +50,14 @@ MAX_BLOCK_D = (
     256  # widest D kept in one block; the backward accumulator is BLOCK_M x MAX_BLOCK_D fp32
 )
 CHUNK_BLOCK_D = 64  # D step of the forward / logits loop when D > MAX_BLOCK_D
-ELEMENTWISE_BLOCK_R = 32  # rows per program of the two memory-bound normalisation kernels
+CHUNK_BLOCK_DO = (
+    128  # backward output chunk when D > MAX_BLOCK_D (256 would spill next to the logits loop)
+)
+ELEMENTWISE_BLOCK_R = 16  # rows per program of the two memory-bound normalisation kernels
+ELEMENTWISE_BLOCK_D = (
+    64  # their D step: 16 x 64 tiles keep the six live tiles of the chain rule in registers
+)
+REDUCE_BLOCK = 128  # partial sums the forward's last program adds per step
 PRECISIONS = ("tf32", "ieee")
 _TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -72,12 +79,27 @@ def _round_to(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, idx, idx_ok, d0, D, BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr):
-    """(len(idx), BLOCK_D) tile of a row-major (rows, D) buffer, zero outside; fp32 only under the interpreter."""
+def _load_rows(
+    ptr,
+    row0,
+    n_rows,
+    d0,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """(BLOCK_R, BLOCK_D) tile at rows row0.., columns d0.. of a row-major (n_rows, D) buffer, zero outside.
+
+    The 64-bit part of the address is one scalar; in-tile offsets are int32 (BLOCK_R * D < 2^31), half the registers
+    of a tile of 64-bit pointers.
+    """
+    base = ptr + tl.cast(row0, tl.int64) * D
+    r = tl.arange(0, BLOCK_R)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     tile = tl.load(
-        ptr + idx[:, None].to(tl.int64) * D + offs_d[None, :],
-        mask=idx_ok[:, None] & (offs_d[None, :] < D),
+        base + (r[:, None] * D + offs_d[None, :]),
+        mask=((row0 + r)[:, None] < n_rows) & (offs_d[None, :] < D),
         other=0.0,
     )
     if INTERPRETER:
@@ -92,10 +114,10 @@ def _logits_tile(
     zhat_ptr,
     cols_ptr,
     q,
-    rows,
-    row_ok,
-    cols,
-    col_ok,
+    r0,
+    A,
+    c0,
+    M,
     D,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -104,15 +126,15 @@ def _logits_tile(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """S for rows x cols, (BLOCK_M, BLOCK_N) fp32. With D_BLOCKS == 1 the row tile q is preloaded by the caller."""
+    """S for rows r0.. x columns c0.., (BLOCK_M, BLOCK_N) fp32. With D_BLOCKS == 1 the row tile q is preloaded."""
     if D_BLOCKS == 1:
-        k = _load_rows(cols_ptr, cols, col_ok, 0, D, BLOCK_D, INTERPRETER)
+        k = _load_rows(cols_ptr, c0, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     else:
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D_BLOCKS * BLOCK_D, BLOCK_D):
-            q_d = _load_rows(zhat_ptr, rows, row_ok, d0, D, BLOCK_D, INTERPRETER)
-            k_d = _load_rows(cols_ptr, cols, col_ok, d0, D, BLOCK_D, INTERPRETER)
+            q_d = _load_rows(zhat_ptr, r0, A, d0, D, BLOCK_M, BLOCK_D, INTERPRETER)
+            k_d = _load_rows(cols_ptr, c0, M, d0, D, BLOCK_N, BLOCK_D, INTERPRETER)
             s = tl.dot(q_d, tl.trans(k_d), s, input_precision=INPUT_PRECISION)
     return s
 
@@ -219,7 +241,7 @@ def _nt_xent_fwd_kernel(
     row_ok = rows < A
     q = rows  # placeholder; the row tile is preloaded only when all of D fits one block
     if D_BLOCKS == 1:
-        q = _load_rows(zhat_ptr, rows, row_ok, 0, D, BLOCK_D, INTERPRETER)
+        q = _load_rows(zhat_ptr, r0, A, 0, D, BLOCK_M, BLOCK_D, INTERPRETER)
     diag = rows + OFFSET
     pos_col = OFFSET + tl.where(rows < n, rows + n, rows - n)
     # The positive columns of this row block form at most two runs, [lo_a, hi_a) and [lo_b, hi_b) (local indices).
@@ -234,7 +256,7 @@ def _nt_xent_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         s = _logits_tile(
-            zhat_ptr, cols_ptr, q, rows, row_ok, cols, col_ok, D,
+            zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
             BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
         )  # fmt: skip
         c0 = start_n - OFFSET
@@ -322,14 +344,14 @@ def _nt_xent_bwd_kernel(
     )
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r0 = pid_m * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < A
     q = rows  # placeholder; the row tile is preloaded only when all of D fits one block
     if D_BLOCKS == 1:
-        q = _load_rows(zhat_ptr, rows, row_ok, 0, D, BLOCK_D, INTERPRETER)
+        q = _load_rows(zhat_ptr, r0, A, 0, D, BLOCK_M, BLOCK_D, INTERPRETER)
     diag = rows + OFFSET
     n = A // 2
-    r0 = pid_m * BLOCK_M
     r1 = tl.minimum(r0 + BLOCK_M, A)
     pos_col = OFFSET + tl.where(rows < n, rows + n, rows - n)
     lo_a = r0 + n
@@ -353,14 +375,16 @@ def _nt_xent_bwd_kernel(
         # Column j belongs to rank j // A: weight its P_ji by that rank's upstream gradient (g itself when local).
         g_j = tl.load(g_cols_ptr + cols // A, mask=col_ok, other=0.0).to(tl.float32)
         if D_BLOCKS == 1:
-            k = _load_rows(cols_ptr, cols, col_ok, 0, D, BLOCK_D, INTERPRETER)
+            k = _load_rows(cols_ptr, start_n, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         else:
             s = _logits_tile(
-                zhat_ptr, cols_ptr, q, rows, row_ok, cols, col_ok, D,
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
                 BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
             )  # fmt: skip
-            k = _load_rows(cols_ptr, cols, col_ok, pid_d * BLOCK_DO, D, BLOCK_DO, INTERPRETER)
+            k = _load_rows(
+                cols_ptr, start_n, M, pid_d * BLOCK_DO, D, BLOCK_N, BLOCK_DO, INTERPRETER
+            )
         if SHIFT:
             u_j = g_j * tl.exp2(-log2_l_j)
             w = tl.exp2((s - 1.0) * QK_SCALE) * (u_i[:, None] + u_j[None, :])
@@ -471,8 +495,6 @@ class KernelConfig:
         return f"BM{self.block_m}_BN{self.block_n}_W{self.num_warps}_S{self.num_stages}"
 
 
-# Pruned by hand: 64/128-row blocks are what Hopper's wgmma (64 rows per warpgroup) and Ampere's mma.sync tile well;
-# 128x128 only where the backward accumulator leaves registers for it (see ``candidate_configs``).
 CONFIGS = {
     c.name: c
     for c in (
@@ -481,11 +503,28 @@ CONFIGS = {
         KernelConfig(64, 64, 4, 3),
         KernelConfig(64, 128, 4, 3),
         KernelConfig(64, 32, 4, 2),
-        KernelConfig(32, 32, 4, 2),
+        KernelConfig(64, 64, 8, 3),
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(64, 32, 8, 2),
     )
 }
-DEFAULT_CONFIG = "BM128_BN64_W8_S3"
 KERNELS = ("fwd", "bwd")
+
+# The pruned autotune sets, best guess first, by kernel and D tier (0: one block of D <= 128, 1: one block of 256,
+# 2: the D loop): the configs that compile with no spills for sm_80 and sm_90 (``python -m fastclr.kernels.report``;
+# tests/test_kernel_report.py checks every entry). Rows come in 64s because Hopper's wgmma works on 64-row warpgroup
+# tiles (and Ampere's mma.sync tiles them well); the backward keeps a BLOCK_M x BLOCK_DO fp32 accumulator next to the
+# logits tile, which leaves no registers for 128-row blocks, and at BLOCK_DO = 256 needs 8 warps to share it.
+_CANDIDATES = {
+    ("fwd", 0): (
+        "BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W4_S3", "BM64_BN128_W4_S3", "BM64_BN32_W4_S2",
+    ),
+    ("fwd", 1): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    ("fwd", 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    ("bwd", 0): ("BM64_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
+    ("bwd", 1): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
+    ("bwd", 2): ("BM64_BN32_W8_S2",),
+}  # fmt: skip
 
 
 def list_configs() -> list[str]:
@@ -503,32 +542,28 @@ class BlockD(NamedTuple):
 
 def d_tiling(d: int) -> BlockD:
     """D <= MAX_BLOCK_D: one power-of-two block (>= 16, tl.dot's minimum). Larger D: a loop of CHUNK_BLOCK_D steps and
-    backward output chunks of MAX_BLOCK_D."""
+    backward output chunks of CHUNK_BLOCK_DO."""
     if d <= MAX_BLOCK_D:
         block = max(16, triton.next_power_of_2(d))
         return BlockD(block, 1, block)
-    return BlockD(CHUNK_BLOCK_D, triton.cdiv(d, CHUNK_BLOCK_D), MAX_BLOCK_D)
+    return BlockD(CHUNK_BLOCK_D, triton.cdiv(d, CHUNK_BLOCK_D), CHUNK_BLOCK_DO)
+
+
+def d_tier(d: int) -> int:
+    """0: one block of D <= 128, 1: one block of 256, 2: the D loop (D > MAX_BLOCK_D)."""
+    tiling = d_tiling(d)
+    return 2 if tiling.d_blocks > 1 else int(tiling.block_d > 128)
 
 
 def candidate_configs(kernel: str, a: int, d: int) -> list[KernelConfig]:
-    """The configs worth trying for this kernel and (2N, D), best guess first.
-
-    Blocks larger than the padded problem only add masked work; a 128-row backward keeps a 128 x BLOCK_DO fp32
-    accumulator, so with BLOCK_DO = 256 only 64-row blocks stay within 255 registers.
-    """
+    """The configs worth trying for this kernel and (2N, D), best guess first (blocks beyond the padded batch only add
+    masked work, so small batches keep the smallest tiles)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    tiling = d_tiling(d)
-    a_pad = max(32, triton.next_power_of_2(a))
-    keep = []
-    for c in CONFIGS.values():
-        if c.block_m > a_pad or c.block_n > a_pad:
-            continue
-        width = tiling.block_do if kernel == "bwd" else tiling.block_d
-        if width * c.block_m > 128 * 128 or (kernel == "bwd" and c.block_n * width > 128 * 128):
-            continue
-        keep.append(c)
-    return keep or [CONFIGS["BM32_BN32_W4_S2"]]
+    listed = [CONFIGS[name] for name in _CANDIDATES[(kernel, d_tier(d))]]
+    a_pad = max(64, triton.next_power_of_2(a))
+    fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
+    return fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
 
 
 def resolve_config(kernel: str, a: int, d: int, config: str | None) -> KernelConfig:
@@ -677,7 +712,7 @@ def nt_xent_forward(
     zhat = torch.empty((a, d), dtype=z_a.dtype, device=dev)
     norm = torch.empty(a, dtype=torch.float32, device=dev)
     count = torch.empty(1, dtype=torch.int32, device=dev)
-    block_d = min(triton.next_power_of_2(d), 128)
+    block_d = min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D)
     _nt_xent_norm_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
         za_ptr=z_a, zb_ptr=z_b, zhat_ptr=zhat, norm_ptr=norm, count_ptr=count, N=n, D=d,
         stride_a=z_a.stride(0), stride_b=z_b.stride(0), EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=block_d,
@@ -697,7 +732,7 @@ def nt_xent_forward(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, partial_ptr=partial, count_ptr=count, loss_ptr=loss,
         A=a, M=m, D=d, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
-        INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=128,
+        INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=REDUCE_BLOCK,
     )  # fmt: skip
     stats_cols = stats if group is None else dist_utils.all_gather_rows(stats, group)[0]
     return loss, ForwardState(zhat, norm, stats, cols, stats_cols, offset)
@@ -740,7 +775,7 @@ def nt_xent_backward(
     _nt_xent_norm_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
         za_ptr=z_a, zb_ptr=z_b, norm_ptr=state.norm, acc_ptr=acc, dza_ptr=dz_a, dzb_ptr=dz_b,
         N=n, D=d, stride_a=z_a.stride(0), stride_b=z_b.stride(0), grad_scale=1.0 / (a * temperature),
-        EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=min(triton.next_power_of_2(d), 128),
+        EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D),
         INTERPRETER=INTERPRET,
     )  # fmt: skip
     return dz_a, dz_b

@@ -185,8 +185,8 @@ def test_forward_state_is_linear_in_batch():
 def test_launch_counts_tolerate_reuse():
     # The forward's arrival counter is re-armed by its last program: running twice gives the same loss.
     z_a, z_b = pair(70, 16, torch.float32)
-    first = K.nt_xent_triton(z_a, z_b, 0.3, config="BM32_BN32_W4_S2")
-    second = K.nt_xent_triton(z_a, z_b, 0.3, config="BM32_BN32_W4_S2")
+    first = K.nt_xent_triton(z_a, z_b, 0.3, config="BM64_BN32_W4_S2")
+    second = K.nt_xent_triton(z_a, z_b, 0.3, config="BM64_BN32_W4_S2")
     assert first.item() == second.item()
 
 
@@ -226,12 +226,24 @@ def test_macs_within_three_gemms_at_sizes_that_matter(two_n, d):
 
 
 def test_macs_count_padding_and_d_chunks():
-    # 2N = 514 on 32-row/col tiles pads to 544; D = 130 pads to one 256 block.
-    macs = K.executed_macs(514, 130, config="BM32_BN32_W4_S2")
-    assert macs["fwd"] == 544 * 544 * 256
-    assert macs["bwd"] == 2 * 544 * 544 * 256
+    # 2N = 514 pads to 576 rows (64-row blocks) and 544 columns (32-column blocks); D = 130 pads to one 256 block.
+    macs = K.executed_macs(514, 130, config="BM64_BN32_W4_S2")
+    assert macs["fwd"] == 576 * 544 * 256
+    assert macs["bwd"] == 2 * 576 * 544 * 256
     assert macs["ideal"] == 3 * 514 * 514 * 130
-    # D = 2048: the forward loops over D, the backward recomputes S for each of its 8 output chunks of 256.
+    # D = 2048: the forward loops over D, the backward recomputes S for each of its 16 output chunks of 128.
     wide = K.executed_macs(4096, 2048, config="BM64_BN64_W4_S3")
     assert wide["fwd"] == 4096 * 4096 * 2048
-    assert wide["bwd"] == 8 * 4096 * 4096 * 2048 + 4096 * 4096 * 2048
+    assert wide["bwd"] == 16 * 4096 * 4096 * 2048 + 4096 * 4096 * 2048
+
+
+def test_candidates_cover_every_d_and_small_batches():
+    for d in (1, 16, 100, 128, 129, 256, 257, 2048):
+        for kernel in K.KERNELS:
+            for a in (2, 64, 200, 1 << 20):
+                cands = K.candidate_configs(kernel, a, d)
+                assert cands, (kernel, a, d)
+                assert all(c.name in K.CONFIGS for c in cands)
+    # Tiny batches get the smallest listed tiles, large ones the first (preferred) entry.
+    assert K.candidate_configs("fwd", 2, 128)[0].block_m == 64
+    assert K.candidate_configs("fwd", 1 << 20, 128)[0].name == "BM128_BN64_W8_S3"
