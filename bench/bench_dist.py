@@ -104,7 +104,8 @@ def spawn_world(
     the others are given a few seconds to report, then terminated (killed if need be), whatever happens.
 
     Args:
-        worker: a module-level function (it is pickled by reference); its result must be ``torch.save``-able.
+        worker: a module-level function (it is pickled by reference); its result is read back with
+            ``torch.load(weights_only=True)``: tensors, numbers, strings, None, and lists/tuples/dicts of them.
         world_size: W >= 1 processes.
         *args: passed on to the worker after (rank, world_size).
         env: environment variables set in each rank before the worker is unpickled (e.g. TRITON_INTERPRET=1).
@@ -197,7 +198,7 @@ def spawn_world(
             # A native abort (e.g. gloo's on mismatched collective shapes) leaves no traceback, only its stderr.
             raise RuntimeError("ranks died without a result: " + ", ".join(bad))
         return [
-            torch.load(out / f"rank{rank}.pt", weights_only=False)["result"]
+            torch.load(out / f"rank{rank}.pt", weights_only=True)["result"]
             for rank in range(world_size)
         ]
 
