@@ -138,11 +138,14 @@ class DaliLoader(EpochLoader):
     def _batches(self, epoch: int, indices: np.ndarray, skip: int, real: int) -> Iterator:
         self.close()
         pipe = self._pipe = self._build(epoch, indices)
-        for b in range(len(self)):
-            outputs = self._run(pipe, b, indices)
-            if b >= skip:
-                yield self._emit(outputs, min(self.batch_size, real - b * self.batch_size))
-        self.close()
+        try:
+            for b in range(len(self)):
+                outputs = self._run(pipe, b, indices)
+                if b >= skip:
+                    yield self._emit(outputs, min(self.batch_size, real - b * self.batch_size))
+        finally:  # also on errors and on iteration abandoned part-way
+            del pipe
+            self.close()
 
     def close(self) -> None:
         """Release the DALI pipeline (its threads and buffers); a later iteration rebuilds it."""
