@@ -23,8 +23,9 @@ Launches (two each way):
 
 Exponentials are base 2 (``exp2`` is the native instruction): QK_SCALE = log2(e)/tau. Every exponent is a difference of
 cosines times QK_SCALE, never a difference of two numbers of size 1/tau (see _nt_xent_fwd_kernel).
-For D up to MAX_BLOCK_D the whole row fits one block and every MAC is useful; above it the forward loops over D, and the
-backward splits the output D into chunks of MAX_BLOCK_D and recomputes S per chunk (see ``executed_macs``).
+For D up to MAX_BLOCK_D the whole row fits one block and forward + backward execute exactly three GEMMs (plus padding);
+above it the forward loops over D, and the backward splits the output D into chunks of CHUNK_BLOCK_DO and recomputes S
+per chunk, (D / CHUNK_BLOCK_DO + 2) GEMMs in all (see ``executed_macs``).
 Under TRITON_INTERPRET=1 the INTERPRETER constexpr upcasts dot operands to fp32 (the interpreter's bf16 dot returns
 garbage, its fp32 dot is exact) and rounds fp32 -> bf16 to nearest even by hand (its cast truncates).
 """
@@ -46,17 +47,14 @@ LOG2E = math.log2(math.e)
 # Globals read inside @triton.jit must be constexpr.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
-MAX_BLOCK_D = (
-    256  # widest D kept in one block; the backward accumulator is BLOCK_M x MAX_BLOCK_D fp32
-)
-CHUNK_BLOCK_D = 64  # D step of the forward / logits loop when D > MAX_BLOCK_D
-CHUNK_BLOCK_DO = (
-    128  # backward output chunk when D > MAX_BLOCK_D (256 would spill next to the logits loop)
-)
-ELEMENTWISE_BLOCK_R = 16  # rows per program of the two memory-bound normalisation kernels
-ELEMENTWISE_BLOCK_D = (
-    64  # their D step: 16 x 64 tiles keep the six live tiles of the chain rule in registers
-)
+# Widest D kept in one block; the backward accumulator is BLOCK_M x MAX_BLOCK_D fp32.
+MAX_BLOCK_D = 256
+# D > MAX_BLOCK_D: D step of the logits loop, and the backward output chunk (256 would spill next to that loop).
+CHUNK_BLOCK_D = 64
+CHUNK_BLOCK_DO = 128
+# The two memory-bound normalisation kernels: 16 x 64 tiles keep the six live tiles of the chain rule in registers.
+ELEMENTWISE_BLOCK_R = 16
+ELEMENTWISE_BLOCK_D = 64
 REDUCE_BLOCK = 128  # partial sums the forward's last program adds per step
 PRECISIONS = ("tf32", "ieee")
 _TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -821,7 +819,9 @@ def nt_xent_triton(
         temperature: tau > 0.
         group: torch.distributed process group to gather negatives from (see ``fastclr.losses.distributed``), or None.
         precision: fp32 inputs only: "tf32" (tensor cores, ~1e-3 relative error on S) or "ieee" (exact fp32).
-        config: a kernel variant from ``list_configs()`` for both GEMM kernels; None autotunes on the GPU.
+        config: a kernel variant from ``list_configs()`` (e.g. "BM64_BN64_W4_S3") forced on both GEMM kernels, for
+            microbenchmarks; None autotunes on the GPU over the spill-free candidates (``candidate_configs``) and takes
+            the first candidate under the interpreter.
 
     Returns:
         0-d loss in the input dtype.
