@@ -5,12 +5,11 @@
 
 W processes join a gloo group on 127.0.0.1 (NCCL with ``--device cuda``, one GPU per rank). Every rank runs
 ``nt_xent(z_a, z_b, gather_distributed=True)`` forward and backward on its own 2N embeddings (``--sizes`` are values of
-2N, as in ``bench_loss.py``), against the 2N*W rows of all ranks; every
-``torch.distributed`` collective called meanwhile (the shape check, the all_gather of rows and log-sum-exps, the
-backward's scalar gather, or the reference's autograd all_gather and its backward) is timed, so each row reports, per
-rank and per phase, the wall time of the loss and the part of it spent communicating. Timings are medians over ``--reps``
-iterations after ``--warmup``; ranks meet at a barrier before each iteration so that one rank's lag is not booked as
-another's communication.
+2N, as in ``bench_loss.py``) against the 2N*W rows of all ranks. Every ``torch.distributed`` collective called meanwhile
+(the shape check, the all_gather of rows and per-row statistics, the backward's scalar gather, or the reference's autograd
+all_gather and its backward) is timed, so each row reports, per rank and per phase, the wall time of the loss and the
+part of it spent communicating. Timings are medians over at most ``--reps`` iterations (within ``--budget-s``) after
+``--warmup``; ranks meet before each iteration so that one rank's lag is not booked as another's communication.
 
 ``spawn_world`` (used here and by the tests) starts the W processes, bounds them in time and always tears them down.
 """
