@@ -459,6 +459,11 @@ class Trainer:
         from fastclr.eval import contrastive_top1
 
         dev = self.info.device
+        # A skipped step must leave the model as it was, but the forward folds the batch's
+        # (non-finite) statistics into the BatchNorm running buffers: keep a copy to put back.
+        saved_buffers = None
+        if self.cfg.run.skip_nonfinite:
+            saved_buffers = [b.detach().clone() for b in self.model.buffers()]
         x = (
             torch.cat([view_a, view_b])
             .to(dev, non_blocking=True)
@@ -492,6 +497,9 @@ class Trainer:
                 self.optimizer.step()
         elif self.cfg.run.skip_nonfinite:
             self.state.nonfinite_skipped += 1
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), saved_buffers, strict=True):
+                    buffer.copy_(saved)
         else:
             where = self.last_ckpt if self.last_ckpt is not None else "none yet"
             raise TrainingError(
