@@ -66,9 +66,12 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # Never leave a partial file behind, not even a temporary one (e.g. disk full, KeyboardInterrupt).
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            # ENOSPC/EIO carry no file name: say which file could not be written.
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -82,6 +85,10 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, *, keep: int =
     path = atomic_save(payload, checkpoint_path(directory, int(state["step"])))
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+    # Temporary files of writes killed before their rename (kill -9, power loss): one writer per directory,
+    # so any left now is garbage the size of a checkpoint.
+    for stale in Path(directory).glob(".ckpt-*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 
