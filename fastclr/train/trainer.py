@@ -510,91 +510,22 @@ class Trainer:
         return loss_value, top1, stop_votes > 0
 
     def fit(self) -> dict[str, Any]:
-        cfg, info, s = self.cfg, self.info, self.state
-        log = MetricsLog(self.out, enabled=info.is_main)
-        main = info.is_main
+        """Train from the current state to the end (or ``max_steps``, or a signal); returns the run summary."""
+        cfg, s = self.cfg, self.state
+        log = MetricsLog(self.out, enabled=self.info.is_main)
         limit = min(self.total_steps, cfg.run.max_steps or self.total_steps)
-        status = "completed"
         start_step, t_start = s.step, time.perf_counter()
         if s.step == 0 and self.knn.enabled:
             s.knn_init = self.evaluate_knn(log)
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=limit,
-            initial=s.step,
-            disable=not (main and cfg.run.progress),
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        ips_avg = None
         with GracefulStop() as stop:
-            try:
-                while s.epoch < cfg.optim.epochs and s.step < limit and status == "completed":
-                    self.loader.set_epoch(s.epoch, skip_batches=s.batch)
-                    t_data = time.perf_counter()
-                    for view_a, view_b in self.loader:
-                        data_s = time.perf_counter() - t_data
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        loss, top1, stop_now = self.train_step(
-                            view_a, view_b, stop.signal_name is not None
-                        )
-                        self.losses.append(loss)
-                        s.step, s.batch = s.step + 1, s.batch + 1
-                        step_s = time.perf_counter() - t_data
-                        ips = cfg.optim.batch_size / step_s
-                        ips_avg = ips if ips_avg is None else 0.9 * ips_avg + 0.1 * ips
-                        if top1 is not None:
-                            log.log(
-                                "train",
-                                {
-                                    "step": s.step,
-                                    "epoch": s.epoch,
-                                    "loss": loss,
-                                    "lr": lr,
-                                    "contrastive_top1": top1,
-                                    "images_per_s": ips,
-                                    "data_s": data_s,
-                                    "step_s": step_s,
-                                    "elapsed_s": time.perf_counter() - t_start,
-                                },
-                            )
-                        bar.update(1)
-                        bar.set_postfix(
-                            loss=f"{loss:.4f}",
-                            lr=f"{lr:.3g}",
-                            img_s=f"{ips_avg:.0f}",
-                            refresh=False,
-                        )
-                        if s.batch == self.steps_per_epoch:
-                            s.epoch, s.batch = s.epoch + 1, 0
-                        if stop_now:
-                            status = "stopped"
-                        elif s.step >= limit and s.step < self.total_steps:
-                            status = "max_steps"
-                        if status != "completed" or (
-                            cfg.run.ckpt_every and s.step % cfg.run.ckpt_every == 0
-                        ):
-                            self.save()
-                        if status != "completed":
-                            break
-                        if s.batch == 0:  # an epoch just ended
-                            self.save()
-                            if (
-                                cfg.run.knn_every
-                                and s.epoch % cfg.run.knn_every == 0
-                                and s.epoch < cfg.optim.epochs
-                            ):
-                                self.evaluate_knn(log)
-                        t_data = time.perf_counter()
-            finally:
-                bar.close()
-        if status == "completed":
-            self.save()
-        if status == "stopped" and main:
+            status = self.run_steps(limit, stop, log, t_start)
+        if status == "completed" and s.step < self.total_steps:
+            status = "max_steps"
+        self.save()
+        if status == "stopped" and self.info.is_main:
             say(
-                f"stopped by {stop.signal_name or 'a signal on another rank'} at step {s.step}; checkpoint {self.last_ckpt}; continue with --resume auto"
+                f"stopped by {stop.signal_name or 'a signal on another rank'} at step {s.step}; "
+                f"checkpoint {self.last_ckpt}; continue with --resume auto"
             )
         knn_final = None
         if status != "stopped" and self.knn.enabled:
@@ -603,7 +534,7 @@ class Trainer:
         self.check_ranks_in_sync()
         log.close()
         self.knn.close()
-        plot = plot_curves(self.out) if main else None
+        plot = plot_curves(self.out) if self.info.is_main else None
         elapsed = time.perf_counter() - t_start
         result = {
             "status": status,
@@ -620,9 +551,78 @@ class Trainer:
             "out": str(self.out),
             "plot": str(plot) if plot else None,
         }
-        if main:
+        if self.info.is_main:
             self.summarise(result)
         return result
+
+    def run_steps(self, limit: int, stop: GracefulStop, log: MetricsLog, t_start: float) -> str:
+        """The epoch/batch loop up to step ``limit``; returns "completed" or "stopped" (by a signal)."""
+        from tqdm import tqdm
+
+        cfg, s = self.cfg, self.state
+        show = self.info.is_main and cfg.run.progress
+        bar = tqdm(
+            total=limit,
+            initial=s.step,
+            disable=not show,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        ips_avg = None
+        try:
+            while s.step < limit:
+                self.loader.set_epoch(s.epoch, skip_batches=s.batch)
+                t_data = time.perf_counter()
+                for view_a, view_b in self.loader:
+                    data_s = time.perf_counter() - t_data
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    loss, top1, stop_now = self.train_step(
+                        view_a, view_b, stop.signal_name is not None
+                    )
+                    self.losses.append(loss)
+                    s.step, s.batch = s.step + 1, s.batch + 1
+                    step_s = time.perf_counter() - t_data
+                    ips = cfg.optim.batch_size / step_s
+                    ips_avg = ips if ips_avg is None else 0.9 * ips_avg + 0.1 * ips
+                    if top1 is not None:
+                        row = dict(
+                            loss=loss,
+                            lr=lr,
+                            contrastive_top1=top1,
+                            images_per_s=ips,
+                            data_s=data_s,
+                            step_s=step_s,
+                        )
+                        log.log(
+                            "train",
+                            {
+                                "step": s.step,
+                                "epoch": s.epoch,
+                                **row,
+                                "elapsed_s": time.perf_counter() - t_start,
+                            },
+                        )
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips_avg:.0f}", refresh=False
+                    )
+                    if s.batch == self.steps_per_epoch:
+                        s.epoch, s.batch = s.epoch + 1, 0
+                    if stop_now:
+                        return "stopped"
+                    if s.step >= limit:
+                        return "completed"
+                    if cfg.run.ckpt_every and s.step % cfg.run.ckpt_every == 0:
+                        self.save()
+                    if s.batch == 0:  # an epoch just ended
+                        self.save()
+                        if cfg.run.knn_every and s.epoch % cfg.run.knn_every == 0:
+                            self.evaluate_knn(log)
+                    t_data = time.perf_counter()
+        finally:
+            bar.close()
+        return "completed"
 
     def check_ranks_in_sync(self) -> None:
         """Compare every parameter with rank 0's copy, bit for bit; raise if DDP let any rank drift."""
