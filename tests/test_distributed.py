@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastclr.bench.bench_dist import _skip_reason, main, measure_rank, run_world, spawn_world
 from torch import nn
 
 from fastclr import NTXentLoss, nt_xent
+from fastclr.bench.bench_dist import _skip_reason, main, measure_rank, run_world, spawn_world
 
 IMPLS = ("reference", "torch", "triton")
 WORLD_SIZES = (2, 3)

@@ -56,3 +56,27 @@ def all_gather_scalar(x: torch.Tensor, group) -> torch.Tensor:
     """(W,) tensor of a 0-d tensor from every rank."""
     gathered, _ = all_gather_rows(x.reshape(1), group)
     return gathered
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """all_gather with autograd: the backward sums every rank's gradient for this rank's rows (all-reduce, then slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        cols, offset = all_gather_rows(x, group)
+        ctx.group, ctx.rows = group, slice(offset, offset + x.shape[0])
+        return cols
+
+    @staticmethod
+    def backward(ctx, grad_cols):
+        import torch.distributed as dist
+
+        # Every backend has all_reduce (gloo has no reduce_scatter); the copy keeps autograd's buffer untouched.
+        grad = grad_cols.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rows], None
+
+
+def all_gather_rows_autograd(x: torch.Tensor, group) -> torch.Tensor:
+    """(A*W, ...) rows of every rank with a gradient path back to this rank's x (A, ...)."""
+    return _AllGatherRows.apply(x, group)

@@ -30,9 +30,10 @@ def nt_xent_reference(
     cols, offset = z, 0
     if group is not None:
         import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_fn
 
-        cols = torch.cat(dist_fn.all_gather(z, group=group))
+        from fastclr.losses.distributed import all_gather_rows_autograd
+
+        cols = all_gather_rows_autograd(z, group)
         offset = dist.get_rank(group) * 2 * n
     logits = z @ cols.T / temperature
     rows = torch.arange(2 * n, device=z.device)
