@@ -172,6 +172,7 @@ def test_bench_dispatches_to_the_benchmark_module(monkeypatch):
         (["--temperature", "-0.5"], r"temperature must be a positive"),
         (["--lr", "0"], r"lr must be a positive finite number, got 0\.0"),
         (["--lr", "-1"], r"lr must be a positive"),
+        (["--precision", "fp16"], r"precision fp16 needs a GPU"),
         (
             ["--batch-size", "128"],
             r"--data .*train, --batch-size 128: .*64 images yields no batch of 128",
