@@ -11,7 +11,10 @@ range over ``--repeats`` epochs.
     python bench/bench_pipeline.py --data DIR --size 32  # an ImageFolder directory
     fastclr bench pipeline --data DIR
 
-A table goes to stdout and rows are appended to ``bench/results/bench_pipeline.csv``.
+A table goes to stdout and rows are appended to ``bench/results/bench_pipeline.csv`` (columns:
+``median``/``low``/``high`` pairs per second, ``speedup`` = DALI / torchvision pairs per second,
+``cpu_ms`` = CPU milliseconds per pair over whole epochs, ``cpu_speedup`` = torchvision / DALI
+``cpu_ms``, which stays meaningful when other processes compete for the cores).
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from fastclr.pipelines import SimCLRLoader, TorchSimCLRLoader, dali_available
 from PIL import Image
+
+from fastclr.pipelines import SimCLRLoader, TorchSimCLRLoader, dali_available
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_pipeline.csv"
 BACKENDS = {"dali": SimCLRLoader, "torchvision": TorchSimCLRLoader}
+# "simclr": the full default augmentation; "crop": random resized crop + flip only, which
+# isolates decoding and resizing from the colour and blur ops.
+AUGMENTATIONS = {"simclr": {}, "crop": dict(color_p=0.0, gray_p=0.0, blur_p=0.0)}
 
 
 def make_jpegs(root: Path, count: int, min_side: int, max_side: int, seed: int = 0) -> Path:
@@ -56,19 +63,29 @@ def make_jpegs(root: Path, count: int, min_side: int, max_side: int, seed: int =
     return root
 
 
-def measure(loader, warmup: int, repeats: int) -> list[float]:
-    """Pairs of views per second for ``repeats`` epochs, skipping ``warmup`` batches of each."""
-    rates = []
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished, reaped child processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def measure(loader, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Per epoch: pairs of views per second of wall time after ``warmup`` batches, and CPU
+    milliseconds per pair over the whole epoch (start-up included; DataLoader workers are
+    counted once they exit at the end of the epoch)."""
+    rates, cpu_ms = [], []
     for _ in range(repeats):
-        start, timed = None, 0
+        start, timed, total = None, 0, 0
+        cpu0 = cpu_seconds()
         for b, (view_a, _) in enumerate(loader):
-            if b == warmup - 1 or (warmup == 0 and start is None):
+            total += view_a.shape[0]
+            if b == max(warmup, 1) - 1:
                 start = time.perf_counter()
-                continue
-            if start is not None:
+            elif start is not None:
                 timed += view_a.shape[0]
         rates.append(timed / (time.perf_counter() - start))
-    return rates
+        cpu_ms.append(1e3 * (cpu_seconds() - cpu0) / total)
+    return rates, cpu_ms
 
 
 def run_size(data: Path, size: int, args) -> list[dict]:
@@ -77,13 +94,14 @@ def run_size(data: Path, size: int, args) -> list[dict]:
         if name == "dali" and not dali_available():
             print("DALI is not importable: skipping its rows")
             continue
-        with cls(data, args.batch_size, size, num_threads=args.threads, seed=0) as loader:
+        aug = AUGMENTATIONS[args.aug]
+        with cls(data, args.batch_size, size, num_threads=args.threads, seed=0, **aug) as loader:
             if len(loader) <= args.warmup:
                 raise SystemExit(
                     f"{data} gives {len(loader)} batches of {args.batch_size}; need more than "
                     f"--warmup {args.warmup}: add images or lower --batch-size"
                 )
-            rates = measure(loader, args.warmup, args.repeats)
+            rates, cpu_ms = measure(loader, args.warmup, args.repeats)
             n_images = len(loader.files)
         rows.append(
             dict(
@@ -92,12 +110,14 @@ def run_size(data: Path, size: int, args) -> list[dict]:
                 median=statistics.median(rates),
                 low=min(rates),
                 high=max(rates),
+                cpu_ms=statistics.median(cpu_ms),
                 n_images=n_images,
             )
         )
     if len(rows) == 2:
         for row in rows:
             row["speedup"] = row["median"] / rows[1]["median"]
+            row["cpu_speedup"] = rows[1]["cpu_ms"] / row["cpu_ms"]
     return rows
 
 
@@ -113,6 +133,7 @@ def environment() -> dict:
         torchvision=torchvision.__version__,
         dali=dali_version,
         pillow=PIL.__version__,
+        load_avg=f"{os.getloadavg()[0]:.1f}",  # other work on the machine skews wall-clock rates
     )
 
 
@@ -125,6 +146,7 @@ def parse_args(argv=None):
         nargs="+",
         help="output side(s) in px (default: 224 32 synthetic, 224 with --data)",
     )
+    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="simclr", help="augmentation")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     p.add_argument("--images", type=int, default=640, help="synthetic images per size")
@@ -153,28 +175,28 @@ def main(argv=None) -> list[dict]:
 
     env = environment()
     print(
-        f"\n{env['device']} | torch {env['torch']} | DALI {env['dali']} | "
-        f"batch {args.batch_size}, {args.threads} threads/workers"
+        f"\n{env['device']} (load average {env['load_avg']}) | torch {env['torch']} | "
+        f"DALI {env['dali']} | batch {args.batch_size}, {args.threads} threads/workers, "
+        f"{args.aug} augmentation"
     )
     print(
-        f"{'backend':<12} {'size':>5} {'pairs/s (median)':>17} {'range':>17} {'speedup':>8}  data"
+        f"{'backend':<12} {'size':>4} {'pairs/s':>9} {'range':>11} {'speedup':>8} "
+        f"{'cpu ms/pair':>12} {'cpu speedup':>12}  data"
     )
     for r in rows:
         spread = f"{r['low']:.0f}-{r['high']:.0f}"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        cpu_speed = f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else "-"
         print(
-            f"{r['backend']:<12} {r['size']:>5} {r['median']:>17.1f} {spread:>17} {speed:>8}  {r['data']}"
+            f"{r['backend']:<12} {r['size']:>4} {r['median']:>9.1f} {spread:>11} {speed:>8} "
+            f"{r['cpu_ms']:>12.2f} {cpu_speed:>12}  {r['data']}"
         )
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     fields = [
-        "date",
-        "device",
-        "torch",
-        "torchvision",
-        "dali",
-        "pillow",
+        *env,
         "backend",
+        "aug",
         "size",
         "data",
         "n_images",
@@ -184,6 +206,8 @@ def main(argv=None) -> list[dict]:
         "low",
         "high",
         "speedup",
+        "cpu_ms",
+        "cpu_speedup",
     ]
     new = not args.csv.exists()
     with open(args.csv, "a", newline="") as f:
@@ -191,7 +215,8 @@ def main(argv=None) -> list[dict]:
         if new:
             writer.writeheader()
         for r in rows:
-            writer.writerow({**env, **r, "batch_size": args.batch_size, "threads": args.threads})
+            extra = dict(aug=args.aug, batch_size=args.batch_size, threads=args.threads)
+            writer.writerow({**env, **r, **extra})
     print(f"appended {len(rows)} rows to {args.csv}")
     return rows
 
