@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+
 from fastclr.pipelines.base import EpochLoader
 from fastclr.pipelines.data import CorruptImageError, augment_seed, decode_error
 

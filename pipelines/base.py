@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+
 from fastclr.pipelines.augment import check_output, check_size
 from fastclr.pipelines.data import (
     IMAGENET_MEAN,

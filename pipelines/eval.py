@@ -9,6 +9,7 @@ shuffled per epoch (partial last batch kept).
 from __future__ import annotations
 
 import torch
+
 from fastclr.pipelines._dali import DaliLoader, dali_dtype, decoder_device, normalize_args
 from fastclr.pipelines.augment import eval_resize_size
 from fastclr.pipelines.data import IMAGENET_MEAN, IMAGENET_STD

@@ -39,6 +39,7 @@ from __future__ import annotations
 from itertools import permutations
 
 import torch
+
 from fastclr.pipelines._dali import (
     DaliLoader,
     dali_dtype,

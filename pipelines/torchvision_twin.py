@@ -16,6 +16,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
 from fastclr.pipelines.augment import (
     SOLARIZE_THRESHOLD,
     SimCLRAugment,
@@ -26,9 +30,6 @@ from fastclr.pipelines.augment import (
 from fastclr.pipelines.base import EpochLoader
 from fastclr.pipelines.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 from fastclr.pipelines.eval import EVAL_CROP_RATIO, EVAL_CROP_SCALE
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 
 def _maybe(p: float, transform) -> list:

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from fastclr.pipelines import (
     CorruptImageError,
     EvalLoader,
@@ -23,7 +25,6 @@ from fastclr.pipelines import (
     dali_available,
     make_loader,
 )
-from PIL import Image
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, never a stuck CI job
 

@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fastclr.pipelines.augment import SimCLRAugment
 from fastclr.pipelines.data import (
     CorruptImageError,
@@ -15,7 +17,6 @@ from fastclr.pipelines.data import (
     scan_images,
     shard_size,
 )
-from PIL import Image
 
 
 def write_image(path, value=(200, 60, 90), side=8):
