@@ -163,10 +163,10 @@ def time_steps(cfg, loader, steps: int, warmup: int) -> dict[str, list[float]]:
     return times
 
 
-def run_split(args: argparse.Namespace) -> list[dict]:
-    from fastclr.pipelines import dali_available
-
+def run_split(args: argparse.Namespace, emit) -> list[dict]:
+    """Every backend x loss impl; ``emit(rows)`` records each combination as soon as it is timed."""
     from fastclr.losses.nt_xent import resolve_impl
+    from fastclr.pipelines import dali_available
     from fastclr.train.dist import DistInfo, resolve_device
     from fastclr.train.trainer import build_train_loader
 
@@ -203,18 +203,30 @@ def run_split(args: argparse.Namespace) -> list[dict]:
                             },
                         }
                     )
-                    print_split(rows[-1:], header=len(rows) == 1)
+                    emit(rows[-1:])
             finally:
                 loader.close()
     return rows
 
 
-def print_split(rows: list[dict], header: bool) -> None:
-    cols = ["loader", "loss_impl", "images_per_s", "step_ms", *(f"{p}_ms" for p in PHASES)]
+SPLIT_COLUMNS = ("loader", "loss_impl", "images_per_s", "step_ms", *(f"{p}_ms" for p in PHASES))
+BASELINE_COLUMNS = (
+    "run",
+    "train_s",
+    "steps",
+    "images_per_s",
+    "final_loss",
+    "knn_init",
+    "knn_final",
+    "knn_gain",
+)
+
+
+def print_table(rows: list[dict], columns, header: bool = True) -> None:
     if header:
-        print(" ".join(f"{c:>12}" for c in cols))
+        print(" ".join(f"{c:>13}" for c in columns))
     for r in rows:
-        print(" ".join(f"{r[c]!s:>12}" for c in cols), flush=True)
+        print(" ".join(f"{r[c]!s:>13}" for c in columns), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -243,8 +255,9 @@ class TwoViews:
 
 def plain_loop(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> dict:
     """Train ``model`` the way a minimal SimCLR script does, for ``args.budget`` seconds."""
-    from fastclr.pipelines import IMAGENET_MEAN, IMAGENET_STD
     from torchvision import transforms as T
+
+    from fastclr.pipelines import IMAGENET_MEAN, IMAGENET_STD
 
     s = args.color_strength
     augment = T.Compose(
@@ -298,9 +311,8 @@ def plain_loop(args: argparse.Namespace, model: torch.nn.Module, device: torch.d
 
 def knn_top1(args: argparse.Namespace, backbone: torch.nn.Module, device: torch.device) -> float:
     """kNN top-1 on --test-data with the un-augmented --data split as memory bank."""
-    from fastclr.pipelines import make_loader
-
     from fastclr.eval import extract_features, knn_accuracy
+    from fastclr.pipelines import make_loader
 
     common = dict(batch_size=256, size=args.size, device="cpu", num_threads=args.workers)
     feats = []
@@ -311,7 +323,8 @@ def knn_top1(args: argparse.Namespace, backbone: torch.nn.Module, device: torch.
     return knn_accuracy(bank, bank_y, test, test_y, k=200, temperature=0.1)
 
 
-def run_baseline(args: argparse.Namespace) -> list[dict]:
+def run_baseline(args: argparse.Namespace, emit) -> list[dict]:
+    """Both runs from the same initial weights; ``emit(rows)`` records each run as soon as it ends."""
     from fastclr.models import SimCLRModel
     from fastclr.train.dist import DistInfo, resolve_device
     from fastclr.train.trainer import Trainer, build_train_loader
@@ -340,6 +353,7 @@ def run_baseline(args: argparse.Namespace) -> list[dict]:
         plain = plain_loop(args, model, device)
         knn = knn_top1(args, model.backbone, device)
         rows.append(baseline_row(env, args, "plain-pytorch", plain, knn_init, knn))
+        emit(rows[-1:])
 
     if "fastclr" in args.runs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -375,20 +389,9 @@ def run_baseline(args: argparse.Namespace) -> list[dict]:
                 "final_loss": statistics.mean(result["losses"][-10:]),
             }
             rows.append(baseline_row(env, args, "fastclr", fast, knn_init, knn))
+            emit(rows[-1:])
 
-    cols = [
-        "run",
-        "train_s",
-        "steps",
-        "images_per_s",
-        "final_loss",
-        "knn_init",
-        "knn_final",
-        "knn_gain",
-    ]
-    print(" ".join(f"{c:>12}" for c in cols))
-    for r in rows:
-        print(" ".join(f"{r[c]!s:>12}" for c in cols))
+    print_table(rows, BASELINE_COLUMNS)
     return rows
 
 
@@ -474,11 +477,17 @@ def main(argv=None) -> list[dict]:
             args.data = synthetic_data(tmp, args.images)
         if not Path(args.data).is_dir():
             raise SystemExit(f"--data {args.data}: not a directory")
-        rows = run_baseline(args) if args.baseline else run_split(args)
-    name = "bench_train_baseline.csv" if args.baseline else "bench_train.csv"
-    if rows:
-        append_csv(args.csv or RESULTS / name, rows)
-    return rows
+        name = "bench_train_baseline.csv" if args.baseline else "bench_train.csv"
+        columns = BASELINE_COLUMNS if args.baseline else SPLIT_COLUMNS
+        printed = []
+
+        def emit(rows: list[dict]) -> None:
+            print_table(rows, columns, header=not printed)
+            printed.extend(rows)
+            append_csv(args.csv or RESULTS / name, rows)
+
+        run = run_baseline if args.baseline else run_split
+        return run(args, emit)
 
 
 if __name__ == "__main__":
