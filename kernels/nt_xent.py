@@ -504,24 +504,32 @@ CONFIGS = {
         KernelConfig(64, 64, 8, 3),
         KernelConfig(64, 64, 8, 2),
         KernelConfig(64, 32, 8, 2),
+        KernelConfig(64, 32, 8, 1),
     )
 }
 KERNELS = ("fwd", "bwd")
 
-# The pruned autotune sets, best guess first, by kernel and D tier (0: one block of D <= 128, 1: one block of 256,
-# 2: the D loop): the configs that compile with no spills for sm_80 and sm_90 (``python -m fastclr.kernels.report``;
-# tests/test_kernel_report.py checks every entry). Rows come in 64s because Hopper's wgmma works on 64-row warpgroup
-# tiles (and Ampere's mma.sync tiles them well); the backward keeps a BLOCK_M x BLOCK_DO fp32 accumulator next to the
-# logits tile, which leaves no registers for 128-row blocks, and at BLOCK_DO = 256 needs 8 warps to share it.
+# The pruned autotune sets, best guess first, by kernel, D tier (0: one block of D <= 128, 1: one block of 256, 2: the D
+# loop) and input element size: the configs that compile with no spills and within the shared memory of sm_80 and
+# sm_90 (``python -m fastclr.kernels.report``; tests/test_kernel_report.py checks every entry). Rows come in 64s because
+# Hopper's wgmma works on 64-row warpgroup tiles (and Ampere's mma.sync tiles them well); the backward keeps a
+# BLOCK_M x BLOCK_DO fp32 accumulator next to the logits tile, which leaves no registers for 128-row blocks and at
+# BLOCK_DO = 256 needs 8 warps to share it. fp32 tiles take twice the shared memory per pipeline stage.
 _CANDIDATES = {
-    ("fwd", 0): (
+    ("fwd", 0, 2): (
         "BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W4_S3", "BM64_BN128_W4_S3", "BM64_BN32_W4_S2",
     ),
-    ("fwd", 1): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
-    ("fwd", 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
-    ("bwd", 0): ("BM64_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
-    ("bwd", 1): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
-    ("bwd", 2): ("BM64_BN32_W8_S2",),
+    ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    ("fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    ("bwd", 0, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
+    ("bwd", 1, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
+    ("bwd", 2, 2): ("BM64_BN32_W8_S2",),
+    ("fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
+    ("fwd", 1, 4): ("BM64_BN32_W4_S2",),
+    ("fwd", 2, 4): ("BM64_BN32_W8_S2",),
+    ("bwd", 0, 4): ("BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
+    ("bwd", 1, 4): ("BM64_BN32_W8_S2",),
+    ("bwd", 2, 4): ("BM64_BN32_W8_S1",),
 }  # fmt: skip
 
 
@@ -553,28 +561,32 @@ def d_tier(d: int) -> int:
     return 2 if tiling.d_blocks > 1 else int(tiling.block_d > 128)
 
 
-def candidate_configs(kernel: str, a: int, d: int) -> list[KernelConfig]:
-    """The configs worth trying for this kernel and (2N, D), best guess first (blocks beyond the padded batch only add
-    masked work, so small batches keep the smallest tiles)."""
+def candidate_configs(kernel: str, a: int, d: int, itemsize: int = 2) -> list[KernelConfig]:
+    """The configs worth trying for this kernel, (2N, D) and input element size (2: bf16/fp16, 4: fp32), best guess
+    first (blocks beyond the padded batch only add masked work, so small batches keep the smallest tiles)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    listed = [CONFIGS[name] for name in _CANDIDATES[(kernel, d_tier(d))]]
+    if itemsize not in (2, 4):
+        raise ValueError(f"itemsize must be 2 (bf16/fp16) or 4 (fp32), got {itemsize!r}")
+    listed = [CONFIGS[name] for name in _CANDIDATES[(kernel, d_tier(d), itemsize)]]
     a_pad = max(64, triton.next_power_of_2(a))
     fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
     return fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
 
 
-def resolve_config(kernel: str, a: int, d: int, config: str | None) -> KernelConfig:
+def resolve_config(
+    kernel: str, a: int, d: int, config: str | None, itemsize: int = 2
+) -> KernelConfig:
     """A named config (checked against CONFIGS) or the first candidate for this size."""
     if config is None:
-        return candidate_configs(kernel, a, d)[0]
+        return candidate_configs(kernel, a, d, itemsize)[0]
     if config not in CONFIGS:
         raise ValueError(f"unknown kernel config {config!r}; choose one of {list_configs()}")
     return CONFIGS[config]
 
 
 def executed_macs(
-    a: int, d: int, config: str | None = None, m: int | None = None
+    a: int, d: int, config: str | None = None, m: int | None = None, itemsize: int = 2
 ) -> dict[str, int]:
     """Multiply-accumulates the tensor cores execute (padding included), counted from grid x loop trips.
 
@@ -585,7 +597,7 @@ def executed_macs(
     tiling = d_tiling(d)
     out = {}
     for kernel in KERNELS:
-        cfg = resolve_config(kernel, a, d, config)
+        cfg = resolve_config(kernel, a, d, config, itemsize)
         rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
         cols = triton.cdiv(m, cfg.block_n) * cfg.block_n
         logits = rows * cols * tiling.d_blocks * tiling.block_d
@@ -604,7 +616,10 @@ def _autotuned(fn, kernel: str):
     """Autotuning over the pruned candidates on a GPU, keyed on (2N, D) (and M for the distributed case)."""
 
     def prune(configs, named_args, **kwargs):
-        names = {c.name for c in candidate_configs(kernel, named_args["A"], named_args["D"])}
+        itemsize = named_args["zhat_ptr"].element_size()
+        names = {
+            c.name for c in candidate_configs(kernel, named_args["A"], named_args["D"], itemsize)
+        }
         return [c for c in configs if _config_name(c) in names]
 
     configs = [
@@ -627,14 +642,16 @@ def _config_name(c) -> str:
 _AUTOTUNED: dict[str, object] = {}
 
 
-def _launch(kernel: str, fn, grid_fn, a: int, d: int, config: str | None, **kwargs) -> None:
+def _launch(
+    kernel: str, fn, grid_fn, a: int, d: int, itemsize: int, config: str | None, **kwargs
+) -> None:
     """Launch with a named config, the heuristic pick (interpreter), or autotuning (GPU, no config named)."""
     if config is None and not INTERPRET:
         if kernel not in _AUTOTUNED:
             _AUTOTUNED[kernel] = _autotuned(fn, kernel)
         _AUTOTUNED[kernel][grid_fn](**kwargs)
         return
-    cfg = resolve_config(kernel, a, d, config)
+    cfg = resolve_config(kernel, a, d, config, itemsize)
     meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     fn[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -726,7 +743,7 @@ def nt_xent_forward(
     loss = torch.empty((), dtype=z_a.dtype, device=dev)
     tiling = d_tiling(d)
     _launch(
-        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]),), a, d, config,
+        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]),), a, d, z_a.element_size(), config,
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, partial_ptr=partial, count_ptr=count, loss_ptr=loss,
         A=a, M=m, D=d, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
@@ -762,7 +779,8 @@ def nt_xent_backward(
     tiling = d_tiling(d)
     chunks = triton.cdiv(d, tiling.block_do)
     _launch(
-        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks), a, d, config,
+        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks), a, d,
+        z_a.element_size(), config,
         zhat_ptr=state.zhat, cols_ptr=state.cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
         g_cols_ptr=g_cols, acc_ptr=acc, A=a, M=m, D=d, OFFSET=state.offset, QK_SCALE=LOG2E / temperature,
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,

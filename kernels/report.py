@@ -25,9 +25,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import triton
-from fastclr.kernels import nt_xent as K
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from fastclr.kernels import nt_xent as K
 
 # H100 SXM5 (NVIDIA datasheet): dense (no sparsity) tensor-core peaks, HBM3 bandwidth, 132 SMs at 1.98 GHz boost.
 H100_BF16_TFLOPS = 989.0
@@ -45,6 +46,7 @@ SM_LIMITS = {
 }
 MAX_REGISTERS = 255
 TENSOR_CORE_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 D_CASES = (128, 256, 2048)  # one block of 128, one block of 256, the D loop with chunked backward
 
 
@@ -73,7 +75,7 @@ def shipped_variants(d_cases=D_CASES, dtypes=("bf16", "fp32"), quick=False) -> l
     for d in d_cases:
         for dtype in dtypes:
             for kernel in K.KERNELS:
-                configs = K.candidate_configs(kernel, 1 << 20, d)
+                configs = K.candidate_configs(kernel, 1 << 20, d, ITEMSIZE[dtype])
                 for cfg in configs[:1] if quick else configs:
                     for shift in (True,) if quick else (True, False):
                         out.append(Variant(kernel, cfg.name, d, dtype, shift))
@@ -290,10 +292,12 @@ def format_report(report: dict) -> str:
     lines = [f"sm_{report['arch']} (triton {report['triton']})", head, "-" * len(head)]
     for r in report["variants"]:
         spill = r["stack_bytes"] + r["local_bytes"]
-        tc = f"{r['tensor_core_instructions']} {r['tensor_core_op'].split('.')[0]}"
+        gemm = r["kernel"] in K.KERNELS
+        tc = f"{r['tensor_core_instructions']} {r['tensor_core_op'].split('.')[0]}" if gemm else "-"
         status = "ok" if not r["problems"] else "; ".join(r["problems"])
         lines.append(
-            f"{r['kernel']:8} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['path']:5} {r['registers']:>4} "
+            f"{r['kernel']:8} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['path'] if gemm else '-':5} "
+            f"{r['registers']:>4} "
             f"{spill:>5} {r['shared_bytes'] / 1024:>7.1f} {tc:>12} {r['blocks_per_sm']:>6} "
             f"{r['occupancy']:>5.2f}  {status}"
         )

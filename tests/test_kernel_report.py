@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+
 from fastclr.kernels import nt_xent as K
 from fastclr.kernels import report as R
 
@@ -59,7 +60,8 @@ def test_quick_report_compiles_cleanly(arch):
         assert r["arch"] == arch and r["local_bytes"] == 0 and r["stack_bytes"] == 0
         assert 0 < r["occupancy"] <= 1 and r["blocks_per_sm"] >= 1
         if r["kernel"] in K.KERNELS:
-            assert r["config"] == K.candidate_configs(r["kernel"], 1 << 20, 128)[0].name
+            itemsize = R.ITEMSIZE[r["dtype"]]
+            assert r["config"] == K.candidate_configs(r["kernel"], 1 << 20, 128, itemsize)[0].name
             assert r["tensor_core_op"] == TC_OPS[arch] and r["tensor_core_instructions"] > 0, r
     assert (32768, 128) in {(line["two_n"], line["d"]) for line in report["roofline"]}
 

@@ -16,8 +16,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from fastclr.kernels import nt_xent as K
 
+from fastclr.kernels import nt_xent as K
 from fastclr.losses.reference import nt_xent_reference
 
 # (20, 300): D > MAX_BLOCK_D loops over D and chunks the backward.
@@ -217,12 +217,13 @@ def test_bad_input_raises(kwargs, exc, match):
 @pytest.mark.parametrize("two_n", [8192, 16384, 32768, 65536, 262144])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_macs_within_three_gemms_at_sizes_that_matter(two_n, d):
-    for kernel in K.KERNELS:
-        for cfg in K.candidate_configs(kernel, two_n, d):
-            macs = K.executed_macs(two_n, d, config=cfg.name)
-            assert macs["ratio"] <= 3.0 * 1.03, (two_n, d, cfg.name, macs)
-    default = K.executed_macs(two_n, d)
-    assert default["ratio"] <= 3.0 * 1.03, default
+    for itemsize in (2, 4):
+        for kernel in K.KERNELS:
+            for cfg in K.candidate_configs(kernel, two_n, d, itemsize):
+                macs = K.executed_macs(two_n, d, config=cfg.name)
+                assert macs["ratio"] <= 3.0 * 1.03, (two_n, d, cfg.name, macs)
+        default = K.executed_macs(two_n, d, itemsize=itemsize)
+        assert default["ratio"] <= 3.0 * 1.03, default
 
 
 def test_macs_count_padding_and_d_chunks():
@@ -241,9 +242,12 @@ def test_candidates_cover_every_d_and_small_batches():
     for d in (1, 16, 100, 128, 129, 256, 257, 2048):
         for kernel in K.KERNELS:
             for a in (2, 64, 200, 1 << 20):
-                cands = K.candidate_configs(kernel, a, d)
-                assert cands, (kernel, a, d)
-                assert all(c.name in K.CONFIGS for c in cands)
+                for itemsize in (2, 4):
+                    cands = K.candidate_configs(kernel, a, d, itemsize)
+                    assert cands, (kernel, a, d, itemsize)
+                    assert all(c.name in K.CONFIGS for c in cands)
+    with pytest.raises(ValueError, match="itemsize"):
+        K.candidate_configs("fwd", 64, 128, itemsize=8)
     # Tiny batches get the smallest listed tiles, large ones the first (preferred) entry.
     assert K.candidate_configs("fwd", 2, 128)[0].block_m == 64
     assert K.candidate_configs("fwd", 1 << 20, 128)[0].name == "BM128_BN64_W8_S3"
