@@ -269,3 +269,27 @@ def test_demo_reruns_go_to_a_fresh_run_directory(tmp_path):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
         (tmp_path / name / "checkpoints" / "ckpt-000000001.pt").write_bytes(b"")
     assert _unused_run_dir(out) == out + "-3"
+
+
+def test_digits_demo_data_set(tmp_path):
+    from PIL import Image
+
+    from fastclr.train.demo_data import DONE_MARKER, digits_dataset
+
+    train, test = digits_dataset(size=16, root=tmp_path / "digits")
+    n_train, n_test = len(list(train.glob("*/*.jpg"))), len(list(test.glob("*/*.jpg")))
+    assert n_train + n_test == 1797 and 0.18 < n_test / 1797 < 0.22
+    assert (
+        sorted(p.name for p in train.iterdir())
+        == sorted(p.name for p in test.iterdir())
+        == [str(d) for d in range(10)]
+    )
+    with Image.open(next(train.glob("3/*.jpg"))) as im:
+        assert im.size == (16, 16) and im.mode == "RGB"
+    (train / "3").rename(train / "x")  # a cached copy (marker present) is reused as is, not rebuilt
+    assert (tmp_path / "digits" / DONE_MARKER).exists() and digits_dataset(
+        size=16, root=tmp_path / "digits"
+    ) == (train, test)
+    assert (train / "x").exists()
+    with pytest.raises(ValueError, match="at least 8 px"):
+        digits_dataset(size=4, root=tmp_path / "small")

@@ -1,13 +1,9 @@
 """The embedded demo data set: scikit-learn's handwritten digits written out as an ImageFolder of JPEGs.
 
-The 1,797 8x8 grey-level digits ship inside scikit-learn (no download). Each is upscaled (bicubic) to ``size`` px and
-printed in a random ink colour on random paper colour (a fixed seed per image), then the set is split per class into
-train/test (80/20) under a cache folder::
+The 1,797 8x8 grey-level digits ship inside scikit-learn (no download). They are upscaled (bicubic) to ``size`` px
+RGB JPEGs (dark ink on white paper) and split per class into train/test (80/20, fixed seed) under a cache folder::
 
     $XDG_CACHE_HOME/fastclr/digits-<size>px/{train,test}/<digit>/<index>.jpg   (~/.cache/fastclr when unset)
-
-The colours make the task worth learning: an untrained encoder's features are dominated by colour, which says nothing
-about the digit, and SimCLR's colour distortion is what teaches the encoder to look past it.
 
 The folder is built in a temporary sibling and renamed into place, so a half-written copy is never used.
 """
@@ -30,15 +26,6 @@ def cache_root() -> Path:
         return Path(os.environ["FASTCLR_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fastclr"
-
-
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random (ink, paper) RGB pair with enough luminance contrast to keep the digit legible."""
-    while True:
-        ink, paper = rng.uniform(0, 255, size=(2, 3))
-        luma = np.array([0.299, 0.587, 0.114])
-        if abs(float((ink - paper) @ luma)) > 60:
-            return ink, paper
 
 
 def digits_dataset(
@@ -69,15 +56,9 @@ def digits_dataset(
             split = "test" if is_test[i] else "train"
             folder = tmp / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
-            ink_level = np.asarray(
-                Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize(
-                    (size, size), Image.BICUBIC
-                )
-            )
-            ink, paper = _colours(rng)
-            alpha = ink_level[..., None].astype(np.float32) / 255
-            rgb = alpha * ink + (1 - alpha) * paper
-            Image.fromarray(rgb.round().astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=95)
+            grey = (255 - img * (255 / 16)).astype(np.uint8)  # dark ink on white paper, like a scan
+            pil = Image.fromarray(grey).resize((size, size), Image.BICUBIC).convert("RGB")
+            pil.save(folder / f"{i:04d}.jpg", quality=95)
         (tmp / DONE_MARKER).write_text(
             f"sklearn digits, {size}px, test_fraction={test_fraction}, seed={seed}\n"
         )
