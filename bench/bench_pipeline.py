@@ -165,7 +165,8 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="fastclr-bench-") as tmp:
         for size in sizes:
             if args.data is not None:
-                data, label = args.data, str(args.data)
+                # The folder and its parent name the data set without machine-specific paths.
+                data, label = args.data, f"{args.data.resolve().parent.name}/{args.data.name}"
             else:
                 sides = (300, 500) if size > 64 else (32, 32)
                 data = make_jpegs(Path(tmp) / f"s{size}", args.images, *sides)
