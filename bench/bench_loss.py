@@ -62,10 +62,15 @@ def make_loss_fn(impl: str, temperature: float):
         return LightlyNTXent(temperature=temperature)
     if impl == "compile":
         return torch.compile(lambda a, b: nt_xent_reference(a, b, temperature))
-    if impl == "triton" and not torch.cuda.is_available():
+    if impl.startswith("triton") and not torch.cuda.is_available():
         raise RuntimeError(
             "skipped: no CUDA device (the Triton interpreter is a correctness tool, not a fast path)"
         )
+    if impl.startswith("triton:"):  # a named kernel variant, e.g. triton:BM64_BN64_W4_S3
+        from fastclr.kernels.nt_xent import nt_xent_triton
+
+        config = impl.split(":", 1)[1]
+        return lambda a, b: nt_xent_triton(a, b, temperature, config=config)
     return lambda a, b: fastclr.nt_xent(a, b, temperature, impl=impl)
 
 
@@ -97,6 +102,10 @@ def _child(spec: dict) -> dict:
             loss.backward()
             z_a.grad = z_b.grad = None
 
+    if impl not in ("floor", "compile"):
+        # A tiny call first: lazy imports and op registration must not count as the loss's memory.
+        tiny = [torch.randn(2, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
+        fn(*tiny).backward()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -160,23 +169,32 @@ def run_one(spec: dict, mem_limit_gb: float, timeout_s: float) -> dict:
     return {"status": f"failed: {last[:160]}"}
 
 
+def gemm_flops(two_n: int, d: int) -> float:
+    """FLOPs of the three (2N x D) @ (D x 2N) GEMMs forward+backward needs: 3 * 2 * (2N)^2 * D."""
+    return 6.0 * two_n * two_n * d
+
+
 def fmt_time(s):
     return "-" if s is None else (f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s")
 
 
-def print_table(rows, sizes, impls):
+def print_table(rows):
     floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
+    width = max(10, *(len(r["impl"]) for r in rows))
     print(
-        f"\n{'impl':<10} {'2N':>7} {'time (median)':>14} {'min..max':>20} {'x floor':>8} {'peak extra':>12}  status"
+        f"\n{'impl':<{width}} {'2N':>7} {'time (median)':>14} {'min..max':>20} {'x floor':>8} {'TFLOP/s':>8} "
+        f"{'peak extra':>12}  status"
     )
     for r in rows:
         t = r.get("median_s")
         floor = floors.get(r["two_n"])
         ratio = f"{t / floor:.2f}" if t and floor else "-"
+        tflops = f"{gemm_flops(r['two_n'], r['d']) / t / 1e12:.3f}" if t else "-"
         spread = f"{fmt_time(r.get('lo_s'))}..{fmt_time(r.get('hi_s'))}" if t else "-"
         mem = f"{r['peak_extra_mb']:.0f} MiB" if "peak_extra_mb" in r else "-"
         print(
-            f"{r['impl']:<10} {r['two_n']:>7} {fmt_time(t):>14} {spread:>20} {ratio:>8} {mem:>12}  {r['status']}"
+            f"{r['impl']:<{width}} {r['two_n']:>7} {fmt_time(t):>14} {spread:>20} {ratio:>8} {tflops:>8} "
+            f"{mem:>12}  {r['status']}"
         )
 
 
@@ -184,7 +202,7 @@ def write_csv(rows, meta):
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "bench_loss.csv"
     fields = ["date", "device", "torch", "impl", "two_n", "d", "dtype", "temperature", "median_s", "lo_s", "hi_s",
-              "x_floor", "peak_extra_mb", "status"]  # fmt: skip
+              "x_floor", "peak_fraction", "peak_extra_mb", "status"]  # fmt: skip
     floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -233,7 +251,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument(
-        "--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="providers, side by side"
+        "--impls",
+        nargs="+",
+        default=list(IMPLS),
+        help=f"providers, side by side: {', '.join(IMPLS)}, or triton:<variant> (see --list-variants)",
+    )
+    p.add_argument(
+        "--list-variants",
+        action="store_true",
+        help="list the named Triton kernel variants and exit",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (CPU), at most")
@@ -262,6 +288,17 @@ def main(argv=None) -> list[dict]:
             sys.exit(3)
         return []
 
+    if args.list_variants:
+        from fastclr.kernels.nt_xent import list_configs
+
+        print("\n".join(f"triton:{name}" for name in list_configs()))
+        return []
+    for impl in args.impls:
+        if impl not in IMPLS and not impl.startswith("triton:"):
+            p.error(
+                f"--impls: unknown provider {impl!r}; choose from {', '.join(IMPLS)} or triton:<variant>"
+            )
+
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,11 +317,17 @@ def main(argv=None) -> list[dict]:
                     "temperature": args.temperature, "repeats": args.repeats, "budget_s": args.budget_s}  # fmt: skip
             t0 = time.perf_counter()
             res = run_one(spec, mem_limit, args.timeout_s)
-            row = {"impl": impl, "two_n": two_n, **res}
+            row = {"impl": impl, "two_n": two_n, "d": args.dim, **res}
+            if device == "cuda" and res.get("median_s"):
+                from fastclr.kernels.report import H100_BF16_TFLOPS
+
+                row["peak_fraction"] = (
+                    gemm_flops(two_n, args.dim) / res["median_s"] / 1e12 / H100_BF16_TFLOPS
+                )
             rows.append(row)
             print(f"  {impl:<10} 2N={two_n:<6} {fmt_time(res.get('median_s')):>10}  {res['status']}"
                   f"  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    print_table(rows, args.sizes, args.impls)
+    print_table(rows)
     path = write_csv(rows, meta)
     print(f"\nappended {len(rows)} rows to {path}")
     if not args.no_plot:
