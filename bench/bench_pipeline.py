@@ -121,6 +121,45 @@ def run_size(data: Path, size: int, args) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Grouped bars: pairs of views per second per output size, one bar per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["size"], r["data"]) for r in rows}, key=lambda g: -g[0])
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(2.5 + 2 * len(groups), 4))
+    width = 0.8 / len(backends)
+    for k, backend in enumerate(backends):
+        for g, group in enumerate(groups):
+            for r in rows:
+                if (r["size"], r["data"]) == group and r["backend"] == backend:
+                    x = g + k * width
+                    ax.bar(x, r["median"], width, color=f"C{k}", label=backend if g == 0 else None)
+                    ax.errorbar(
+                        x,
+                        r["median"],
+                        [[r["median"] - r["low"]], [r["high"] - r["median"]]],
+                        color="k",
+                    )
+                    if "speedup" in r and r["speedup"] != 1.0:
+                        ax.annotate(
+                            f"{r['speedup']:.1f}x", (x, r["high"]), ha="center", va="bottom"
+                        )
+    ax.set_xticks([g + width * (len(backends) - 1) / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"{size} px\n{data}" for size, data in groups], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("pairs of views / s (median, range)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def environment() -> dict:
     try:
         from nvidia.dali import __version__ as dali_version
@@ -153,6 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed batches at each epoch start")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per backend")
     p.add_argument("--csv", type=Path, default=RESULTS, help="CSV to append results to")
+    p.add_argument("--plot", type=Path, help="also draw pairs/s per backend and size to this PNG")
     return p.parse_args(argv)
 
 
@@ -219,6 +259,10 @@ def main(argv=None) -> list[dict]:
             extra = dict(aug=args.aug, batch_size=args.batch_size, threads=args.threads)
             writer.writerow({**env, **r, **extra})
     print(f"appended {len(rows)} rows to {args.csv}")
+    if args.plot:
+        title = f"{env['device']}, {args.threads} threads/workers, {args.aug} augmentation"
+        plot(rows, args.plot, title)
+        print(f"wrote {args.plot}")
     return rows
 
 
