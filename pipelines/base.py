@@ -100,7 +100,9 @@ class EpochLoader:
         """Select the epoch the next iteration runs and how many of its first batches to skip.
 
         The same ``(seed, epoch, shard_id)`` always gives the same order and augmentations, so
-        ``set_epoch(e, skip_batches=k)`` yields exactly batches ``k, k+1, ...`` of epoch ``e``.
+        ``set_epoch(e, skip_batches=k)`` yields exactly batches ``k, k+1, ...`` of epoch ``e``
+        (``len(loader)`` stays the full epoch's length). The DALI loaders reach batch ``k`` by
+        running and discarding the first ``k`` batches; the twins skip them without decoding.
         """
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
