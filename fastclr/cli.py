@@ -126,9 +126,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         args.preset = "cpu-demo"
     cfg = config_from_args(args)
     if demo and "out" not in vars(args) and cfg.run.resume is None:
-        cfg.run.out = _unused_run_dir(
-            cfg.run.out
-        )  # running the demo again starts a new run beside the old one
+        # running the demo again starts a new run beside the old one
+        cfg.run.out = _unused_run_dir(cfg.run.out)
     result = pretrain(cfg)
     return 0 if result["status"] in ("completed", "stopped", "max_steps") else 1
 
@@ -287,9 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         rank = os.environ.get("RANK", "0")
         prefix = "fastclr: error: " if rank == "0" else f"fastclr [rank {rank}]: error: "
-        message = (
-            " ".join(str(e).split()) or type(e).__name__
-        )  # one line, whatever the exception text holds
+        # one line, whatever the exception text holds
+        message = " ".join(str(e).split()) or type(e).__name__
         from fastclr.train.trainer import TrainingError
 
         expected = (ValueError, TypeError, OSError, TrainingError)

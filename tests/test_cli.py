@@ -59,9 +59,8 @@ def test_pretrain_knn_linear_export(trained, data, tmp_path, capsys):
     assert load_checkpoint(ckpt)["step"] == 4
     assert (out / "config.toml").is_file() and (out / "curves.png").is_file()
     assert len((out / "knn.csv").read_text().splitlines()) == 1 + 2  # random init and trained
-    assert (
-        main(["knn", "--ckpt", str(ckpt), "--k", "5", "--workers", "1", "--size", "16"]) == 0
-    )  # folders from the ckpt
+    # folders from the ckpt
+    assert main(["knn", "--ckpt", str(ckpt), "--k", "5", "--workers", "1", "--size", "16"]) == 0
     assert re.search(
         r"kNN top-1 \(k=5\): \d+\.\d\d%.*64 bank images.*24 test images", capsys.readouterr().out
     )
@@ -136,9 +135,8 @@ def test_pretrain_without_data_runs_the_digits_demo(tmp_path, monkeypatch, capsy
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert (
-        "digits-32px/train" in printed and 'arch = "cnn7"' in printed
-    )  # the embedded data and the cpu-demo preset
+    # the embedded data and the cpu-demo preset
+    assert "digits-32px/train" in printed and 'arch = "cnn7"' in printed
     assert re.search(r"kNN top-1 \(k=\d+\): random init \d+\.\d\d% -> trained \d+\.\d\d%", printed)
     assert len(list((tmp_path / "cache" / "digits-32px" / "train").glob("*/*.jpg"))) > 1000
 
@@ -187,9 +185,8 @@ def test_bad_settings(data, tmp_path, capsys, flags, match):
 
 
 def test_batch_not_divisible_by_world_size(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(
-        "WORLD_SIZE", "3"
-    )  # checked before any process group is joined, so nothing waits for peers
+    # checked before any process group is joined, so nothing waits for peers
+    monkeypatch.setenv("WORLD_SIZE", "3")
     code = main(["pretrain", "--data", str(data[0]), *TINY, "--out", str(tmp_path / "run")])
     assert "batch_size 16 is not divisible by the world size 3" in error_line(capsys, code)
 
@@ -255,9 +252,8 @@ def test_resume_with_a_different_config_names_the_keys(trained, data, capsys):
         "different config: loss.temperature (checkpoint 0.5, now 0.1), model.width (checkpoint 8, now 16)"
         in line
     )
-    assert (
-        sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-    )  # nothing written, nothing removed
+    # nothing written, nothing removed
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_demo_reruns_go_to_a_fresh_run_directory(tmp_path):

@@ -50,10 +50,8 @@ def tiny_config(data, out, **run) -> PretrainConfig:
     cfg = PretrainConfig()
     cfg.data.data = str(data[0])
     cfg.data.size, cfg.data.workers, cfg.data.backend = 16, 1, "dali"
-    cfg.data.min_scale, cfg.data.color_strength = (
-        0.6,
-        0.1,
-    )  # gentle views: the loss drops within a few steps
+    # gentle views: the loss drops within a few steps
+    cfg.data.min_scale, cfg.data.color_strength = 0.6, 0.1
     cfg.model.arch, cfg.model.width, cfg.model.proj_dim = "cnn7", 8, 32
     cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs = 16, 3, 0
     cfg.optim.lr, cfg.optim.lr_scaling = 2.0, "none"
@@ -89,9 +87,8 @@ def test_loss_decreases_and_run_artifacts_are_written(data, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(data, tmp_path):
     full = pretrain(tiny_config(data, tmp_path / "full"))
-    first = pretrain(
-        tiny_config(data, tmp_path / "cut", max_steps=6)
-    )  # stops mid-epoch 1 (batch 2 of 4)
+    # stops mid-epoch 1 (batch 2 of 4)
+    first = pretrain(tiny_config(data, tmp_path / "cut", max_steps=6))
     assert first["status"] == "max_steps"
     ckpt = load_checkpoint(first["checkpoint"])
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (6, 1, 2)

@@ -71,9 +71,8 @@ def digits_dataset(
         except OSError:
             if not (target / DONE_MARKER).is_file():
                 raise
-            shutil.rmtree(
-                tmp
-            )  # another process finished the same build first; its copy is identical
+            # another process finished the same build first; its copy is identical
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -107,9 +107,8 @@ def build_model(cfg: PretrainConfig, info: dist.DistInfo) -> nn.Module:
     from fastclr.models import SimCLRModel
 
     m = cfg.model
-    torch.manual_seed(
-        cfg.run.seed
-    )  # same initial weights everywhere (DDP would broadcast rank 0's anyway)
+    # same initial weights everywhere (DDP would broadcast rank 0's anyway)
+    torch.manual_seed(cfg.run.seed)
     model = SimCLRModel(
         m.arch,
         cifar_stem=m.cifar_stem,
@@ -470,9 +469,8 @@ class Trainer:
             .contiguous(memory_format=torch.channels_last)
         )
         with self.autocast():
-            _, z = self.net(
-                x
-            )  # one forward over both views: BN statistics over all 2N images, as in SimCLR
+            # one forward over both views: BN statistics over all 2N images, as in SimCLR
+            _, z = self.net(x)
         z_a, z_b = z.float().chunk(2)
         loss = self.loss_fn(z_a, z_b)
         # The one host-device sync of a step: the loss value (for logging and the non-finite check) and the stop
@@ -677,9 +675,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     Works in one process or under torchrun (reads RANK/WORLD_SIZE/LOCAL_RANK from the environment).
     """
-    cfg.validate(
-        world_size=dist.env_world_size()
-    )  # before joining the group: a bad config fails fast on every rank
+    # before joining the group: a bad config fails fast on every rank
+    cfg.validate(world_size=dist.env_world_size())
     info = dist.init_distributed(cfg.run.device)
     try:
         prepare_demo_data(cfg, info)
