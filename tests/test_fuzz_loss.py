@@ -37,9 +37,7 @@ FUZZ_EXAMPLES = {"reference": 20, "torch": 40, "triton": 6}
 SLOW_EXAMPLES = {"reference": 300, "torch": 400, "triton": 40}
 MAX_SIZE = {"reference": (300, 300), "torch": (300, 300), "triton": (40, 72)}
 DTYPES = {
-    # fp16 is left out for the reference: its F.normalize runs in fp16, so rows with a norm above 65504 come out wrong
-    # and all-zero rows NaN (test_reference_fp16_*); the fast paths normalise in fp32.
-    "reference": (torch.float32, torch.bfloat16, torch.float64),
+    "reference": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
     "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
     # The fused kernel takes fp32/fp16/bf16 only; fp64 is refused with a TypeError (test_triton_refuses_fp64).
     "triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -322,10 +320,6 @@ def test_triton_refuses_fp64():
 # Known defects, kept as strict xfails so that a fix shows up as XPASS and the marker is removed with it.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference.py normalises fp16 rows in fp16: norms above 65504 overflow and the loss is finite but wrong",
-)
 def test_reference_fp16_norm_overflow():
     z_a, z_b = extreme_fp16_pair(
         d=300
@@ -337,10 +331,6 @@ def test_reference_fp16_norm_overflow():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference.py normalises fp16 rows in fp16, where the eps 1e-12 rounds to 0: an all-zero row gives 0/0 = NaN",
-)
 def test_reference_fp16_zero_row():
     g = torch.Generator().manual_seed(2)
     z_a, z_b = torch.randn(8, 16, generator=g).half(), torch.randn(8, 16, generator=g).half()

@@ -26,7 +26,9 @@ def nt_xent_reference(
         Scalar loss, mean over this rank's 2N anchors, in the input dtype.
     """
     n = z_a.shape[0]
-    z = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    z = torch.cat([z_a, z_b])
+    # fp16 cannot hold squared norms (overflow above 65504, eps 1e-12 rounds to 0): normalise in fp32.
+    z = F.normalize(z.float() if z.dtype == torch.float16 else z, dim=1).to(z_a.dtype)
     cols, offset = z, 0
     if group is not None:
         import torch.distributed as dist
