@@ -1,6 +1,7 @@
 """End-to-end pretraining on generated JPEGs: learning, checkpoints, exact resume, signals, non-finite losses, DDP."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,12 +62,15 @@ def tiny_config(data, out, **run) -> PretrainConfig:
     return cfg
 
 
-def test_loss_decreases_and_run_artifacts_are_written(data, tmp_path):
+def test_loss_decreases_and_run_artifacts_are_written(data, tmp_path, capsys):
     cfg = tiny_config(data, tmp_path / "run")
     cfg.data.test_data, cfg.optim.epochs = str(data[1]), 5
     r = pretrain(cfg)
     losses = r["losses"]
     assert r["status"] == "completed" and len(losses) == r["step"] == 20
+    printed = capsys.readouterr().out
+    assert re.search(r"^epoch 5/5: loss \d+\.\d{4}, lr .*, \d+ images/s$", printed, re.M), printed
+    assert "resolved config:" in printed and "kNN top-1 (k=10): random init" in printed
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
     ckpt = load_checkpoint(r["checkpoint"])
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (20, 5, 0)

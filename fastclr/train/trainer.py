@@ -559,10 +559,11 @@ class Trainer:
 
         cfg, s = self.cfg, self.state
         show = self.info.is_main and cfg.run.progress
+        # disable=None: a live bar on terminals only; logs get the one-line epoch summaries below instead
         bar = tqdm(
             total=limit,
             initial=s.step,
-            disable=not show,
+            disable=None if show else True,
             unit="step",
             dynamic_ncols=True,
             mininterval=0.5,
@@ -571,6 +572,7 @@ class Trainer:
         try:
             while s.step < limit:
                 self.loader.set_epoch(s.epoch, skip_batches=s.batch)
+                epoch_losses, t_epoch = [], time.perf_counter()
                 t_data = time.perf_counter()
                 for view_a, view_b in self.loader:
                     data_s = time.perf_counter() - t_data
@@ -579,6 +581,7 @@ class Trainer:
                         view_a, view_b, stop.signal_name is not None
                     )
                     self.losses.append(loss)
+                    epoch_losses.append(loss)
                     s.step, s.batch = s.step + 1, s.batch + 1
                     step_s = time.perf_counter() - t_data
                     ips = cfg.optim.batch_size / step_s
@@ -607,6 +610,12 @@ class Trainer:
                     )
                     if s.batch == self.steps_per_epoch:
                         s.epoch, s.batch = s.epoch + 1, 0
+                        if self.info.is_main:
+                            elapsed = time.perf_counter() - t_epoch
+                            say(
+                                f"epoch {s.epoch}/{cfg.optim.epochs}: loss {sum(epoch_losses) / len(epoch_losses):.4f}, "
+                                f"lr {lr:.3g}, {len(epoch_losses) * cfg.optim.batch_size / elapsed:.0f} images/s"
+                            )
                     if stop_now:
                         return "stopped"
                     if s.step >= limit:
