@@ -289,3 +289,23 @@ def test_digits_demo_data_set(tmp_path):
     assert (train / "x").exists()
     with pytest.raises(ValueError, match="at least 8 px"):
         digits_dataset(size=4, root=tmp_path / "small")
+
+
+def test_test_data_with_other_classes(data, tmp_path, capsys):
+    other = make_image_folder(tmp_path / "other", classes=3, per_class=2)
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(data[0]),
+            "--test-data",
+            str(other),
+            *TINY,
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert re.search(
+        r"--test-data .*other: its classes .* differ from the training classes",
+        error_line(capsys, code),
+    )

@@ -252,6 +252,10 @@ def test_torchrun_two_processes_keep_parameters_identical(data, tmp_path):
     ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
     # 64 images, global batch 16 -> 8 per rank, 32 images per shard -> 4 steps per epoch
     assert (ckpt["step"], ckpt["world_size"], len(ckpt["rng"])) == (8, 2, 2)
+    # Bad input seen by rank 0 alone (here: a run directory already in use) stops both ranks, no hang.
+    code, output = _run([*cmd[:5], f"--master_port={_free_port()}", *cmd[6:]], timeout=120, env=env)
+    assert code != 0 and "fastclr: error: " in output, output
+    assert re.search(r"fastclr \[rank 1\]: error: .*already holds checkpoints", output), output
 
 
 def test_bf16_autocast_on_cpu_keeps_fp32_weights(data, tmp_path):

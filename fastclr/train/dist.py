@@ -6,6 +6,7 @@ Without those variables (a plain ``python -m fastclr pretrain``) everything degr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,3 +104,22 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def run_on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """``fn()`` on rank 0 only, its result on every rank; if it raises a ValueError/OSError, every rank raises it.
+
+    Without this, bad input noticed by rank 0 alone would leave the other ranks waiting in a collective forever.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except (ValueError, OSError) as e:
+            if not info.distributed:
+                raise
+            error = e
+    result, error = broadcast_object((result, error), info)
+    if error is not None:
+        raise error
+    return result

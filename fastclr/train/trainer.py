@@ -233,11 +233,15 @@ class KnnMonitor:
             )
         return bank, test
 
+    def prepare(self) -> None:
+        """Open the evaluation loaders (listing and validating their images) if not done yet."""
+        if self._loaders is None:
+            self._loaders = self._build()
+
     def __call__(self, backbone: nn.Module) -> float:
         from fastclr.eval import extract_features, knn_accuracy
 
-        if self._loaders is None:
-            self._loaders = self._build()
+        self.prepare()
         bank, test = self._loaders
         dev = self.info.device
         bank_f, bank_y = extract_features(backbone, bank, dev, autocast_dtype=self.autocast_dtype)
@@ -334,6 +338,9 @@ class Trainer:
             cfg.loss.temperature, impl=cfg.loss.loss_impl, gather_distributed=info.distributed
         )
         self.knn = KnnMonitor(cfg, info, self.loader.classes, self.autocast_dtype)
+        if self.knn.enabled:
+            # Rank 0 evaluates; open (and so validate) its data now, so a bad --test-data stops every rank at once.
+            dist.run_on_main(self.knn.prepare, info)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         # Per-process randomness differs by rank; the data order/augmentation is seeded by the loader itself.
         torch.manual_seed(cfg.run.seed + info.rank)
@@ -345,23 +352,26 @@ class Trainer:
 
     def resume_path(self) -> Path | None:
         """The checkpoint to resume from (rank 0 decides, every rank gets the same path), or None to start fresh."""
+        return dist.run_on_main(self._pick_checkpoint, self.info)
+
+    def _pick_checkpoint(self) -> Path | None:
         resume = self.cfg.run.resume
-        path: Path | None = None
-        if self.info.is_main:
-            if resume == "auto":
-                path = find_latest_valid(self.ckpt_dir)
-                if path is None:
-                    say(f"--resume auto: no checkpoint in {self.ckpt_dir}; starting from scratch")
-            elif resume is not None:
-                path = Path(resume)
-                if not path.is_file():
-                    raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
-            elif list_checkpoints(self.ckpt_dir):
-                raise ValueError(
-                    f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest {list_checkpoints(self.ckpt_dir)[-1].name}); "
-                    "continue it with --resume auto, or pick another --out"
-                )
-        return dist.broadcast_object(path, self.info)
+        if resume == "auto":
+            path = find_latest_valid(self.ckpt_dir)
+            if path is None:
+                say(f"--resume auto: no checkpoint in {self.ckpt_dir}; starting from scratch")
+            return path
+        if resume is not None:
+            if not Path(resume).is_file():
+                raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
+            return Path(resume)
+        if list_checkpoints(self.ckpt_dir):
+            newest = list_checkpoints(self.ckpt_dir)[-1].name
+            raise ValueError(
+                f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest {newest}); "
+                "continue it with --resume auto, or pick another --out"
+            )
+        return None
 
     def restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.info.device)
