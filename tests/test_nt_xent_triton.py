@@ -86,7 +86,10 @@ def check_half(n, d, tau, dtype, config=None):
         ref_err = (r.double() - t).abs().max().item()
         # No implementation returning `dtype` can beat rounding the exact answer to it: that error joins the floor.
         rounding = (t.to(dtype).double() - t).abs().max().item()
-        assert err <= 2 * ref_err + rounding + HALF_FLOOR, (
+        # The kernel accumulates in fp32: rounding S/tau (relative eps/tau) reaches a gradient through its 1/(2N tau)
+        # prefactor. Where the exact gradient underflows the dtype (tiny tau), that noise is all that is left to compare.
+        noise = 0.0 if name == "loss" else 4 * torch.finfo(torch.float32).eps / (2 * n * tau**2)
+        assert err <= 2 * ref_err + rounding + noise + HALF_FLOOR, (
             f"{name} n={n} d={d} tau={tau} {dtype}: kernel error {err:.3e} > 2 x reference error {ref_err:.3e}"
             f" + rounding {rounding:.3e}"
         )
