@@ -58,7 +58,9 @@ def make_config(args: argparse.Namespace, out: Path, *, backend="auto", impl="au
     m.arch, m.width, m.cifar_stem = args.arch, args.width, args.cifar_stem
     m.proj_layers, m.proj_dim = args.proj_layers, args.proj_dim
     cfg.loss.temperature, cfg.loss.loss_impl = args.temperature, impl
-    o.batch_size, o.epochs, o.warmup_epochs = args.batch_size, epochs, args.warmup_epochs
+    # SimCLR warms up for 10 of its 100 epochs; a short budgeted run keeps that fraction.
+    warmup = 0.1 * epochs if args.warmup_epochs is None else args.warmup_epochs
+    o.batch_size, o.epochs, o.warmup_epochs = args.batch_size, epochs, warmup
     o.lr, o.lr_scaling = args.lr, "linear"
     r.out, r.device, r.precision, r.seed = str(out), args.device, args.precision, args.seed
     r.knn_every, r.progress, r.keep = 0, args.progress, 1
@@ -450,7 +452,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--color-strength", type=float, default=0.5)
     p.add_argument("--min-scale", type=float, default=0.2, help="smallest random-crop area")
     p.add_argument("--lr", type=float, default=1.0, help="fastclr LARS base lr (x B/256)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="fastclr lr warm-up")
+    p.add_argument(
+        "--warmup-epochs", type=float, help="fastclr lr warm-up (default: 10%% of the epochs)"
+    )
     p.add_argument("--baseline-lr", type=float, default=0.06, help="plain loop SGD lr (x B/256)")
     p.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
