@@ -5,7 +5,7 @@
     python bench/bench_loss.py --world-size 2        # + gathered negatives over 2 gloo ranks (communication vs loss)
     fastclr bench loss ...                            # the same
 
-Every (impl, 2N) runs in a fresh child process: peak memory is the child's ru_maxrss (CPU) or the CUDA allocator's peak
+Every (impl, 2N) runs in a fresh child process: peak memory is the child's RSS high-water mark (CPU, reset once the inputs exist) or the CUDA allocator's peak
 above the baseline taken after the inputs exist, and an address-space limit (--mem-limit-gb) turns "would not fit" into a
 reported out-of-memory instead of a swapping machine. Time is the median of repeated forward+backward passes after a
 warm-up (CUDA: triton.testing.do_bench). The floor is three (2N x D) @ (D x 2N) GEMMs timed in the same child way:
@@ -74,6 +74,36 @@ def make_loss_fn(impl: str, temperature: float):
     return lambda a, b: fastclr.nt_xent(a, b, temperature, impl=impl)
 
 
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's RSS high-water mark (Linux) and return the current RSS in bytes.
+
+    Without the reset, a transient peak from importing torch can hide the loss's own memory at small sizes.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (_status_kb("VmRSS") or 0) * 1024
+
+
+def peak_rss() -> int:
+    """Peak RSS in bytes since the last reset_peak_rss (VmHWM), or the process's ru_maxrss elsewhere."""
+    hwm = _status_kb("VmHWM")
+    return (
+        hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+
+
 def _child(spec: dict) -> dict:
     """Run one (impl, 2N) measurement in this process and return its result row."""
     import torch
@@ -111,7 +141,7 @@ def _child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = reset_peak_rss()
     step()  # warm-up (and compilation for the compile provider)
     if cuda:
         import triton.testing
@@ -121,7 +151,7 @@ def _child(spec: dict) -> dict:
         med, lo, hi = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
         times = [med / 1e3, lo / 1e3, hi / 1e3]
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss() - base
         samples, start = [], time.perf_counter()
         while len(samples) < spec["repeats"] and (
             len(samples) < 1 or time.perf_counter() - start < spec["budget_s"]
