@@ -15,15 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastclr.losses.tiled import (
-    DEFAULT_BLOCK_COLS,
-    DEFAULT_BLOCK_ROWS,
-    compute_dtype,
-    normalize_backward,
-    normalize_rows,
-    rows_grad,
-    rows_lse,
-)
+from fastclr.losses.tiled import compute_dtype, tiled_backward, tiled_forward
 
 IMPLS = ("torch", "triton")
 _Residuals = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -45,13 +37,7 @@ def nt_xent_fwd(
 
         loss, state = nt_xent_forward(z_a, z_b, temperature, precision=precision)
         return loss, state.zhat, state.norm, state.stats
-    n = z_a.shape[0]
-    z_hat, norm = normalize_rows(torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype)))
-    lse = rows_lse(z_hat, z_hat, temperature, 0, DEFAULT_BLOCK_ROWS, DEFAULT_BLOCK_COLS)
-    pos_logit = (z_hat * z_hat.roll(-n, dims=0)).sum(
-        dim=1
-    ) / temperature  # row pos(i) = (i + N) mod 2N
-    loss = (lse - pos_logit).mean().to(z_a.dtype)
+    loss, z_hat, norm, _, lse, _, _ = tiled_forward(z_a, z_b, temperature)
     return loss, z_hat, norm, lse
 
 
@@ -86,22 +72,8 @@ def nt_xent_bwd(
 
         state = ForwardState(z_hat, norm, lse, z_hat, lse, 0)
         return nt_xent_backward(grad, z_a, z_b, state, temperature, precision=precision)
-    n, a = z_a.shape[0], 2 * z_a.shape[0]
-    g = grad.to(z_hat.dtype)
-    dz_hat = rows_grad(
-        z_hat,
-        z_hat,
-        lse,
-        lse,
-        g,
-        g.expand(a),
-        temperature,
-        0,
-        n,
-        DEFAULT_BLOCK_ROWS,
-        DEFAULT_BLOCK_COLS,
-    )
-    dz = normalize_backward(dz_hat, z_hat, norm).to(z_a.dtype)
+    n = z_a.shape[0]
+    dz = tiled_backward(grad, z_a.dtype, z_hat, norm, z_hat, lse, lse, temperature, 0)
     return dz[:n].clone(), dz[n:].clone()  # custom op outputs may not alias each other
 
 

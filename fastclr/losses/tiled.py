@@ -173,39 +173,76 @@ def rows_grad(
     return grad.mul_(1.0 / (a * temperature))
 
 
+def tiled_forward(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_cols: int = DEFAULT_BLOCK_COLS,
+    group=None,
+):
+    """Loss and the O(A*D) state backward needs: (loss 0-d in z_a's dtype, z_hat (A, D), norm (A,), cols (M, D),
+    lse (A,), lse_cols (M,), offset). Without ``group`` the columns are the local rows (cols is z_hat, offset 0)."""
+    n = z_a.shape[0]
+    z_hat, norm = normalize_rows(torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype)))
+    cols, offset = z_hat, 0
+    if group is not None:
+        cols, offset = dist_utils.all_gather_rows(z_hat, group)
+    lse = rows_lse(z_hat, cols, temperature, offset, block_rows, block_cols)
+    pos = offset + (torch.arange(2 * n, device=z_hat.device) + n) % (2 * n)
+    pos_logit = (z_hat * cols[pos]).sum(dim=1) / temperature
+    lse_cols = lse if group is None else dist_utils.all_gather_rows(lse, group)[0]
+    loss = (lse - pos_logit).mean().to(z_a.dtype)
+    return loss, z_hat, norm, cols, lse, lse_cols, offset
+
+
+def tiled_backward(
+    grad_out: torch.Tensor,
+    dtype: torch.dtype,
+    z_hat: torch.Tensor,
+    norm: torch.Tensor,
+    cols: torch.Tensor,
+    lse: torch.Tensor,
+    lse_cols: torch.Tensor,
+    temperature: float,
+    offset: int,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_cols: int = DEFAULT_BLOCK_COLS,
+    group=None,
+) -> torch.Tensor:
+    """dL/dz (A, D) in ``dtype`` for the upstream gradient ``grad_out`` (0-d), from ``tiled_forward``'s state."""
+    n = z_hat.shape[0] // 2
+    g = grad_out.to(z_hat.dtype)
+    if group is None:
+        g_cols = g.expand(cols.shape[0])
+    else:
+        # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
+        g_cols = dist_utils.all_gather_scalar(g, group).repeat_interleave(2 * n)
+    dz_hat = rows_grad(
+        z_hat, cols, lse, lse_cols, g, g_cols, temperature, offset, n, block_rows, block_cols
+    )
+    return normalize_backward(dz_hat, z_hat, norm).to(dtype)
+
+
 class NTXentTiledFunction(torch.autograd.Function):
     """Tiled NT-Xent: forward keeps z_hat, norms and lse (O(A*D)); backward recomputes S block by block."""
 
     @staticmethod
     def forward(ctx, z_a, z_b, temperature, block_rows, block_cols, group):
-        n = z_a.shape[0]
-        z = torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype))
-        z_hat, norm = normalize_rows(z)
-        cols, offset = z_hat, 0
-        if group is not None:
-            cols, offset = dist_utils.all_gather_rows(z_hat, group)
-        lse = rows_lse(z_hat, cols, temperature, offset, block_rows, block_cols)
-        pos = offset + (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-        pos_logit = (z_hat * cols[pos]).sum(dim=1) / temperature
-        lse_cols = lse if group is None else dist_utils.all_gather_rows(lse, group)[0]
+        loss, z_hat, norm, cols, lse, lse_cols, offset = tiled_forward(
+            z_a, z_b, temperature, block_rows, block_cols, group
+        )
         ctx.save_for_backward(z_hat, norm, cols, lse, lse_cols)
-        ctx.meta = (temperature, offset, n, block_rows, block_cols, group, z_a.dtype)
-        return (lse - pos_logit).mean().to(z_a.dtype)
+        ctx.meta = (temperature, offset, block_rows, block_cols, group, z_a.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        z_hat, norm, cols, lse, lse_cols = ctx.saved_tensors
-        temperature, offset, n, block_rows, block_cols, group, dtype = ctx.meta
-        g = grad_out.to(z_hat.dtype)
-        if group is None:
-            g_cols = g.expand(cols.shape[0])
-        else:
-            # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
-            g_cols = dist_utils.all_gather_scalar(g, group).repeat_interleave(2 * n)
-        dz_hat = rows_grad(
-            z_hat, cols, lse, lse_cols, g, g_cols, temperature, offset, n, block_rows, block_cols
+        temperature, offset, block_rows, block_cols, group, dtype = ctx.meta
+        dz = tiled_backward(
+            grad_out, dtype, *ctx.saved_tensors, temperature, offset, block_rows, block_cols, group
         )
-        dz = normalize_backward(dz_hat, z_hat, norm).to(dtype)
+        n = dz.shape[0] // 2
         return dz[:n], dz[n:], None, None, None, None
 
 
