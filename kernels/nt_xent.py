@@ -775,6 +775,11 @@ def nt_xent_backward(
     m = state.cols.shape[0]
     g = grad_out.reshape(1).to(torch.float32)
     g_cols = g if group is None else dist_utils.all_gather_scalar(g, group)
+    if m == 2:
+        # One pair in all (N = 1 on one rank): each row's only candidate is its positive, so L = 0 for every z and the
+        # gradient is exactly 0. The kernels would return their rounding residue of P - 1 instead, which the /eps chain
+        # of an all-zero row blows up to inf.
+        return torch.zeros_like(z_a), torch.zeros_like(z_b)
     acc = torch.empty((a, d), dtype=torch.float32, device=z_a.device)
     tiling = d_tiling(d)
     chunks = triton.cdiv(d, tiling.block_do)

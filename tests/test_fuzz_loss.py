@@ -317,7 +317,7 @@ def test_triton_refuses_fp64():
         fastclr.nt_xent(z, z.clone(), 0.5, impl="triton")
 
 
-# Known defects, kept as strict xfails so that a fix shows up as XPASS and the marker is removed with it.
+# Regression cases for defects the fuzzing above found (each failed before its fix).
 
 
 def test_reference_fp16_norm_overflow():
@@ -338,11 +338,6 @@ def test_reference_fp16_zero_row():
     check_against_truth("reference", z_a, z_b, 0.5, "fp16 with an all-zero row")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="triton: with N = 1 the true gradient is exactly 0; for an all-zero fp16 row the fp32 rounding residue of "
-    "P (~1e-7) is divided by eps = 1e-12 and overflows fp16 to -inf",
-)
 def test_triton_fp16_zero_row_single_pair():
     z_a, z_b = torch.zeros(1, 1, dtype=torch.float16), torch.full((1, 1), 0.3, dtype=torch.float16)
     check_against_truth("triton", z_a, z_b, 0.05, "N=1 D=1 zero row")
