@@ -72,7 +72,8 @@ class DaliLoader(EpochLoader):
     def _emit(self, outputs, keep: int):
         raise NotImplementedError
 
-    def _build(self, epoch: int, indices: np.ndarray):
+    def _build(self, epoch: int, indices: np.ndarray, start: int = 0):
+        """The pipeline reading ``indices`` (epoch ``epoch`` from its batch ``start`` on)."""
         from nvidia.dali import fn, pipeline_def
 
         @pipeline_def(enable_conditionals=True)
@@ -89,7 +90,8 @@ class DaliLoader(EpochLoader):
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=self.device_id,
-            seed=augment_seed(self.seed, epoch, self.shard_id),
+            # A rebuild part-way (after a file failed in the decoder) draws from its own stream.
+            seed=augment_seed(self.seed, epoch, self.shard_id, *([start] if start else [])),
             prefetch_queue_depth=PREFETCH_DEPTH,
         )
         pipe.build()
@@ -101,10 +103,12 @@ class DaliLoader(EpochLoader):
         except RuntimeError as e:
             match = _DECODE_ERROR.search(str(e))
             if match:
-                raise CorruptImageError(f"cannot decode image {match.group(1)}") from e
+                path = match.group(1)
+                raise CorruptImageError(f"cannot decode image {path}", path=path) from e
             culprit = self._find_undecodable(batch, indices)
             if culprit:
-                raise CorruptImageError(f"cannot decode image {culprit[0]} ({culprit[1]})") from e
+                path, reason = culprit
+                raise CorruptImageError(f"cannot decode image {path} ({reason})", path=path) from e
             raise RuntimeError(f"DALI pipeline over {self.root} failed: {e}") from e
 
     def _find_undecodable(self, batch: int, indices: np.ndarray):
@@ -138,14 +142,29 @@ class DaliLoader(EpochLoader):
 
     def _batches(self, epoch: int, indices: np.ndarray, skip: int, real: int) -> Iterator:
         self.close()
-        pipe = self._pipe = self._build(epoch, indices)
+        size, start, b = self.batch_size, 0, 0
         try:
-            for b in range(len(self)):
-                outputs = self._run(pipe, b, indices)
+            while b < len(self):
+                if self._pipe is None:
+                    # Built at batch 0, or rebuilt at the batch a file failed on in the decoder.
+                    part = self._stand_ins(indices[start * size :])
+                    self._pipe = self._build(epoch, part, start)
+                try:
+                    outputs = self._run(self._pipe, b - start, part)
+                except CorruptImageError as e:
+                    if self.on_corrupt != "skip" or e.path not in self.files:
+                        raise
+                    reason = str(e).removeprefix(f"cannot decode image {e.path}").strip(" ()")
+                    self._mark_undecodable(
+                        self.files.index(e.path), reason or "DALI's decoder failed"
+                    )
+                    self.close()
+                    start = b
+                    continue
                 if b >= skip:
-                    yield self._emit(outputs, min(self.batch_size, real - b * self.batch_size))
+                    yield self._emit(outputs, min(size, real - b * size))
+                b += 1
         finally:  # also on errors and on iteration abandoned part-way
-            del pipe
             self.close()
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ iteration abandoned part-way leaves ``self.epoch`` unchanged.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +20,7 @@ from fastclr.pipelines.augment import check_output, check_size
 from fastclr.pipelines.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CorruptImageError,
     check_sharding,
     epoch_indices,
     num_batches,
@@ -27,6 +29,16 @@ from fastclr.pipelines.data import (
 )
 
 DEVICES = ("cpu", "gpu", "auto")
+
+
+def next_decodable(index: int, bad, count: int, root) -> int:
+    """The first index after ``index`` (cyclically, among ``count`` files) not in ``bad``: the stand-in of a file
+    the decoder rejected."""
+    for step in range(1, count + 1):
+        candidate = (index + step) % count
+        if candidate not in bad:
+            return candidate
+    raise ValueError(f"no decodable images in {root}: all {count} files failed to decode")
 
 
 def resolve_device(device: str, device_id: int | None) -> tuple[str, int | None]:
@@ -75,7 +87,11 @@ class EpochLoader:
         check_sharding(len(images.files), batch_size, shard_id, num_shards, last_batch)
         self.root = root
         self.files, self.labels, self.classes = images.files, images.labels, images.classes
-        self.skipped = images.skipped
+        self.skipped = list(images.skipped)
+        self.on_corrupt = on_corrupt
+        # Files that passed the up-front check but not the decoder (on_corrupt="skip"): index -> the index read in its
+        # slot instead, so that epoch lengths, shards and the positions of all other files stay as they were.
+        self._stand_in: dict[int, int] = {}
         self.batch_size, self.num_threads, self.seed = batch_size, num_threads, int(seed)
         self.shard_id, self.num_shards, self.last_batch = shard_id, num_shards, last_batch
         self.dtype, self.normalize, self.shuffle = dtype, normalize, shuffle
@@ -88,8 +104,38 @@ class EpochLoader:
 
     @property
     def num_skipped(self) -> int:
-        """Files left out by ``on_corrupt="skip"``; their paths and reasons are in ``skipped``."""
+        """Files left out by ``on_corrupt="skip"``; their paths and reasons are in ``skipped``.
+
+        It counts the files the up-front check rejected and, as iteration finds them, those that only the decoder
+        rejects (each one is skipped from its first failure on, with a warning; the next file in the list is read in
+        its slot).
+        """
         return len(self.skipped)
+
+    def _mark_undecodable(self, index: int, reason: str) -> None:
+        """Handle file ``index`` failing in the decoder: raise under ``on_corrupt="error"``, else skip it from now on."""
+        path = self.files[index]
+        if self.on_corrupt != "skip":
+            raise CorruptImageError(f"cannot decode image {path} ({reason})", path=path)
+        if index in self._stand_in:
+            return
+        self.skipped.append((path, f"cannot be decoded ({reason})"))
+        warnings.warn(
+            f"skipping undecodable image {path} ({reason}); {self.num_skipped} file(s) skipped so far",
+            stacklevel=2,
+        )
+        self._stand_in[index] = index
+        for bad in self._stand_in:
+            self._stand_in[bad] = next_decodable(bad, self._stand_in, len(self.files), self.root)
+
+    def _stand_ins(self, indices: np.ndarray) -> np.ndarray:
+        """``indices`` with every known undecodable file replaced by the file read in its slot."""
+        if not self._stand_in:
+            return indices
+        out = indices.copy()
+        for bad, good in self._stand_in.items():
+            out[indices == bad] = good
+        return out
 
     def __len__(self) -> int:
         return num_batches(

@@ -38,7 +38,17 @@ _TAIL_BYTES = 1024
 
 
 class CorruptImageError(ValueError):
-    """An image file is unreadable, empty, truncated or not an image; the message names the path."""
+    """An image file is unreadable, empty, truncated or not an image; the message names the path.
+
+    ``path`` holds the file's path where the raiser knows it (None otherwise).
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # keep ``path`` when crossing DataLoader worker processes
+        return type(self), (str(self), self.path)
 
 
 @dataclass(frozen=True)
@@ -279,6 +289,7 @@ def epoch_indices(
     return np.resize(mine, nb * batch_size).astype(np.int64)
 
 
-def augment_seed(seed: int, epoch: int, shard_id: int) -> int:
-    """A 31-bit seed for the augmentation randomness of one (seed, epoch, shard)."""
-    return int(np.random.SeedSequence([seed, epoch, shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
+def augment_seed(seed: int, epoch: int, shard_id: int, *more: int) -> int:
+    """A 31-bit seed for the augmentation randomness of one (seed, epoch, shard[, more...])."""
+    entropy = [seed, epoch, shard_id, *more]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)

@@ -178,9 +178,11 @@ class SimCLRLoader(DaliLoader):
         normalize: ``(x - mean) / std`` if True, else values in [0, 1].
         crop_scale, crop_ratio, flip_p, color_strength, color_p, gray_p, blur_p, blur_sigma,
             solarize_p: augmentation, see :class:`~fastclr.pipelines.augment.SimCLRAugment`.
-        on_corrupt: ``"error"`` or ``"skip"`` (count in :attr:`num_skipped`) for files failing
-            the up-front check; a file that only fails in the decoder raises
-            :class:`~fastclr.pipelines.data.CorruptImageError` naming it.
+        on_corrupt: ``"error"`` raises :class:`~fastclr.pipelines.data.CorruptImageError` naming
+            the file, at construction for files failing the up-front check and during iteration
+            for a file only the decoder rejects. ``"skip"`` leaves the former out and skips the
+            latter from its first failure on (a warning; the next file is read in its slot, so
+            ``len()`` is unchanged); both are counted in :attr:`num_skipped`.
 
     Yields:
         ``(view_a, view_b)``, each ``(B, 3, size, size)`` in ``torch.channels_last`` memory

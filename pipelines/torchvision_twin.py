@@ -27,7 +27,7 @@ from fastclr.pipelines.augment import (
     check_size,
     eval_resize_size,
 )
-from fastclr.pipelines.base import EpochLoader
+from fastclr.pipelines.base import EpochLoader, next_decodable
 from fastclr.pipelines.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 from fastclr.pipelines.eval import EVAL_CROP_RATIO, EVAL_CROP_SCALE
 
@@ -142,25 +142,43 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class _EpochDataset(Dataset):
-    """Samples of one epoch, in order; sample ``i`` is transformed under ``seeds[i]``."""
+    """Samples of one epoch, in order; sample ``i`` is transformed under ``seeds[i]``.
 
-    def __init__(self, files, labels, indices, seeds, transform, with_labels: bool):
+    A sample is ``(payload, failed)``: ``failed`` lists the ``(index, reason)`` of files that failed to decode on
+    the way (only with ``skip``, where the next file not in ``bad`` is read in their place).
+    """
+
+    def __init__(
+        self, files, labels, indices, seeds, transform, with_labels: bool, skip: bool, bad
+    ):
         self.files, self.labels = files, labels
         self.indices, self.seeds = indices, seeds
         self.transform, self.with_labels = transform, with_labels
+        self.skip, self.bad = skip, set(bad)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        index = int(self.indices[i])
-        image = load_rgb(self.files[index])
+        index, failed = int(self.indices[i]), []
+        while True:
+            try:
+                image = load_rgb(self.files[index])
+                break
+            except CorruptImageError as e:
+                if not self.skip:
+                    raise
+                failed.append(
+                    (index, str(e).removeprefix(f"cannot decode image {self.files[index]}: "))
+                )
+                self.bad.add(index)
+                index = next_decodable(index, self.bad, len(self.files), "the data set")
         # fork_rng keeps the caller's global RNG intact when running in the main process;
         # seeding only the CPU generator skips torch.manual_seed's ~0.2 ms accelerator checks.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(int(self.seeds[i]))
             out = self.transform(image)
-        return (out, self.labels[index]) if self.with_labels else out
+        return ((out, self.labels[index]) if self.with_labels else out), failed
 
 
 def _stack(images, dtype: torch.dtype) -> torch.Tensor:
@@ -183,6 +201,12 @@ class _TorchLoader(EpochLoader):
     def _collate(self, samples):
         raise NotImplementedError
 
+    def _collate_noting_failures(self, samples):
+        """(batch, the (index, reason) of every file that failed to decode on the way to it)."""
+        return self._collate([payload for payload, _ in samples]), [
+            f for _, fs in samples for f in fs
+        ]
+
     def _batches(self, epoch: int, indices: np.ndarray, skip: int, real: int) -> Iterator:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.shard_id]))
         seeds = rng.integers(0, 2**63 - 1, size=len(indices), dtype=np.int64)
@@ -190,20 +214,24 @@ class _TorchLoader(EpochLoader):
         data = _EpochDataset(
             self.files,
             self.labels,
-            indices[start:real],
+            self._stand_ins(indices[start:real]),
             seeds[start:real],
             self.transform,
             with_labels=self._with_labels,
+            skip=self.on_corrupt == "skip",
+            bad=self._stand_in,
         )
         loader = DataLoader(
             data,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_threads,
-            collate_fn=self._collate,
+            collate_fn=self._collate_noting_failures,
             pin_memory=self.device == "gpu",
         )
-        for batch in loader:
+        for batch, failed in loader:
+            for index, reason in failed:
+                self._mark_undecodable(index, reason)
             if self.device == "gpu":
                 batch = tuple(t.to(f"cuda:{self.device_id}", non_blocking=True) for t in batch)
             yield batch

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -446,20 +447,23 @@ def test_file_only_the_decoder_rejects_is_named(tmp_path, backend):
         loaded.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CorruptImageError,
-    reason="on_corrupt='skip' covers only what the up-front check finds; a file that fails only in the decoder "
-    "still raises (documented in SimCLRLoader), so the skip policy does not hold for it",
-)
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_skip_policy_also_skips_a_file_only_the_decoder_rejects(tmp_path, backend):
     root = tmp_path / "train"
     good = write_images(root / "a", 8)
-    undecodable_jpeg(root / "a" / "zz_bad.jpg", good[0])
+    bad = undecodable_jpeg(root / "a" / "zz_bad.jpg", good[0])
     loaded = loader(backend, root, "skip")
     try:
-        assert sum(1 for _ in loaded) == 2 and loaded.num_skipped == 1
+        assert loaded.num_skipped == 0  # it passes the up-front check
+        with pytest.warns(UserWarning, match="skipping undecodable image .*zz_bad.jpg"):
+            first = [a for a, _ in loaded]
+        assert len(first) == len(loaded) == 2 and loaded.num_skipped == 1
+        assert loaded.skipped[0][0] == str(bad) and "decoded" in loaded.skipped[0][1]
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "error"
+            )  # known from now on: no second warning, no second failure
+            assert len([a for a, _ in loaded]) == 2 and loaded.num_skipped == 1
     finally:
         loaded.close()
 

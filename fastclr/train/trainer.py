@@ -665,6 +665,11 @@ class Trainer:
         )
         if r["nonfinite_skipped"]:
             say(f"skipped {r['nonfinite_skipped']} step(s) with a non-finite loss")
+        if self.loader.num_skipped:
+            path, reason = self.loader.skipped[0]
+            say(
+                f"skipped {self.loader.num_skipped} bad image file(s) (--on-corrupt skip), e.g. {path} {reason}"
+            )
         if r["knn_init"] is not None and r["knn_final"] is not None:
             say(
                 f"kNN top-1 (k={self.cfg.run.knn_k}): random init {100 * r['knn_init']:.2f}% -> trained {100 * r['knn_final']:.2f}% "
