@@ -325,9 +325,22 @@ def knn_top1(args: argparse.Namespace, backbone: torch.nn.Module, device: torch.
     return knn_accuracy(bank, bank_y, test, test_y, k=200, temperature=0.1)
 
 
+def initial_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The plain loop's model: the same initial weights as fastclr's ``build_model`` with the same seed."""
+    from fastclr.models import SimCLRModel
+
+    torch.manual_seed(args.seed)
+    return SimCLRModel(
+        args.arch,
+        cifar_stem=args.cifar_stem,
+        width=args.width,
+        proj_layers=args.proj_layers,
+        proj_dim=args.proj_dim,
+    ).to(device)
+
+
 def run_baseline(args: argparse.Namespace, emit) -> list[dict]:
     """Both runs from the same initial weights; ``emit(rows)`` records each run as soon as it ends."""
-    from fastclr.models import SimCLRModel
     from fastclr.train.dist import DistInfo, resolve_device
     from fastclr.train.trainer import Trainer, build_train_loader
 
@@ -338,15 +351,7 @@ def run_baseline(args: argparse.Namespace, emit) -> list[dict]:
     env = environment(device)
     rows = []
 
-    # The same initial weights for both (fastclr's build_model seeds with run.seed the same way).
-    torch.manual_seed(args.seed)
-    model = SimCLRModel(
-        args.arch,
-        cifar_stem=args.cifar_stem,
-        width=args.width,
-        proj_layers=args.proj_layers,
-        proj_dim=args.proj_dim,
-    ).to(device)
+    model = initial_model(args, device)
     knn_init = knn_top1(args, model.backbone, device)
     print(f"random-init encoder: kNN top-1 {100 * knn_init:.2f}%", flush=True)
 
@@ -364,7 +369,7 @@ def run_baseline(args: argparse.Namespace, emit) -> list[dict]:
             loader = build_train_loader(probe_cfg, info, torch.float32)
             try:
                 n_train = len(loader) * args.batch_size
-                times = time_steps(probe_cfg, loader, args.probe_steps, warmup=2)
+                times = time_steps(probe_cfg, loader, args.probe_steps, warmup=4)
             finally:
                 loader.close()
             step_s = statistics.median(sum(parts) for parts in zip(*times.values(), strict=True))
@@ -440,7 +445,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.95,
         help="fraction of the budget fastclr's epoch count is sized for (from its probe speed)",
     )
-    p.add_argument("--probe-steps", type=int, default=6, help="timed steps of fastclr's probe")
+    p.add_argument("--probe-steps", type=int, default=12, help="timed steps of fastclr's probe")
     p.add_argument("--arch", default="cnn7", help="backbone (fastclr.models.ARCHS)")
     p.add_argument("--width", type=int, help="backbone base width (default: the arch's)")
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=True)
