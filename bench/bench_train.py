@@ -453,10 +453,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--size", type=int, default=32, help="crop side in pixels")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.5)
+    # tau 0.1 and LARS lr 8 (x B/256) won 5-minute CIFAR-10 trials against tau 0.5/0.2 and lr 1-16 (README, Training).
+    p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--color-strength", type=float, default=0.5)
     p.add_argument("--min-scale", type=float, default=0.2, help="smallest random-crop area")
-    p.add_argument("--lr", type=float, default=1.0, help="fastclr LARS base lr (x B/256)")
+    p.add_argument("--lr", type=float, default=8.0, help="fastclr LARS base lr (x B/256)")
     p.add_argument(
         "--warmup-epochs", type=float, help="fastclr lr warm-up (default: 10%% of the epochs)"
     )
