@@ -9,12 +9,13 @@ Two modes, both side by side in one run:
 * ``--baseline``: the same model trained for the same wall-clock ``--budget`` by (a) a plain PyTorch
   loop (torchvision ImageFolder + DataLoader, the textbook NT-Xent with a full similarity matrix and a
   cross-entropy, SGD with momentum, fp32, contiguous tensors) and (b) fastclr's trainer (its loader,
-  the tiled/fused loss, LARS with warm-up + cosine, channels-last). Both are scored by the same kNN
-  monitor (k=200, temperature 0.1, train split as memory bank) before and after training.
+  the tiled/fused loss, LARS with warm-up + cosine, channels-last; bf16 autocast with
+  ``--precision bf16``). Both are scored by the same kNN monitor (k=200, temperature 0.1, train
+  split as memory bank) before and after training.
 
     python bench/bench_train.py                                  # split on synthetic 32 px JPEGs
     python bench/bench_train.py --data cifar10/train --arch resnet18 --width 16
-    python bench/bench_train.py --baseline --data cifar10/train --test-data cifar10/test --budget 540
+    python bench/bench_train.py --baseline --precision bf16 --data cifar10/train --test-data cifar10/test --budget 1080
     fastclr bench train --baseline ...
 
 A table goes to stdout; rows are appended to ``bench/results/bench_train.csv`` (split) and
@@ -91,7 +92,14 @@ def environment(device: torch.device) -> dict[str, str]:
 
 def append_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(rows[0]):
+            raise SystemExit(
+                f"{path} has other columns ({','.join(header)}) than this run's rows; pass --csv NEW.csv"
+            )
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:
@@ -418,6 +426,9 @@ def baseline_row(env, args, run: str, r: dict, knn_init: float, knn: float) -> d
         "knn_final": round(100 * knn, 2),
         "knn_gain": round(100 * (knn - knn_init), 2),
         "seed": args.seed,
+        "temperature": args.temperature,
+        "lr": args.lr if run == "fastclr" else args.baseline_lr,
+        "precision": args.precision if run == "fastclr" else "fp32",
     }
 
 

@@ -82,6 +82,8 @@ def test_baseline_runs_both_loops_within_the_budget(tmp_path):
         assert 0 <= r["knn_init"] <= 100 and 0 <= r["knn_final"] <= 100
         assert r["knn_gain"] == pytest.approx(r["knn_final"] - r["knn_init"], abs=0.02)
     assert rows[0]["knn_init"] == rows[1]["knn_init"]
+    assert (rows[0]["precision"], rows[0]["lr"]) == ("fp32", 0.06)  # the plain loop's SGD
+    assert rows[1]["lr"] == 8.0 and rows[1]["temperature"] == rows[0]["temperature"] == 0.1
     assert len(list(csv.DictReader(out.open()))) == 2
 
 
@@ -94,3 +96,12 @@ def test_baseline_needs_held_out_data(tmp_path):
 def test_rejects_a_missing_data_dir(tmp_path):
     with pytest.raises(SystemExit, match="not a directory"):
         bench_train.main(tiny("--data", str(tmp_path / "nope")))
+
+
+def test_refuses_to_append_rows_under_another_header(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("date,run,knn_gain\n2026-01-01,fastclr,1.0\n")
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="other columns"):
+        bench_train.append_csv(out, [{"date": "x", "run": "fastclr", "knn_gain": 2, "seed": 0}])
+    assert out.read_text() == before
