@@ -432,12 +432,18 @@ def test_corrupt_files_skipped_and_counted(broken_data, backend):
         loaded.close()
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_file_only_the_decoder_rejects_is_named(tmp_path, backend):
-    """Corruption inside the compressed data passes the up-front check; decoding it fails naming the file."""
+@pytest.fixture
+def decoder_only_bad(tmp_path) -> tuple[Path, Path]:
+    """(root, bad): eight good JPEGs and one that only the decoder rejects."""
     root = tmp_path / "train"
     good = write_images(root / "a", 8)
-    bad = undecodable_jpeg(root / "a" / "zz_bad.jpg", good[0])
+    return root, undecodable_jpeg(root / "a" / "zz_bad.jpg", good[0])
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_file_only_the_decoder_rejects_is_named(decoder_only_bad, backend):
+    """Corruption inside the compressed data passes the up-front check; decoding it fails naming the file."""
+    root, bad = decoder_only_bad
     loaded = loader(backend, root, "error")
     try:
         with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
@@ -448,10 +454,8 @@ def test_file_only_the_decoder_rejects_is_named(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_skip_policy_also_skips_a_file_only_the_decoder_rejects(tmp_path, backend):
-    root = tmp_path / "train"
-    good = write_images(root / "a", 8)
-    bad = undecodable_jpeg(root / "a" / "zz_bad.jpg", good[0])
+def test_skip_policy_also_skips_a_file_only_the_decoder_rejects(decoder_only_bad, backend):
+    root, bad = decoder_only_bad
     loaded = loader(backend, root, "skip")
     try:
         assert loaded.num_skipped == 0  # it passes the up-front check
