@@ -104,11 +104,15 @@ class DaliLoader(EpochLoader):
             match = _DECODE_ERROR.search(str(e))
             if match:
                 path = match.group(1)
-                raise CorruptImageError(f"cannot decode image {path}", path=path) from e
+                raise CorruptImageError(
+                    f"cannot decode image {path}", path=path, reason="DALI's decoder failed"
+                ) from e
             culprit = self._find_undecodable(batch, indices)
             if culprit:
                 path, reason = culprit
-                raise CorruptImageError(f"cannot decode image {path} ({reason})", path=path) from e
+                raise CorruptImageError(
+                    f"cannot decode image {path} ({reason})", path=path, reason=reason
+                ) from e
             raise RuntimeError(f"DALI pipeline over {self.root} failed: {e}") from e
 
     def _find_undecodable(self, batch: int, indices: np.ndarray):
@@ -154,10 +158,7 @@ class DaliLoader(EpochLoader):
                 except CorruptImageError as e:
                     if self.on_corrupt != "skip" or e.path not in self.files:
                         raise
-                    reason = str(e).removeprefix(f"cannot decode image {e.path}").strip(" ()")
-                    self._mark_undecodable(
-                        self.files.index(e.path), reason or "DALI's decoder failed"
-                    )
+                    self._skip_undecodable(self.files.index(e.path), e.reason)
                     self.close()
                     start = b
                     continue

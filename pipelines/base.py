@@ -20,7 +20,6 @@ from fastclr.pipelines.augment import check_output, check_size
 from fastclr.pipelines.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    CorruptImageError,
     check_sharding,
     epoch_indices,
     num_batches,
@@ -89,9 +88,9 @@ class EpochLoader:
         self.files, self.labels, self.classes = images.files, images.labels, images.classes
         self.skipped = list(images.skipped)
         self.on_corrupt = on_corrupt
-        # Files that passed the up-front check but not the decoder (on_corrupt="skip"): index -> the index read in its
-        # slot instead, so that epoch lengths, shards and the positions of all other files stay as they were.
-        self._stand_in: dict[int, int] = {}
+        # Files that passed the up-front check but not the decoder (on_corrupt="skip"). The next file not in the set
+        # is read in each one's slot, so that epoch lengths, shards and the positions of all other files stay put.
+        self._undecodable: set[int] = set()
         self.batch_size, self.num_threads, self.seed = batch_size, num_threads, int(seed)
         self.shard_id, self.num_shards, self.last_batch = shard_id, num_shards, last_batch
         self.dtype, self.normalize, self.shuffle = dtype, normalize, shuffle
@@ -112,29 +111,23 @@ class EpochLoader:
         """
         return len(self.skipped)
 
-    def _mark_undecodable(self, index: int, reason: str) -> None:
-        """Handle file ``index`` failing in the decoder: raise under ``on_corrupt="error"``, else skip it from now on."""
-        path = self.files[index]
-        if self.on_corrupt != "skip":
-            raise CorruptImageError(f"cannot decode image {path} ({reason})", path=path)
-        if index in self._stand_in:
+    def _skip_undecodable(self, index: int, reason: str) -> None:
+        """Skip file ``index`` from now on (``on_corrupt="skip"``): it failed in the decoder for ``reason``."""
+        if index in self._undecodable:
             return
+        path = self.files[index]
+        self._undecodable.add(index)
         self.skipped.append((path, f"cannot be decoded ({reason})"))
         warnings.warn(
             f"skipping undecodable image {path} ({reason}); {self.num_skipped} file(s) skipped so far",
             stacklevel=2,
         )
-        self._stand_in[index] = index
-        for bad in self._stand_in:
-            self._stand_in[bad] = next_decodable(bad, self._stand_in, len(self.files), self.root)
 
     def _stand_ins(self, indices: np.ndarray) -> np.ndarray:
         """``indices`` with every known undecodable file replaced by the file read in its slot."""
-        if not self._stand_in:
-            return indices
-        out = indices.copy()
-        for bad, good in self._stand_in.items():
-            out[indices == bad] = good
+        out = indices.copy() if self._undecodable else indices
+        for bad in self._undecodable:
+            out[indices == bad] = next_decodable(bad, self._undecodable, len(self.files), self.root)
         return out
 
     def __len__(self) -> int:

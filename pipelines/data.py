@@ -40,15 +40,15 @@ _TAIL_BYTES = 1024
 class CorruptImageError(ValueError):
     """An image file is unreadable, empty, truncated or not an image; the message names the path.
 
-    ``path`` holds the file's path where the raiser knows it (None otherwise).
+    ``path`` and ``reason`` (what is wrong with it) are set where the raiser knows them (None otherwise).
     """
 
-    def __init__(self, message: str, path: str | None = None):
+    def __init__(self, message: str, path: str | None = None, reason: str | None = None):
         super().__init__(message)
-        self.path = path
+        self.path, self.reason = path, reason
 
-    def __reduce__(self):  # keep ``path`` when crossing DataLoader worker processes
-        return type(self), (str(self), self.path)
+    def __reduce__(self):  # keep the attributes when crossing DataLoader worker processes
+        return type(self), (str(self), self.path, self.reason)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def load_rgb(path: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptImageError(f"cannot decode image {path}: {e}") from e
+        raise CorruptImageError(f"cannot decode image {path}: {e}", path=path, reason=str(e)) from e
 
 
 class _EpochDataset(Dataset):
@@ -168,9 +168,7 @@ class _EpochDataset(Dataset):
             except CorruptImageError as e:
                 if not self.skip:
                     raise
-                failed.append(
-                    (index, str(e).removeprefix(f"cannot decode image {self.files[index]}: "))
-                )
+                failed.append((index, e.reason))
                 self.bad.add(index)
                 index = next_decodable(index, self.bad, len(self.files), "the data set")
         # fork_rng keeps the caller's global RNG intact when running in the main process;
@@ -219,7 +217,7 @@ class _TorchLoader(EpochLoader):
             self.transform,
             with_labels=self._with_labels,
             skip=self.on_corrupt == "skip",
-            bad=self._stand_in,
+            bad=self._undecodable,
         )
         loader = DataLoader(
             data,
@@ -231,7 +229,7 @@ class _TorchLoader(EpochLoader):
         )
         for batch, failed in loader:
             for index, reason in failed:
-                self._mark_undecodable(index, reason)
+                self._skip_undecodable(index, reason)
             if self.device == "gpu":
                 batch = tuple(t.to(f"cuda:{self.device_id}", non_blocking=True) for t in batch)
             yield batch
