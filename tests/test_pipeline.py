@@ -10,6 +10,7 @@ are deterministic.
 """
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -33,6 +34,10 @@ SIMCLR = [
     pytest.param(SimCLRLoader, id="dali", marks=needs_dali),
     pytest.param(TorchSimCLRLoader, id="torch"),
 ]
+# Where augmentation matters, also DALI's own ops on the CPU (the graph the GPU runs); the
+# default on the CPU is the numba op (tests/test_cpu_augment.py compares the two pixel by pixel).
+DALI_OPS = partial(SimCLRLoader, augment_impl="dali")
+AUGMENTING = [*SIMCLR, pytest.param(DALI_OPS, id="dali-ops", marks=needs_dali)]
 EVAL = [
     pytest.param(EvalLoader, id="dali", marks=needs_dali),
     pytest.param(TorchEvalLoader, id="torch"),
@@ -89,7 +94,7 @@ def views(loader, epochs=2):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("cls", SIMCLR)
+@pytest.mark.parametrize("cls", AUGMENTING)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_views_shape_dtype_layout_range(cls, dtype, tmp_path):
     rng = np.random.default_rng(0)
@@ -117,7 +122,7 @@ def test_views_shape_dtype_layout_range(cls, dtype, tmp_path):
     assert (per_channel.min(1).values < 0).any()  # normalised, not in [0, 1]
 
 
-@pytest.mark.parametrize("cls", SIMCLR)
+@pytest.mark.parametrize("cls", AUGMENTING)
 def test_seed_reproduces_and_epochs_differ(cls, tmp_path):
     rng = np.random.default_rng(1)
     root = make_set(tmp_path, [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(8)])
@@ -181,7 +186,7 @@ def test_two_views_come_from_the_same_image_and_order_changes(cls, identity_set)
     assert sorted(order0) != order0 != order1
 
 
-@pytest.mark.parametrize("cls", SIMCLR)
+@pytest.mark.parametrize("cls", AUGMENTING)
 def test_grayscale_probability(cls, tmp_path):
     root = make_set(tmp_path, [np.full((16, 16, 3), (220, 40, 90), np.uint8)] * 96)
     v = views(cls(root, 32, 16, **{**IDENTITY, "gray_p": 0.2}))
@@ -201,7 +206,7 @@ def test_flip_probability(cls, tmp_path):
     check_fraction(int(flipped.sum()), len(v), 0.5, "horizontal flip")
 
 
-@pytest.mark.parametrize("cls", SIMCLR)
+@pytest.mark.parametrize("cls", AUGMENTING)
 def test_color_jitter_probability(cls, tmp_path):
     colour = np.array((180, 70, 110), np.uint8)
     root = make_set(tmp_path, [np.full((16, 16, 3), colour, np.uint8)] * 96)
@@ -210,7 +215,7 @@ def test_color_jitter_probability(cls, tmp_path):
     check_fraction(int(changed.sum()), len(v), 0.8, "colour jitter")
 
 
-@pytest.mark.parametrize("cls", SIMCLR)
+@pytest.mark.parametrize("cls", AUGMENTING)
 def test_blur_probability(cls, tmp_path):
     stripes = np.zeros((64, 64, 3), np.uint8)
     stripes[:, ::2] = 255  # one-pixel columns: any sigma >= 1.5 flattens them
@@ -222,7 +227,7 @@ def test_blur_probability(cls, tmp_path):
     assert SimCLRLoader.__init__.__kwdefaults__["blur_p"] is None  # default: by size
 
 
-@pytest.mark.parametrize("cls", SIMCLR)
+@pytest.mark.parametrize("cls", AUGMENTING)
 def test_solarize_probability(cls, tmp_path):
     root = make_set(tmp_path, [np.full((16, 16, 3), 200, np.uint8)] * 96)
     v = views(cls(root, 32, 16, **{**IDENTITY, "solarize_p": 0.5}))
@@ -279,11 +284,12 @@ def test_dali_eval_matches_torchvision_eval(tmp_path):
 
 
 @needs_dali
-def test_dali_and_twin_colour_statistics_agree(tmp_path):
+@pytest.mark.parametrize("impl", ["numba", "dali"])
+def test_dali_and_twin_colour_statistics_agree(impl, tmp_path):
     """The same jitter distribution: mean and spread of a solid colour's jittered views."""
     root = make_set(tmp_path, [np.full((16, 16, 3), (180, 70, 110), np.uint8)] * 96)
     kw = {**IDENTITY, "color_p": 1.0}
-    dali = views(SimCLRLoader(root, 32, 16, **kw)).mean(dim=(2, 3))
+    dali = views(SimCLRLoader(root, 32, 16, augment_impl=impl, **kw)).mean(dim=(2, 3))
     twin = views(TorchSimCLRLoader(root, 32, 16, num_threads=0, **kw)).mean(dim=(2, 3))
     assert (dali.mean(0) - twin.mean(0)).abs().max() < 0.06, (dali.mean(0), twin.mean(0))
     assert (dali.std(0) - twin.std(0)).abs().max() < 0.06, (dali.std(0), twin.std(0))
@@ -337,3 +343,16 @@ def test_make_loader_picks_backend(identity_set):
     assert type(make_loader("torch", eval=True, **kw)) is TorchEvalLoader
     with pytest.raises(ValueError, match="backend"):
         make_loader("jax", **kw)
+
+
+@needs_dali
+def test_augment_impl_is_resolved_and_checked(identity_set):
+    from fastclr.pipelines.simclr import resolve_augment_impl
+
+    assert SimCLRLoader(identity_set, 4, 16).augment_impl == "numba"  # numba is a dependency
+    assert DALI_OPS(identity_set, 4, 16).augment_impl == "dali"
+    assert resolve_augment_impl("auto", "gpu") == "dali"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_augment_impl("numba", "gpu")
+    with pytest.raises(ValueError, match="augment_impl"):
+        SimCLRLoader(identity_set, 4, 16, augment_impl="cuda")

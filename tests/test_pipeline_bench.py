@@ -25,13 +25,17 @@ def test_bench_runs_side_by_side_and_appends_csv(tmp_path):
     argv = ["--size", "32", "--images", "24", "--batch-size", "4", "--repeats", "2"]
     argv += ["--warmup", "1", "--threads", "1", "--csv", str(out), "--plot", str(plot)]
     rows = bench_pipeline.main(argv)
-    backends = ["dali", "torchvision"] if dali_available() else ["torchvision"]
+    backends = ["dali", "dali-ops", "torchvision"] if dali_available() else ["torchvision"]
     assert [r["backend"] for r in rows] == backends
     for r in rows:
         assert r["size"] == 32 and r["n_images"] == 24
         assert 0 < r["low"] <= r["median"] <= r["high"] and r["cpu_ms"] > 0
-    if len(rows) == 2:
-        assert rows[0]["speedup"] == pytest.approx(rows[0]["median"] / rows[1]["median"])
+    if len(rows) > 1:
+        twin = rows[-1]
+        assert twin["speedup"] == 1.0 and twin["cpu_speedup"] == 1.0
+        for r in rows[:-1]:
+            assert r["speedup"] == pytest.approx(r["median"] / twin["median"])
+            assert r["cpu_speedup"] == pytest.approx(twin["cpu_ms"] / r["cpu_ms"])
     bench_pipeline.main(argv[:-2])  # a second run appends below the same header
     written = list(csv.DictReader(out.open()))
     assert len(written) == 2 * len(rows)

@@ -1,0 +1,212 @@
+"""The per-view pixel augmentation of the CPU pipeline as one numba-compiled DALI op.
+
+After crop and resize, a SimCLR view goes through colour jitter (p), grayscale (p), Gaussian blur
+(p) and solarize (p). DALI's own CPU ops do that in up to seven passes over the image (luma,
+mean, contrast, brightness, hsv, grayscale, blur), each of them slow on the CPU: at 224 px the
+augmentation costs more than decoding. Here one ``numba_function`` op per view does all of it on
+the view's uint8 pixels, with the same math and the same rounding as those ops:
+
+- brightness ``b``:  ``x <- sat(round(b x))``
+- contrast ``c``:    ``x <- sat(round(c x + (1 - c) m))``, ``m`` = mean of ``sat(round(Y(x)))``
+  over the image as it is at that step, ``Y = 0.299 R + 0.587 G + 0.114 B``
+- saturation ``s`` and hue ``h`` (one step):  ``x <- sat(round(M x))`` with
+  ``M = YIQ2RGB . R(h) . diag(1, s, s) . RGB2YIQ`` (DALI's ``hsv``: a rotation and a scaling of
+  the chroma plane, which commute)
+- the three colour steps in the order the sample drew (one of 6), rounding to uint8 between steps
+- grayscale:  ``x <- sat(round(Y(x)))`` in all three channels
+- blur:  separable Gaussian of ``sigma``, ``min(2 ceil(3 sigma) + 1, window)`` taps,
+  reflect-101 borders, float between the two passes
+- solarize:  ``x <- 255 - x`` where ``x >= 128``
+
+``sat(round(.))`` rounds half to even and clamps to [0, 255]. Each op runs only where the
+sample's coin came up: the coins and the strengths are drawn in the DALI graph (so they follow
+the pipeline's seed) and reach the op as one float vector per sample, laid out as ``P_*`` below.
+
+The GPU pipeline keeps DALI's own ops, which are fast there; ``augment_impl="dali"`` runs that
+graph on the CPU too, and tests/test_cpu_augment.py checks that the two agree pixel for pixel
+up to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import njit
+
+from fastclr.pipelines.augment import SOLARIZE_THRESHOLD
+
+# Per-sample parameter vector (float32), built by simclr.fused_params.
+P_COLOR, P_STEPS, P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 0, 1, 4, 5, 6, 7
+P_GRAY, P_BLUR, P_SIGMA, P_WINDOW, P_SOLARIZE = 8, 9, 10, 11, 12
+NUM_PARAMS = 13
+BRIGHTNESS, CONTRAST, SATURATION_HUE = 0, 1, 2  # colour steps, as P_STEPS..P_STEPS+2 name them
+
+# DALI's RGB -> YIQ matrix; its hsv op maps back with the exact inverse (so s = 1, h = 0 is the
+# identity).
+RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+YIQ2RGB = np.linalg.inv(RGB2YIQ)
+LUMA = (0.299, 0.587, 0.114)
+
+
+@njit(cache=True)
+def _sat_round(v):
+    return np.uint8(min(max(np.rint(v), 0.0), 255.0))
+
+
+@njit(cache=True)
+def _luma(r, g, b):
+    return np.float32(LUMA[0]) * r + np.float32(LUMA[1]) * g + np.float32(LUMA[2]) * b
+
+
+@njit(cache=True)
+def _affine(x, scale, shift):
+    for i in range(x.size):
+        x[i] = _sat_round(np.float32(x[i]) * scale + shift)
+
+
+@njit(cache=True)
+def _mean_luma(x):
+    total = 0
+    for i in range(0, x.size, 3):
+        total += np.int64(
+            _sat_round(_luma(np.float32(x[i]), np.float32(x[i + 1]), np.float32(x[i + 2])))
+        )
+    return np.float32(total / max(x.size // 3, 1))
+
+
+@njit(cache=True)
+def _chroma_matrix(saturation, hue_deg):
+    h = hue_deg * math.pi / 180.0
+    rotate_scale = np.eye(3)
+    rotate_scale[1, 1] = rotate_scale[2, 2] = math.cos(h) * saturation
+    rotate_scale[1, 2] = math.sin(h) * saturation
+    rotate_scale[2, 1] = -math.sin(h) * saturation
+    return (YIQ2RGB @ rotate_scale @ RGB2YIQ).astype(np.float32)
+
+
+@njit(cache=True)
+def _color_matrix(x, m):
+    for i in range(0, x.size, 3):
+        r, g, b = np.float32(x[i]), np.float32(x[i + 1]), np.float32(x[i + 2])
+        x[i] = _sat_round(m[0, 0] * r + m[0, 1] * g + m[0, 2] * b)
+        x[i + 1] = _sat_round(m[1, 0] * r + m[1, 1] * g + m[1, 2] * b)
+        x[i + 2] = _sat_round(m[2, 0] * r + m[2, 1] * g + m[2, 2] * b)
+
+
+@njit(cache=True)
+def _grayscale(x):
+    for i in range(0, x.size, 3):
+        y = _sat_round(_luma(np.float32(x[i]), np.float32(x[i + 1]), np.float32(x[i + 2])))
+        x[i] = x[i + 1] = x[i + 2] = y
+
+
+@njit(cache=True)
+def _reflect101(i, n):
+    """Index ``i`` folded into [0, n) by reflection without repeating the edge (dcb|abcd|cba)."""
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    i = abs(i) % period
+    return period - i if i >= n else i
+
+
+@njit(cache=True)
+def _gaussian_taps(sigma, max_window):
+    window = min(2 * math.ceil(3.0 * sigma) + 1, max_window)
+    radius = window // 2
+    taps = np.empty(window, np.float32)
+    for t in range(window):
+        taps[t] = math.exp(-((t - radius) ** 2) / (2.0 * sigma * sigma))
+    return taps / taps.sum()
+
+
+@njit(cache=True)
+def _blur(x, h, w, sigma, max_window):
+    taps = _gaussian_taps(sigma, max_window)
+    radius = taps.size // 2
+    img = x.reshape(h, w * 3)
+    rows = np.empty((h, w * 3), np.float32)  # after the horizontal pass
+    padded = np.empty((w + 2 * radius) * 3, np.float32)
+    for y in range(h):
+        for j in range(w + 2 * radius):
+            src = 3 * _reflect101(j - radius, w)
+            for c in range(3):
+                padded[3 * j + c] = img[y, src + c]
+        out = rows[y]
+        out[:] = 0.0
+        for t in range(taps.size):  # tap-outer, pixel-inner: contiguous, vectorisable
+            k = taps[t]
+            for j in range(w * 3):
+                out[j] += k * padded[j + 3 * t]
+    acc = np.empty(w * 3, np.float32)
+    for y in range(h):
+        acc[:] = 0.0
+        for t in range(taps.size):
+            k, src = taps[t], rows[_reflect101(y + t - radius, h)]
+            for j in range(w * 3):
+                acc[j] += k * src[j]
+        for j in range(w * 3):
+            img[y, j] = _sat_round(acc[j])
+
+
+@njit(cache=True)
+def _solarize(x):
+    for i in range(x.size):
+        if x[i] >= SOLARIZE_THRESHOLD:
+            x[i] = 255 - x[i]
+
+
+@njit(cache=True)
+def augment_pixels(x, h, w, p):
+    """Augment one view in place: ``x`` is its (h * w * 3,) uint8 HWC pixels, ``p`` its params."""
+    if p[P_COLOR] > 0.5:
+        for step in range(3):
+            op = int(p[P_STEPS + step])
+            if op == BRIGHTNESS:
+                _affine(x, np.float32(p[P_BRIGHTNESS]), np.float32(0.0))
+            elif op == CONTRAST:
+                c = np.float32(p[P_CONTRAST])
+                _affine(x, c, (np.float32(1.0) - c) * _mean_luma(x))
+            else:
+                _color_matrix(x, _chroma_matrix(p[P_SATURATION], p[P_HUE]))
+    if p[P_GRAY] > 0.5:
+        _grayscale(x)
+    if p[P_BLUR] > 0.5:
+        _blur(x, h, w, p[P_SIGMA], int(p[P_WINDOW]))
+    if p[P_SOLARIZE] > 0.5:
+        _solarize(x)
+
+
+def _run(out, img, params):
+    # Compiled by DALI's numba_function for one sample: (H, W, 3) uint8 in and out.
+    x = out.reshape(-1)
+    x[:] = img.reshape(-1)
+    augment_pixels(x, img.shape[0], img.shape[1], params)
+
+
+def _same_shape(outs, ins):
+    for i in range(len(outs[0])):
+        outs[0][i][:] = ins[0][i][:]
+
+
+@functools.cache
+def augment_op():
+    """The DALI op ``(images uint8 HWC, params float32 (NUM_PARAMS,)) -> images``.
+
+    Compiling it takes a few seconds, so it is built once per process and reused by every
+    pipeline (an epoch builds a fresh pipeline).
+    """
+    from nvidia.dali import types
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    return NumbaFunction(
+        run_fn=_run,
+        setup_fn=_same_shape,
+        out_types=[types.UINT8],
+        in_types=[types.UINT8, types.FLOAT],
+        outs_ndim=[3],
+        ins_ndim=[3, 1],
+        device="cpu",
+    )

@@ -1,0 +1,182 @@
+"""The numba-compiled CPU augmentation against DALI's own ops, which are its oracle.
+
+Each case feeds the same uint8 images and the same per-sample strengths to the fused kernel
+(called directly) and to the DALI ops the GPU pipeline runs (``augment_impl="dali"``), through
+``external_source``. Both round to uint8 after every op, so they agree up to the rounding of
+values that land within float error of a half level: we accept a difference of at most
+``MAX_LEVELS`` levels on at most ``MAX_FRACTION`` of the values. A wrong matrix, border rule,
+order or rounding mode moves most values by one level or more.
+"""
+
+from itertools import permutations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastclr.pipelines import dali_available
+
+pytestmark = [
+    pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable"),
+    pytest.mark.timeout(120),
+]
+ca = pytest.importorskip("fastclr.pipelines.cpu_augment")
+
+MAX_LEVELS, MAX_FRACTION = 2, 0.01
+SIZES = [(40, 56), (33, 47), (64, 64), (17, 90)]  # odd sides and a wide strip
+
+
+def smooth_images(seed=0):
+    """Photo-like uint8 HWC images: upsampled random colour fields, every level in use."""
+    rng = np.random.default_rng(seed)
+    coarse = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8) for _ in SIZES]
+    return [
+        np.asarray(Image.fromarray(c).resize((w, h), Image.BICUBIC))
+        for c, (h, w) in zip(coarse, SIZES, strict=True)
+    ]
+
+
+def fused(images, params):
+    out = []
+    for img, p in zip(images, params, strict=True):
+        x = img.reshape(-1).copy()
+        ca.augment_pixels(x, img.shape[0], img.shape[1], np.asarray(p, np.float32))
+        out.append(x.reshape(img.shape))
+    return out
+
+
+def dali_ops(images, args, graph):
+    """Run ``graph(img, *per-sample args)`` on the CPU over ``images``; ``args[i]`` is sample i's."""
+    from nvidia.dali import fn, pipeline_def
+
+    def feed(k):
+        return lambda: [np.array(a[k], np.float32) for a in args]
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=0)
+    def pipe():
+        img = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        per_sample = [fn.external_source(source=feed(k), batch=True) for k in range(len(args[0]))]
+        return graph(img, *per_sample)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return [np.array(out[i]) for i in range(len(images))]
+
+
+def assert_close(got, want, what):
+    diff = np.concatenate(
+        [np.abs(g.astype(int) - w.astype(int)).ravel() for g, w in zip(got, want, strict=True)]
+    )
+    worst, frac = int(diff.max()), float((diff > 0).mean())
+    assert worst <= MAX_LEVELS and frac <= MAX_FRACTION, (
+        f"{what}: max |fused - dali| = {worst} levels, {frac:.2%} of values differ"
+    )
+
+
+def params(**set_):
+    p = np.zeros(ca.NUM_PARAMS, np.float32)
+    for name, value in set_.items():
+        p[getattr(ca, f"P_{name.upper()}")] = value
+    return p
+
+
+@pytest.mark.parametrize("order", list(permutations(range(3))), ids=str)
+def test_colour_jitter_matches_dali_in_every_order(order):
+    from fastclr.pipelines.simclr import _jitter_step
+
+    rng = np.random.default_rng(sum(o * 3**k for k, o in enumerate(order)))
+    images = smooth_images(1)
+    strengths = [
+        (*rng.uniform(0.2, 1.8, size=3), rng.uniform(-72, 72)) for _ in images
+    ]  # brightness, contrast, saturation, hue (degrees): SimCLR's ranges at s = 1
+
+    def graph(img, *bcsh):
+        for op in order:
+            img = _jitter_step(img, op, *bcsh)
+        return img
+
+    want = dali_ops(images, strengths, graph)
+    ps = []
+    for b, c, s, h in strengths:
+        p = params(color=1, brightness=b, contrast=c, saturation=s, hue=h)
+        p[ca.P_STEPS : ca.P_STEPS + 3] = order
+        ps.append(p)
+    assert_close(fused(images, ps), want, f"colour jitter in order {order}")
+
+
+def test_each_colour_step_matches_dali_alone():
+    """One step at a time: the other two steps get strengths that are exact identities in both."""
+    from fastclr.pipelines.simclr import _jitter_step
+
+    images = smooth_images(2)
+    for op, strength in [(0, (1.6, 1, 1, 0)), (1, (1, 0.3, 1, 0)), (2, (1, 1, 1.7, 50))]:
+        want = dali_ops(
+            images, [strength] * len(images), lambda img, *a, op=op: _jitter_step(img, op, *a)
+        )
+        b, c, s, h = strength
+        p = params(color=1, brightness=b, contrast=c, saturation=s, hue=h)
+        p[ca.P_STEPS : ca.P_STEPS + 3] = (op, 0, 1) if op == 2 else (op, 1 - op, 1 - op)
+        assert_close(fused(images, [p] * len(images)), want, f"colour step {op}")
+
+
+def test_grayscale_matches_dali():
+    from fastclr.pipelines.simclr import _grayscale
+
+    images = smooth_images(3)
+    assert_close(
+        fused(images, [params(gray=1)] * len(images)),
+        dali_ops(images, [(0.0,)] * len(images), lambda img, _: _grayscale(img)),
+        "grayscale",
+    )
+
+
+def test_solarize_equals_dali_exactly():
+    """A lookup table, no rounding: every one of the 256 levels maps exactly as in DALI."""
+    from fastclr.pipelines.simclr import _solarize
+
+    levels = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)]
+    (got,) = fused(levels, [params(solarize=1)])
+    (want,) = dali_ops(levels, [(0.0,)], lambda img, _: _solarize(img))
+    assert np.array_equal(got, want), np.flatnonzero(got[..., 0] != want[..., 0])
+
+
+@pytest.mark.parametrize("max_window", [23, 7])
+def test_blur_matches_dali(max_window):
+    """Window ``min(2 ceil(3 sigma) + 1, max_window)``, reflect-101 borders, one rounding."""
+    from nvidia.dali import fn, types
+
+    images = smooth_images(4)
+    sigmas = [0.1, 0.7, 1.3, 2.0]
+    windows = [min(2 * int(np.ceil(3 * s)) + 1, max_window) for s in sigmas]
+    want = dali_ops(
+        images,
+        list(zip(sigmas, windows, strict=True)),
+        lambda img, s, w: fn.gaussian_blur(img, window_size=fn.cast(w, dtype=types.INT32), sigma=s),
+    )
+    got = fused(images, [params(blur=1, sigma=s, window=max_window) for s in sigmas])
+    assert_close(got, want, f"blur, window at most {max_window}")
+
+
+def test_every_op_off_is_the_identity_and_ops_compose_in_graph_order():
+    images = smooth_images(5)
+    assert all(
+        np.array_equal(g, i) for g, i in zip(fused(images, [params()] * 4), images, strict=True)
+    )
+    # grayscale, then blur, then solarize: the same as applying them one after another
+    all_on = params(gray=1, blur=1, sigma=1.5, window=23, solarize=1)
+    step_by_step = images
+    for p in [params(gray=1), params(blur=1, sigma=1.5, window=23), params(solarize=1)]:
+        step_by_step = fused(step_by_step, [p] * 4)
+    got = fused(images, [all_on] * 4)
+    assert all(np.array_equal(g, s) for g, s in zip(got, step_by_step, strict=True))
+
+
+def test_tiny_images_and_one_pixel_sides_do_not_crash():
+    rng = np.random.default_rng(6)
+    for h, w in [(1, 1), (1, 9), (9, 1), (2, 3)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        p = params(color=1, brightness=1.3, contrast=0.6, saturation=1.2, hue=10, blur=1)
+        p[ca.P_SIGMA], p[ca.P_WINDOW] = 2.0, 23
+        (out,) = fused([img], [p])
+        assert out.shape == img.shape
