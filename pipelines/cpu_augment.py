@@ -33,7 +33,10 @@ import functools
 import math
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit
+from numba import types as nbt
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from fastclr.pipelines.augment import SOLARIZE_THRESHOLD
 
@@ -179,31 +182,60 @@ def augment_pixels(x, h, w, p):
         _solarize(x)
 
 
-def _run(out, img, params):
-    # Compiled by DALI's numba_function for one sample: (H, W, 3) uint8 in and out.
-    x = out.reshape(-1)
-    x[:] = img.reshape(-1)
-    augment_pixels(x, img.shape[0], img.shape[1], params)
+# DALI's numba_function op calls C functions by address. Its Python wrapper compiles generic
+# glue for up to six inputs and outputs on every construction (~6 s); these two cfuncs have
+# exactly the op's C signatures (dali/operators/numba_function/numba_func.cc) for our one
+# image-plus-params case, and numba caches them on disk, so a new process loads them instead.
+@intrinsic
+def _pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return nbt.voidptr(address), codegen
 
 
-def _same_shape(outs, ins):
-    for i in range(len(outs[0])):
-        outs[0][i][:] = ins[0][i][:]
+_U64, _I32 = nbt.uint64, nbt.int32
+
+
+@cfunc(nbt.void(_U64, _U64, _U64, _I32, _U64, _U64, _U64, _I32), cache=True)
+def _run_sample(out_ptrs, out_shapes, out_ndims, num_outs, in_ptrs, in_shapes, in_ndims, num_ins):
+    """One sample: output 0 (H, W, 3) uint8 <- input 0 (H, W, 3) uint8 augmented by input 1."""
+    shape = carray(_pointer(carray(_pointer(in_shapes), 2, dtype=np.uint64)[0]), 3, dtype=np.int64)
+    h, w = shape[0], shape[1]
+    ins = carray(_pointer(in_ptrs), 2, dtype=np.uint64)
+    out = carray(_pointer(carray(_pointer(out_ptrs), 1, dtype=np.uint64)[0]), h * w * 3, np.uint8)
+    out[:] = carray(_pointer(ins[0]), h * w * 3, dtype=np.uint8)
+    augment_pixels(out, h, w, carray(_pointer(ins[1]), NUM_PARAMS, dtype=np.float32))
+
+
+@cfunc(nbt.void(_U64, _U64, _I32, _U64, _U64, _I32, _I32), cache=True)
+def _setup_batch(out_shapes, out_ndims, num_outs, in_shapes, in_ndims, num_ins, num_samples):
+    """Output 0 of each sample has the shape of its input 0."""
+    outs = carray(_pointer(out_shapes), num_samples, dtype=np.uint64)
+    ins = carray(_pointer(in_shapes), num_samples, dtype=np.uint64)  # input 0's come first
+    for i in range(num_samples):
+        carray(_pointer(outs[i]), 3, dtype=np.int64)[:] = carray(_pointer(ins[i]), 3, np.int64)
 
 
 @functools.cache
 def augment_op():
-    """The DALI op ``(images uint8 HWC, params float32 (NUM_PARAMS,)) -> images``.
+    """The DALI op ``(images uint8 (H, W, 3), params float32 (NUM_PARAMS,)) -> images``.
 
-    Compiling it takes a few seconds, so it is built once per process and reused by every
-    pipeline (an epoch builds a fresh pipeline).
+    Built once per process and reused by every pipeline (each epoch builds a fresh one).
     """
     from nvidia.dali import types
     from nvidia.dali.plugin.numba import NumbaFunction
 
-    return NumbaFunction(
-        run_fn=_run,
-        setup_fn=_same_shape,
+    class AugmentOp(NumbaFunction):
+        def _get_run_fn_cpu(self, *args):
+            return _run_sample.address
+
+        def _get_setup_fn_cpu(self, *args):
+            return _setup_batch.address
+
+    return AugmentOp(
+        run_fn=None,
+        setup_fn=None,
         out_types=[types.UINT8],
         in_types=[types.UINT8, types.FLOAT],
         outs_ndim=[3],
