@@ -53,30 +53,39 @@ YIQ2RGB = np.linalg.inv(RGB2YIQ)
 LUMA = (0.299, 0.587, 0.114)
 
 
-@njit(cache=True)
-def _sat_round(v):
-    return np.uint8(min(max(np.rint(v), 0.0), 255.0))
+# The ops work on a planar float32 copy of the view, (3, H * W): every op's inner loop is then
+# contiguous and vectorises. Values stay integers in [0, 255] between ops (_clip_round after
+# each), so this is the uint8 arithmetic of DALI's ops, without a uint8 round trip per op.
 
 
 @njit(cache=True)
-def _luma(r, g, b):
-    return np.float32(LUMA[0]) * r + np.float32(LUMA[1]) * g + np.float32(LUMA[2]) * b
+def _clip_round(v):
+    return min(max(np.rint(v), np.float32(0.0)), np.float32(255.0))
 
 
 @njit(cache=True)
-def _affine(x, scale, shift):
-    for i in range(x.size):
-        x[i] = _sat_round(np.float32(x[i]) * scale + shift)
+def _luma(f, i):
+    return (
+        np.float32(LUMA[0]) * f[0, i]
+        + np.float32(LUMA[1]) * f[1, i]
+        + np.float32(LUMA[2]) * f[2, i]
+    )
 
 
 @njit(cache=True)
-def _mean_luma(x):
+def _affine(f, scale, shift):
+    for c in range(3):
+        plane = f[c]
+        for i in range(plane.size):
+            plane[i] = _clip_round(plane[i] * scale + shift)
+
+
+@njit(cache=True)
+def _mean_luma(f):
     total = 0
-    for i in range(0, x.size, 3):
-        total += np.int64(
-            _sat_round(_luma(np.float32(x[i]), np.float32(x[i + 1]), np.float32(x[i + 2])))
-        )
-    return np.float32(total / max(x.size // 3, 1))
+    for i in range(f.shape[1]):
+        total += np.int32(_clip_round(_luma(f, i)))
+    return np.float32(total / max(f.shape[1], 1))
 
 
 @njit(cache=True)
@@ -90,19 +99,19 @@ def _chroma_matrix(saturation, hue_deg):
 
 
 @njit(cache=True)
-def _color_matrix(x, m):
-    for i in range(0, x.size, 3):
-        r, g, b = np.float32(x[i]), np.float32(x[i + 1]), np.float32(x[i + 2])
-        x[i] = _sat_round(m[0, 0] * r + m[0, 1] * g + m[0, 2] * b)
-        x[i + 1] = _sat_round(m[1, 0] * r + m[1, 1] * g + m[1, 2] * b)
-        x[i + 2] = _sat_round(m[2, 0] * r + m[2, 1] * g + m[2, 2] * b)
+def _color_matrix(f, m):
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.ravel()
+    for i in range(f.shape[1]):
+        r, g, b = f[0, i], f[1, i], f[2, i]
+        f[0, i] = _clip_round(m00 * r + m01 * g + m02 * b)
+        f[1, i] = _clip_round(m10 * r + m11 * g + m12 * b)
+        f[2, i] = _clip_round(m20 * r + m21 * g + m22 * b)
 
 
 @njit(cache=True)
-def _grayscale(x):
-    for i in range(0, x.size, 3):
-        y = _sat_round(_luma(np.float32(x[i]), np.float32(x[i + 1]), np.float32(x[i + 2])))
-        x[i] = x[i + 1] = x[i + 2] = y
+def _grayscale(f):
+    for i in range(f.shape[1]):
+        f[0, i] = f[1, i] = f[2, i] = _clip_round(_luma(f, i))
 
 
 @njit(cache=True)
@@ -126,60 +135,77 @@ def _gaussian_taps(sigma, max_window):
 
 
 @njit(cache=True)
-def _blur(x, h, w, sigma, max_window):
+def _blur(f, h, w, sigma, max_window):
     taps = _gaussian_taps(sigma, max_window)
     radius = taps.size // 2
-    img = x.reshape(h, w * 3)
-    rows = np.empty((h, w * 3), np.float32)  # after the horizontal pass
-    padded = np.empty((w + 2 * radius) * 3, np.float32)
-    for y in range(h):
-        for j in range(w + 2 * radius):
-            src = 3 * _reflect101(j - radius, w)
-            for c in range(3):
-                padded[3 * j + c] = img[y, src + c]
-        out = rows[y]
-        out[:] = 0.0
-        for t in range(taps.size):  # tap-outer, pixel-inner: contiguous, vectorisable
-            k = taps[t]
-            for j in range(w * 3):
-                out[j] += k * padded[j + 3 * t]
-    acc = np.empty(w * 3, np.float32)
-    for y in range(h):
-        acc[:] = 0.0
-        for t in range(taps.size):
-            k, src = taps[t], rows[_reflect101(y + t - radius, h)]
-            for j in range(w * 3):
-                acc[j] += k * src[j]
-        for j in range(w * 3):
-            img[y, j] = _sat_round(acc[j])
+    padded = np.empty(w + 2 * radius, np.float32)
+    rows = np.empty((h, w), np.float32)  # one channel after the horizontal pass
+    for c in range(3):
+        img = f[c].reshape(h, w)
+        for y in range(h):
+            padded[radius : radius + w] = img[y]
+            for j in range(radius):  # only the borders need folding
+                padded[j] = img[y, _reflect101(j - radius, w)]
+                padded[radius + w + j] = img[y, _reflect101(w + j, w)]
+            out = rows[y]
+            out[:] = 0.0
+            for t in range(taps.size):  # tap-outer, pixel-inner: contiguous, vectorisable
+                k = taps[t]
+                for j in range(w):
+                    out[j] += k * padded[j + t]
+        for y in range(h):
+            out = img[y]
+            out[:] = 0.0
+            for t in range(taps.size):
+                k, src = taps[t], rows[_reflect101(y + t - radius, h)]
+                for j in range(w):
+                    out[j] += k * src[j]
+            for j in range(w):
+                out[j] = _clip_round(out[j])
 
 
 @njit(cache=True)
-def _solarize(x):
-    for i in range(x.size):
-        if x[i] >= SOLARIZE_THRESHOLD:
-            x[i] = 255 - x[i]
+def _solarize(f):
+    for c in range(3):
+        plane = f[c]
+        for i in range(plane.size):
+            if plane[i] >= SOLARIZE_THRESHOLD:
+                plane[i] = 255.0 - plane[i]
 
 
 @njit(cache=True)
 def augment_pixels(x, h, w, p):
     """Augment one view in place: ``x`` is its (h * w * 3,) uint8 HWC pixels, ``p`` its params."""
-    if p[P_COLOR] > 0.5:
+    color, gray = p[P_COLOR] > 0.5, p[P_GRAY] > 0.5
+    blur, solarize = p[P_BLUR] > 0.5, p[P_SOLARIZE] > 0.5
+    if not (color or gray or blur or solarize):
+        return
+    n = h * w
+    f = np.empty((3, n), np.float32)
+    for i in range(n):
+        f[0, i], f[1, i], f[2, i] = x[3 * i], x[3 * i + 1], x[3 * i + 2]
+    if color:
         for step in range(3):
             op = int(p[P_STEPS + step])
             if op == BRIGHTNESS:
-                _affine(x, np.float32(p[P_BRIGHTNESS]), np.float32(0.0))
+                _affine(f, np.float32(p[P_BRIGHTNESS]), np.float32(0.0))
             elif op == CONTRAST:
                 c = np.float32(p[P_CONTRAST])
-                _affine(x, c, (np.float32(1.0) - c) * _mean_luma(x))
+                _affine(f, c, (np.float32(1.0) - c) * _mean_luma(f))
             else:
-                _color_matrix(x, _chroma_matrix(p[P_SATURATION], p[P_HUE]))
-    if p[P_GRAY] > 0.5:
-        _grayscale(x)
-    if p[P_BLUR] > 0.5:
-        _blur(x, h, w, p[P_SIGMA], int(p[P_WINDOW]))
-    if p[P_SOLARIZE] > 0.5:
-        _solarize(x)
+                _color_matrix(f, _chroma_matrix(p[P_SATURATION], p[P_HUE]))
+    if gray:
+        _grayscale(f)
+    if blur:
+        _blur(f, h, w, p[P_SIGMA], int(p[P_WINDOW]))
+    if solarize:
+        _solarize(f)
+    for i in range(n):
+        x[3 * i], x[3 * i + 1], x[3 * i + 2] = (
+            np.uint8(f[0, i]),
+            np.uint8(f[1, i]),
+            np.uint8(f[2, i]),
+        )
 
 
 # DALI's numba_function op calls C functions by address. Its Python wrapper compiles generic
