@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format bench bench-loss bench-pipeline bench-train clean
+.PHONY: install demo test test-all lint format bench bench-loss bench-pipeline bench-cpu-augment bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,10 +39,13 @@ bench-loss: $(STAMP)
 bench-pipeline: $(STAMP)
 	$(PY) bench/bench_pipeline.py
 
+bench-cpu-augment: $(STAMP)
+	$(PY) bench/bench_cpu_augment.py
+
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py
 
-bench: bench-loss bench-pipeline bench-train
+bench: bench-loss bench-pipeline bench-cpu-augment bench-train
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -186,3 +186,17 @@ def test_tiny_images_and_one_pixel_sides_do_not_crash():
         p[ca.P_SIGMA], p[ca.P_WINDOW] = 2.0, 23
         (out,) = fused([img], [p])
         assert out.shape == img.shape
+
+
+def test_bench_times_every_op_on_both_sides(tmp_path):
+    from fastclr.bench import bench_cpu_augment
+
+    out = tmp_path / "ops.csv"
+    rows = bench_cpu_augment.main(
+        ["--size", "24", "--batch", "2", "--repeats", "1", "--csv", str(out)]
+    )
+    assert [r["op"] for r in rows][:3] == ["colour jitter (3 steps)", "grayscale", "solarize"]
+    assert all(r["numba_ms"] > 0 and r["dali_ms"] >= 0 for r in rows)
+    assert len(out.read_text().splitlines()) == 1 + len(rows)
+    with pytest.raises(SystemExit, match="positive"):
+        bench_cpu_augment.main(["--batch", "0", "--csv", str(out)])
