@@ -4,7 +4,7 @@
     fastclr knn --ckpt CKPT [--data DIR --test-data DIR]
     fastclr linear --ckpt CKPT [--data DIR --test-data DIR] [--epochs 10 --lr 0.1]
     fastclr export --ckpt CKPT --out FILE
-    fastclr bench loss|pipeline|train [benchmark flags]
+    fastclr bench loss|pipeline|cpu_augment|train [benchmark flags]
     fastclr info
 
 Bad input (missing data, impossible settings, unreadable checkpoints) ends with one ``fastclr: error: ...`` line on
@@ -20,7 +20,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("loss", "pipeline", "train")
+BENCHMARKS = ("loss", "pipeline", "cpu_augment", "train")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,6 +211,7 @@ def info_lines() -> list[str]:
     from fastclr import __version__
     from fastclr.losses.nt_xent import resolve_impl, triton_available
     from fastclr.pipelines import dali_available
+    from fastclr.pipelines.simclr import resolve_augment_impl
 
     def version(module: str) -> str:
         try:
@@ -222,7 +223,7 @@ def info_lines() -> list[str]:
     lines = [
         f"fastclr {__version__}, python {platform.python_version()} ({platform.platform()})",
         f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}), torchvision {torchvision.__version__}, numpy {numpy.__version__}",
-        f"triton {version('triton')}, nvidia-dali {version('nvidia.dali')}",
+        f"triton {version('triton')}, nvidia-dali {version('nvidia.dali')}, numba {version('numba')}",
         f"CPU: {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads",
     ]
     if cuda:
@@ -250,7 +251,11 @@ def info_lines() -> list[str]:
         f"data backend 'auto' -> {'dali' if dali else 'torch (torchvision twin)'} ({'nvidia.dali imports' if dali else 'nvidia.dali does not import'})"
     )
     lines.append(
-        f"pipeline device 'auto' -> {'gpu' if cuda else 'cpu'} ({'CUDA is available: nvJPEG decode + GPU augmentation' if cuda else 'no CUDA device: DALI CPU operators'})"
+        f"pipeline device 'auto' -> {'gpu' if cuda else 'cpu'} ({'CUDA is available: nvJPEG decode + GPU augmentation' if cuda else 'no CUDA device: DALI CPU decoder'})"
+    )
+    augment = resolve_augment_impl("auto", "gpu" if cuda else "cpu")
+    lines.append(
+        f"pipeline augment_impl 'auto' -> {augment} ({'one numba-compiled op per view' if augment == 'numba' else 'DALI operators'})"
     )
     lines.append(
         f"precision 'auto' -> {'bf16 autocast' if cuda else 'fp32'} ({'GPU' if cuda else 'CPU'} run)"

@@ -149,6 +149,7 @@ def test_info_explains_the_auto_choices(capsys):
         "loss impl 'auto' -> ",
         "data backend 'auto' -> ",
         "pipeline device 'auto' -> ",
+        "pipeline augment_impl 'auto' -> ",
     ):
         assert expected in printed
 
