@@ -3,8 +3,9 @@
 After crop and resize, a SimCLR view goes through colour jitter (p), grayscale (p), Gaussian blur
 (p) and solarize (p). DALI's own CPU ops do that in up to seven passes over the image (luma,
 mean, contrast, brightness, hsv, grayscale, blur), each of them slow on the CPU: at 224 px the
-augmentation costs more than decoding. Here one ``numba_function`` op per view does all of it on
-the view's uint8 pixels, with the same math and the same rounding as those ops:
+augmentation costs more than decoding (bench/bench_cpu_augment.py). Here one ``numba_function``
+op per view does all of it on a planar float32 copy of the view, with the same math and the same
+rounding as those ops:
 
 - brightness ``b``:  ``x <- sat(round(b x))``
 - contrast ``c``:    ``x <- sat(round(c x + (1 - c) m))``, ``m`` = mean of ``sat(round(Y(x)))``
