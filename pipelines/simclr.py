@@ -121,16 +121,25 @@ def _color_jitter(img, aug: SimCLRAugment):
     contrast = fn.random.uniform(range=[max(0.0, 1 - c), 1 + c])
     saturation = fn.random.uniform(range=[max(0.0, 1 - s), 1 + s])
     hue = fn.random.uniform(range=[-360.0 * h, 360.0 * h])  # DALI hue is in degrees
+    for op in _drawn_order(types.INT32):
+        img = _jitter_step(img, op, brightness, contrast, saturation, hue)
+    return img
+
+
+def _drawn_order(dtype):
+    """One of the 6 orders of the 3 colour steps per sample: the op each step runs, in order."""
+    from nvidia.dali import fn, types
+
     order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
-    for step in range(len(JITTER_ORDERS[0])):
-        op = fn.lookup_table(
+    return [
+        fn.lookup_table(
             order,
             keys=list(range(len(JITTER_ORDERS))),
             values=[o[step] for o in JITTER_ORDERS],
-            dtype=types.INT32,
+            dtype=dtype,
         )
-        img = _jitter_step(img, op, brightness, contrast, saturation, hue)
-    return img
+        for step in range(len(JITTER_ORDERS[0]))
+    ]
 
 
 def _grayscale(img):
@@ -172,16 +181,7 @@ def fused_params(aug: SimCLRAugment):
     from fastclr.pipelines import cpu_augment as ca
 
     b, c, s, h = aug.jitter
-    order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
-    steps = [
-        fn.lookup_table(
-            order,
-            keys=list(range(len(JITTER_ORDERS))),
-            values=[o[step] for o in JITTER_ORDERS],
-            dtype=types.FLOAT,
-        )
-        for step in range(len(JITTER_ORDERS[0]))
-    ]
+    steps = _drawn_order(types.FLOAT)
     params = {
         ca.P_COLOR: _coin(aug.color_p if aug.color_active else 0.0),
         **{ca.P_STEPS + k: step for k, step in enumerate(steps)},
