@@ -44,14 +44,7 @@ def ops(size: int) -> dict:
 
     window = SimCLRAugment(size).blur_kernel
 
-    def params(steps=None, **set_):
-        p = np.zeros(ca.NUM_PARAMS, np.float32)
-        for name, value in set_.items():
-            p[getattr(ca, f"P_{name.upper()}")] = value
-        if steps is not None:
-            p[ca.P_COLOR], p[ca.P_STEPS : ca.P_STEPS + 3] = 1, steps
-        return p
-
+    params = ca.param_vector
     strengths = dict(brightness=1.3, contrast=0.7, saturation=1.4, hue=20.0)
 
     def jitter(img):  # contrast, brightness, saturation + hue, as params((1, 0, 2)) orders them

@@ -47,6 +47,19 @@ P_GRAY, P_BLUR, P_SIGMA, P_WINDOW, P_SOLARIZE = 8, 9, 10, 11, 12
 NUM_PARAMS = 13
 BRIGHTNESS, CONTRAST, SATURATION_HUE = 0, 1, 2  # colour steps, as P_STEPS..P_STEPS+2 name them
 
+
+def param_vector(steps=None, **values) -> np.ndarray:
+    """A params vector by name, e.g. ``param_vector((1, 0, 2), brightness=1.2)``: ``steps``
+    switches colour jitter on with that order of steps; ``gray=1`` etc. switch the other ops on.
+    """
+    p = np.zeros(NUM_PARAMS, np.float32)
+    for name, value in values.items():
+        p[globals()[f"P_{name.upper()}"]] = value
+    if steps is not None:
+        p[P_COLOR], p[P_STEPS : P_STEPS + 3] = 1, steps
+    return p
+
+
 # DALI's RGB -> YIQ matrix; its hsv op maps back with the exact inverse (so s = 1, h = 0 is the
 # identity).
 RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])

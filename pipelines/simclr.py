@@ -114,16 +114,21 @@ def _jitter_step(img, op, brightness, contrast, saturation, hue):
 
 
 def _color_jitter(img, aug: SimCLRAugment):
-    from nvidia.dali import fn, types
+    from nvidia.dali import types
+
+    strengths = _jitter_strengths(aug)
+    for op in _drawn_order(types.INT32):
+        img = _jitter_step(img, op, *strengths)
+    return img
+
+
+def _jitter_strengths(aug: SimCLRAugment) -> list:
+    """Per-sample brightness, contrast and saturation factors and hue shift (in degrees)."""
+    from nvidia.dali import fn
 
     b, c, s, h = aug.jitter
-    brightness = fn.random.uniform(range=[max(0.0, 1 - b), 1 + b])
-    contrast = fn.random.uniform(range=[max(0.0, 1 - c), 1 + c])
-    saturation = fn.random.uniform(range=[max(0.0, 1 - s), 1 + s])
-    hue = fn.random.uniform(range=[-360.0 * h, 360.0 * h])  # DALI hue is in degrees
-    for op in _drawn_order(types.INT32):
-        img = _jitter_step(img, op, brightness, contrast, saturation, hue)
-    return img
+    factors = [fn.random.uniform(range=[max(0.0, 1 - a), 1 + a]) for a in (b, c, s)]
+    return [*factors, fn.random.uniform(range=[-360.0 * h, 360.0 * h])]
 
 
 def _drawn_order(dtype):
@@ -180,15 +185,15 @@ def fused_params(aug: SimCLRAugment):
 
     from fastclr.pipelines import cpu_augment as ca
 
-    b, c, s, h = aug.jitter
+    brightness, contrast, saturation, hue = _jitter_strengths(aug)
     steps = _drawn_order(types.FLOAT)
     params = {
         ca.P_COLOR: _coin(aug.color_p if aug.color_active else 0.0),
         **{ca.P_STEPS + k: step for k, step in enumerate(steps)},
-        ca.P_BRIGHTNESS: fn.random.uniform(range=[max(0.0, 1 - b), 1 + b]),
-        ca.P_CONTRAST: fn.random.uniform(range=[max(0.0, 1 - c), 1 + c]),
-        ca.P_SATURATION: fn.random.uniform(range=[max(0.0, 1 - s), 1 + s]),
-        ca.P_HUE: fn.random.uniform(range=[-360.0 * h, 360.0 * h]),  # degrees
+        ca.P_BRIGHTNESS: brightness,
+        ca.P_CONTRAST: contrast,
+        ca.P_SATURATION: saturation,
+        ca.P_HUE: hue,
         ca.P_GRAY: _coin(aug.gray_p),
         ca.P_BLUR: _coin(aug.blur_p),
         ca.P_SIGMA: fn.random.uniform(range=list(aug.blur_sigma)),
@@ -219,9 +224,10 @@ def simclr_view(
     )
     img = fn.resize(img, size=[aug.size, aug.size], interp_type=types.INTERP_LINEAR)
     if impl == "numba":
-        from fastclr.pipelines.cpu_augment import augment_op
+        if aug.color_active or max(aug.gray_p, aug.blur_p, aug.solarize_p) > 0:
+            from fastclr.pipelines.cpu_augment import augment_op
 
-        img = augment_op()(img, fused_params(aug))
+            img = augment_op()(img, fused_params(aug))
     else:
         if aug.color_active:
             img = _with_probability(aug.color_p, _color_jitter, img, aug)

@@ -80,11 +80,7 @@ def assert_close(got, want, what):
     )
 
 
-def params(**set_):
-    p = np.zeros(ca.NUM_PARAMS, np.float32)
-    for name, value in set_.items():
-        p[getattr(ca, f"P_{name.upper()}")] = value
-    return p
+params = ca.param_vector
 
 
 @pytest.mark.parametrize("order", list(permutations(range(3))), ids=str)
@@ -103,11 +99,7 @@ def test_colour_jitter_matches_dali_in_every_order(order):
         return img
 
     want = dali_ops(images, strengths, graph)
-    ps = []
-    for b, c, s, h in strengths:
-        p = params(color=1, brightness=b, contrast=c, saturation=s, hue=h)
-        p[ca.P_STEPS : ca.P_STEPS + 3] = order
-        ps.append(p)
+    ps = [params(order, brightness=b, contrast=c, saturation=s, hue=h) for b, c, s, h in strengths]
     assert_close(fused(images, ps), want, f"colour jitter in order {order}")
 
 
@@ -121,8 +113,8 @@ def test_each_colour_step_matches_dali_alone():
             images, [strength] * len(images), lambda img, *a, op=op: _jitter_step(img, op, *a)
         )
         b, c, s, h = strength
-        p = params(color=1, brightness=b, contrast=c, saturation=s, hue=h)
-        p[ca.P_STEPS : ca.P_STEPS + 3] = (op, 0, 1) if op == 2 else (op, 1 - op, 1 - op)
+        steps = (op, 0, 1) if op == 2 else (op, 1 - op, 1 - op)
+        p = params(steps, brightness=b, contrast=c, saturation=s, hue=h)
         assert_close(fused(images, [p] * len(images)), want, f"colour step {op}")
 
 
@@ -182,8 +174,8 @@ def test_tiny_images_and_one_pixel_sides_do_not_crash():
     rng = np.random.default_rng(6)
     for h, w in [(1, 1), (1, 9), (9, 1), (2, 3)]:
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        p = params(color=1, brightness=1.3, contrast=0.6, saturation=1.2, hue=10, blur=1)
-        p[ca.P_SIGMA], p[ca.P_WINDOW] = 2.0, 23
+        jitter = dict(brightness=1.3, contrast=0.6, saturation=1.2, hue=10)
+        p = params((2, 1, 0), **jitter, gray=1, blur=1, sigma=2.0, window=23, solarize=1)
         (out,) = fused([img], [p])
         assert out.shape == img.shape
 
