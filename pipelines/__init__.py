@@ -1,26 +1,31 @@
 """fastclr.pipelines: SimCLR input pipelines (NVIDIA DALI) and their torchvision twins.
 
 >>> from fastclr.pipelines import make_loader
->>> loader = make_loader("data/train", batch_size=256, size=224, device="auto")
+>>> loader = make_loader(root="data/train", batch_size=256, size=224, device="auto")
 >>> for view_a, view_b in loader:  # (256, 3, 224, 224) each, channels_last
 ...     ...
+
+Both backends take one augmentation spec (:class:`SimCLRAugment`, ``augment.py``) and one
+:class:`LoaderOptions` (``options.py``), read the same files in the same order (``data.py``) and
+share the epoch, shard and resume logic (``base.py``); they differ only where the backend does:
+``dali/`` (:class:`SimCLRLoader`, :class:`EvalLoader`) and ``torchvision/``
+(:class:`TorchSimCLRLoader`, :class:`TorchEvalLoader`).
 
 DALI is imported only when a DALI pipeline is built, so this package imports without it.
 """
 
 from __future__ import annotations
 
-from fastclr.pipelines._dali import dali_available
 from fastclr.pipelines.augment import SimCLRAugment
+from fastclr.pipelines.dali import EvalLoader, SimCLRLoader, dali_available
 from fastclr.pipelines.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
     list_images,
 )
-from fastclr.pipelines.eval import EvalLoader
-from fastclr.pipelines.simclr import SimCLRLoader
-from fastclr.pipelines.torchvision_twin import (
+from fastclr.pipelines.options import LoaderOptions
+from fastclr.pipelines.torchvision import (
     EvalTransform,
     SimCLRTransform,
     TorchEvalLoader,
@@ -36,6 +41,7 @@ __all__ = [
     "CorruptImageError",
     "EvalLoader",
     "EvalTransform",
+    "LoaderOptions",
     "SimCLRAugment",
     "SimCLRLoader",
     "SimCLRTransform",

@@ -1,22 +1,22 @@
-"""SimCLR augmentation parameters, validated once and shared by the DALI graph and the twin.
+"""The augmentation spec: what each view goes through, validated once and run by both backends.
 
 Defaults follow SimCLR (Chen et al., 2020, appendix A): random resized crop (area 0.08-1,
 aspect 3/4-4/3), horizontal flip p=0.5, colour jitter of strength s (brightness, contrast and
 saturation 0.8s, hue 0.2s, the four in a random order) with p=0.8, grayscale p=0.2, Gaussian blur
 p=0.5 with a kernel of ~10% of the side and sigma in [0.1, 2.0] (off for CIFAR-size images).
 Solarize (BYOL) is available and off by default.
+
+The evaluation loaders use the same spec: :func:`eval_augment` is the linear-evaluation training
+augmentation (crop + flip only), and ``None`` the deterministic resize + centre crop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 # Images at least this large get blur by default; SimCLR turns blur off for CIFAR (32 px).
 BLUR_MIN_SIZE = 64
 SOLARIZE_THRESHOLD = 128  # in uint8 levels: pixels >= threshold are inverted
-OUTPUT_DTYPES = (torch.float32, torch.float16)
 
 
 def _check_prob(name: str, p: float) -> float:
@@ -42,18 +42,6 @@ def check_size(size) -> int:
     return size
 
 
-def check_output(dtype, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Validate the output dtype and normalisation constants (3 channels each)."""
-    if dtype not in OUTPUT_DTYPES:
-        raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}")
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
-    if min(std) <= 0:
-        raise ValueError(f"std must be positive, got {std}")
-    return mean, std
-
-
 def eval_resize_size(size: int) -> int:
     """Shorter side before the centre crop: size * 8/7 (256 for 224), at least ``size``."""
     return max(size, round(size * 8 / 7))
@@ -61,7 +49,19 @@ def eval_resize_size(size: int) -> int:
 
 @dataclass(frozen=True)
 class SimCLRAugment:
-    """Per-view SimCLR augmentation; probabilities are per sample and per view."""
+    """Per-view SimCLR augmentation; probabilities are per sample and per view.
+
+    Attributes:
+        size: output side in pixels.
+        crop_scale, crop_ratio: area fraction and aspect-ratio ranges of the random resized crop.
+        flip_p: probability of a horizontal flip.
+        color_strength: colour-jitter strength s in [0, 2.5] (see :attr:`jitter`).
+        color_p: probability of colour jitter.
+        gray_p: probability of grayscale.
+        blur_p: probability of Gaussian blur; None: 0.5 from ``BLUR_MIN_SIZE`` px up, else 0.
+        blur_sigma: range of the blur's sigma, in pixels.
+        solarize_p: probability of solarize (pixels >= ``SOLARIZE_THRESHOLD`` inverted).
+    """
 
     size: int
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -101,7 +101,20 @@ class SimCLRAugment:
         return self.color_p > 0 and self.color_strength > 0
 
     @property
+    def pixel_ops_active(self) -> bool:
+        """Whether any op after the crop and flip (colour, grayscale, blur, solarize) can run."""
+        return self.color_active or max(self.gray_p, self.blur_p, self.solarize_p) > 0
+
+    @property
     def blur_kernel(self) -> int:
         """Odd kernel side of ~10% of the output side (23 for 224), at least 3."""
         k = max(3, int(0.1 * self.size))
         return k if k % 2 else k + 1
+
+
+def eval_augment(size: int, augment: bool) -> SimCLRAugment | None:
+    """The evaluation loaders' view: with ``augment``, the linear-evaluation training protocol
+    (SimCLR's random resized crop and flip, nothing else); without, None: resize the shorter side
+    to :func:`eval_resize_size` and crop the centre."""
+    check_size(size)
+    return SimCLRAugment(size, color_p=0.0, gray_p=0.0, blur_p=0.0) if augment else None

@@ -14,20 +14,17 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
-from fastclr.pipelines.augment import check_output, check_size
+from fastclr.device import resolve_device
+from fastclr.pipelines.augment import SimCLRAugment, check_size
 from fastclr.pipelines.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     check_sharding,
     epoch_indices,
     num_batches,
     scan_images,
     shard_size,
 )
-
-DEVICES = ("cpu", "gpu", "auto")
+from fastclr.pipelines.options import OPTION_NAMES, LoaderOptions
 
 
 def next_decodable(index: int, bad, count: int, root) -> int:
@@ -40,66 +37,59 @@ def next_decodable(index: int, bad, count: int, root) -> int:
     raise ValueError(f"no decodable images in {root}: all {count} files failed to decode")
 
 
-def resolve_device(device: str, device_id: int | None) -> tuple[str, int | None]:
-    """Map ``"cpu" | "gpu" | "auto"`` to a concrete device and CUDA device id (None on CPU)."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        device = "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu", None
-    if not torch.cuda.is_available():
-        raise RuntimeError("device='gpu' needs CUDA, but torch.cuda.is_available() is False")
-    return "gpu", torch.cuda.current_device() if device_id is None else int(device_id)
-
-
 class EpochLoader:
-    """Base of all loaders; subclasses implement ``_batches(epoch, indices, skip, real)``."""
+    """Base of all loaders; subclasses implement ``_batches(epoch, indices, skip, real)``.
+
+    ``options`` (a :class:`~fastclr.pipelines.options.LoaderOptions`) are also readable as attributes
+    (``loader.seed``, ``loader.dtype``, ...); ``device`` is the resolved ``torch.device`` and
+    ``augment`` the view's :class:`~fastclr.pipelines.augment.SimCLRAugment` (None: the evaluation
+    loaders' resize + centre crop).
+    """
+
+    min_threads = 1  # the fewest worker threads (or processes) the backend runs with
 
     def __init__(
         self,
         root,
         batch_size: int,
         size: int,
-        *,
-        device: str,
-        device_id: int | None,
-        num_threads: int,
-        seed: int,
-        shard_id: int,
-        num_shards: int,
-        last_batch: str,
-        dtype: torch.dtype,
-        normalize: bool,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        on_corrupt: str,
-        shuffle: bool,
-        min_threads: int = 1,
+        options: LoaderOptions,
+        augment: SimCLRAugment | None,
     ):
         self.size = check_size(size)
-        self.mean, self.std = check_output(dtype, mean, std)
-        if not isinstance(num_threads, int) or num_threads < min_threads:
-            raise ValueError(f"num_threads must be an int >= {min_threads}, got {num_threads!r}")
-        self.device, self.device_id = resolve_device(device, device_id)
-        images = scan_images(root, on_corrupt)
-        check_sharding(len(images.files), batch_size, shard_id, num_shards, last_batch)
-        self.root = root
+        self.options, self.augment = options, augment
+        # Augmented views are read in a new order every epoch, the evaluation centre crop in a fixed one.
+        self.shuffle = augment is not None
+        num_threads = options.num_threads
+        if not isinstance(num_threads, int) or num_threads < self.min_threads:
+            raise ValueError(
+                f"num_threads must be an int >= {self.min_threads}, got {num_threads!r}"
+            )
+        self.device = resolve_device(options.device, options.device_id)
+        images = scan_images(root, options.on_corrupt)
+        check_sharding(
+            len(images.files), batch_size, options.shard_id, options.num_shards, options.last_batch
+        )
+        self.root, self.batch_size = root, batch_size
         self.files, self.labels, self.classes = images.files, images.labels, images.classes
         self.skipped = list(images.skipped)
-        self.on_corrupt = on_corrupt
         # Files that passed the up-front check but not the decoder (on_corrupt="skip"). The next file not in the set
         # is read in each one's slot, so that epoch lengths, shards and the positions of all other files stay put.
         self._undecodable: set[int] = set()
-        self.batch_size, self.num_threads, self.seed = batch_size, num_threads, int(seed)
-        self.shard_id, self.num_shards, self.last_batch = shard_id, num_shards, last_batch
-        self.dtype, self.normalize, self.shuffle = dtype, normalize, shuffle
         self.epoch, self._skip = 0, 0
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: the options read as the loader's own attributes.
+        options = self.__dict__.get("options")
+        if options is not None and name in OPTION_NAMES:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def num_samples(self) -> int:
         """Images this shard reads per epoch (before dropping or padding to whole batches)."""
-        return shard_size(len(self.files), self.num_shards, self.shard_id, self.last_batch)
+        o = self.options
+        return shard_size(len(self.files), o.num_shards, o.shard_id, o.last_batch)
 
     @property
     def num_skipped(self) -> int:
@@ -131,9 +121,8 @@ class EpochLoader:
         return out
 
     def __len__(self) -> int:
-        return num_batches(
-            len(self.files), self.batch_size, self.num_shards, self.shard_id, self.last_batch
-        )
+        o = self.options
+        return num_batches(len(self.files), self.batch_size, o.num_shards, o.shard_id, o.last_batch)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch the next iteration runs and how many of its first batches to skip.
@@ -155,17 +144,18 @@ class EpochLoader:
 
     def _real_count(self) -> int:
         """Samples actually emitted per epoch: the "keep" tail is cut from the last batch."""
-        return self.num_samples if self.last_batch == "keep" else len(self) * self.batch_size
+        keep = self.options.last_batch == "keep"
+        return self.num_samples if keep else len(self) * self.batch_size
 
     def _indices(self, epoch: int) -> np.ndarray:
         return epoch_indices(
             len(self.files),
             self.batch_size,
             epoch=epoch,
-            seed=self.seed,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            last_batch=self.last_batch,
+            seed=self.options.seed,
+            shard_id=self.options.shard_id,
+            num_shards=self.options.num_shards,
+            last_batch=self.options.last_batch,
             shuffle=self.shuffle,
         )
 

@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable"),
     pytest.mark.timeout(120),
 ]
-ca = pytest.importorskip("fastclr.pipelines.cpu_augment")
+ca = pytest.importorskip("fastclr.pipelines.dali.cpu_augment")
 
 MAX_LEVELS, MAX_FRACTION = 2, 0.01
 SIZES = [(40, 56), (33, 47), (64, 64), (17, 90)]  # odd sides and a wide strip
@@ -85,7 +85,7 @@ params = ca.param_vector
 
 @pytest.mark.parametrize("order", list(permutations(range(3))), ids=str)
 def test_colour_jitter_matches_dali_in_every_order(order):
-    from fastclr.pipelines.simclr import _jitter_step
+    from fastclr.pipelines.dali.graph import jitter_step
 
     rng = np.random.default_rng(sum(o * 3**k for k, o in enumerate(order)))
     images = smooth_images(1)
@@ -95,7 +95,7 @@ def test_colour_jitter_matches_dali_in_every_order(order):
 
     def graph(img, *bcsh):
         for op in order:
-            img = _jitter_step(img, op, *bcsh)
+            img = jitter_step(img, op, *bcsh)
         return img
 
     want = dali_ops(images, strengths, graph)
@@ -105,12 +105,12 @@ def test_colour_jitter_matches_dali_in_every_order(order):
 
 def test_each_colour_step_matches_dali_alone():
     """One step at a time: the other two steps get strengths that are exact identities in both."""
-    from fastclr.pipelines.simclr import _jitter_step
+    from fastclr.pipelines.dali.graph import jitter_step
 
     images = smooth_images(2)
     for op, strength in [(0, (1.6, 1, 1, 0)), (1, (1, 0.3, 1, 0)), (2, (1, 1, 1.7, 50))]:
         want = dali_ops(
-            images, [strength] * len(images), lambda img, *a, op=op: _jitter_step(img, op, *a)
+            images, [strength] * len(images), lambda img, *a, op=op: jitter_step(img, op, *a)
         )
         b, c, s, h = strength
         steps = (op, 0, 1) if op == 2 else (op, 1 - op, 1 - op)
@@ -119,23 +119,23 @@ def test_each_colour_step_matches_dali_alone():
 
 
 def test_grayscale_matches_dali():
-    from fastclr.pipelines.simclr import _grayscale
+    from fastclr.pipelines.dali.graph import grayscale
 
     images = smooth_images(3)
     assert_close(
         fused(images, [params(gray=1)] * len(images)),
-        dali_ops(images, [(0.0,)] * len(images), lambda img, _: _grayscale(img)),
+        dali_ops(images, [(0.0,)] * len(images), lambda img, _: grayscale(img)),
         "grayscale",
     )
 
 
 def test_solarize_equals_dali_exactly():
     """A lookup table, no rounding: every one of the 256 levels maps exactly as in DALI."""
-    from fastclr.pipelines.simclr import _solarize
+    from fastclr.pipelines.dali.graph import solarize
 
     levels = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)]
     (got,) = fused(levels, [params(solarize=1)])
-    (want,) = dali_ops(levels, [(0.0,)], lambda img, _: _solarize(img))
+    (want,) = dali_ops(levels, [(0.0,)], lambda img, _: solarize(img))
     assert np.array_equal(got, want), np.flatnonzero(got[..., 0] != want[..., 0])
 
 

@@ -20,6 +20,8 @@ from PIL import Image
 from fastclr.pipelines import (
     CorruptImageError,
     EvalLoader,
+    LoaderOptions,
+    SimCLRAugment,
     SimCLRLoader,
     TorchEvalLoader,
     TorchSimCLRLoader,
@@ -42,6 +44,7 @@ EVAL = [
     pytest.param(EvalLoader, id="dali", marks=needs_dali),
     pytest.param(TorchEvalLoader, id="torch"),
 ]
+EVAL_CLASSES = (EvalLoader, TorchEvalLoader)
 NO_COLOR = dict(color_p=0.0, gray_p=0.0, blur_p=0.0)
 IDENTITY = dict(normalize=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), **NO_COLOR)
 
@@ -224,7 +227,8 @@ def test_blur_probability(cls, tmp_path):
     v = views(cls(root, 32, 64, **kw))
     blurred = v[:, 0].std(dim=(1, 2)) < 0.2  # sharp stripes: std ~0.5
     check_fraction(int(blurred.sum()), len(v), 0.5, "gaussian blur")
-    assert SimCLRLoader.__init__.__kwdefaults__["blur_p"] is None  # default: by size
+    assert cls(root, 32, 64).augment.blur_p == 0.5  # default: by size
+    assert cls(root, 32, 32).augment.blur_p == 0.0
 
 
 @pytest.mark.parametrize("cls", AUGMENTING)
@@ -329,10 +333,39 @@ def test_bad_inputs_raise_or_skip(cls, tmp_path):
         cls(root, 4, 16, dtype=torch.int8, on_corrupt="skip")
 
 
+@pytest.mark.parametrize("cls", SIMCLR + EVAL)
+def test_options_and_spec_are_shared(cls, identity_set):
+    """Both backends validate the same keywords into one LoaderOptions and one SimCLRAugment."""
+    loader = cls(identity_set, 4, 16, seed=5, dtype=torch.float16, normalize=False)
+    assert loader.options == LoaderOptions(
+        seed=5,
+        dtype=torch.float16,
+        normalize=False,
+        **({"last_batch": "keep"} if cls in EVAL_CLASSES else {}),
+    )
+    assert loader.seed == 5 and loader.dtype == torch.float16  # options read as attributes
+    assert loader.device == torch.device("cpu")
+    if cls in EVAL_CLASSES:
+        assert loader.augment is None
+        assert cls(identity_set, 4, 16, augment=True).augment == SimCLRAugment(
+            16, color_p=0.0, gray_p=0.0, blur_p=0.0
+        )
+        with pytest.raises(TypeError, match=rf"{cls.__name__}\(\).*'last_batch'"):
+            cls(identity_set, 4, 16, last_batch="drop")
+    else:
+        assert loader.augment == SimCLRAugment(16)
+        assert cls(identity_set, 4, 16, gray_p=0.5).augment.gray_p == 0.5
+    with pytest.raises(TypeError, match=rf"{cls.__name__}\(\).*'colour_p'"):
+        cls(identity_set, 4, 16, colour_p=0.5)
+    with pytest.raises(AttributeError, match="no attribute 'sead'"):
+        getattr(loader, "sead")  # noqa: B009
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_gpu_without_cuda_is_a_clear_error(identity_set):
-    with pytest.raises(RuntimeError, match="CUDA"):
-        SimCLRLoader(identity_set, 4, 16, device="gpu")
+    for cls in (SimCLRLoader, TorchSimCLRLoader):
+        with pytest.raises(ValueError, match="CUDA"):
+            cls(identity_set, 4, 16, device="gpu")
 
 
 def test_make_loader_picks_backend(identity_set):
@@ -347,11 +380,12 @@ def test_make_loader_picks_backend(identity_set):
 
 @needs_dali
 def test_augment_impl_is_resolved_and_checked(identity_set):
-    from fastclr.pipelines.simclr import resolve_augment_impl
+    from fastclr.pipelines.dali import resolve_augment_impl
 
     assert SimCLRLoader(identity_set, 4, 16).augment_impl == "numba"  # numba is a dependency
     assert DALI_OPS(identity_set, 4, 16).augment_impl == "dali"
     assert resolve_augment_impl("auto", "gpu") == "dali"
+    assert resolve_augment_impl("auto", torch.device("cpu")) == "numba"
     with pytest.raises(ValueError, match="CPU only"):
         resolve_augment_impl("numba", "gpu")
     with pytest.raises(ValueError, match="augment_impl"):

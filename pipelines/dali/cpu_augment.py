@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 
 from fastclr.pipelines.augment import SOLARIZE_THRESHOLD
 
-# Per-sample parameter vector (float32), built by simclr.fused_params.
+# Per-sample parameter vector (float32), built by graph.fused_params.
 P_COLOR, P_STEPS, P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 0, 1, 4, 5, 6, 7
 P_GRAY, P_BLUR, P_SIGMA, P_WINDOW, P_SOLARIZE = 8, 9, 10, 11, 12
 NUM_PARAMS = 13
