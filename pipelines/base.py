@@ -43,10 +43,12 @@ class EpochLoader:
     ``options`` (a :class:`~fastclr.pipelines.options.LoaderOptions`) are also readable as attributes
     (``loader.seed``, ``loader.dtype``, ...); ``device`` is the resolved ``torch.device`` and
     ``augment`` the view's :class:`~fastclr.pipelines.augment.SimCLRAugment` (None: the evaluation
-    loaders' resize + centre crop).
+    loaders' resize + centre crop). ``labelled`` is False for a flat folder of unlabelled images
+    (labels all 0, ``classes`` empty), which the loaders that yield labels refuse.
     """
 
     min_threads = 1  # the fewest worker threads (or processes) the backend runs with
+    yields_labels = False  # True: batches carry labels, so a flat folder of images is refused
 
     def __init__(
         self,
@@ -67,11 +69,17 @@ class EpochLoader:
             )
         self.device = resolve_device(options.device, options.device_id)
         images = scan_images(root, options.on_corrupt)
+        if self.yields_labels and not images.labelled:
+            raise ValueError(
+                f"{type(self).__name__}: {root} is a flat folder of unlabelled images, but kNN and "
+                "linear evaluation need labelled data: an ImageFolder root/<class>/<image>"
+            )
         check_sharding(
             len(images.files), batch_size, options.shard_id, options.num_shards, options.last_batch
         )
         self.root, self.batch_size = root, batch_size
         self.files, self.labels, self.classes = images.files, images.labels, images.classes
+        self.labelled = images.labelled
         self.skipped = list(images.skipped)
         # Files that passed the up-front check but not the decoder (on_corrupt="skip"). The next file not in the set
         # is read in each one's slot, so that epoch lengths, shards and the positions of all other files stay put.

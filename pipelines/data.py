@@ -30,6 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LAST_BATCH_POLICIES = ("drop", "pad", "keep")
 ON_CORRUPT_POLICIES = ("error", "skip")
+_LAYOUTS = "an ImageFolder root/<class>/<image> or a flat folder of images root/<image>"
 
 # Bytes read from each end of a file by the validity check: enough for the magic numbers at the
 # front and for an end-of-image marker followed by a little padding at the back.
@@ -53,12 +54,17 @@ class CorruptImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageList:
-    """Result of scanning a data set: files with integer labels, class names and skipped files."""
+    """Result of scanning a data set: files with integer labels, class names and skipped files.
+
+    ``labelled`` is False for a flat folder of images (no class folders): its labels are all 0 and
+    mean nothing, and ``classes`` is empty. Pretraining reads it; evaluation refuses it.
+    """
 
     files: list[str]
     labels: list[int]
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    labelled: bool = True
 
 
 def check_image(path: str | os.PathLike) -> str | None:
@@ -114,14 +120,22 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        stray = [n for n in os.listdir(root) if _is_image_name(n)]
-        hint = f" ({len(stray)} images lie directly in it)" if stray else ""
+def _scan_folder(root: Path) -> ImageList:
+    """An ImageFolder (class = sub-folder, images found recursively) or a flat folder of images."""
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    classes = sorted(e.name for e in entries if e.is_dir())
+    loose = sorted(e.name for e in entries if not e.is_dir() and _is_image_name(e.name))
+    if classes and loose:
         raise ValueError(
-            f"no class folders in {root}{hint}: expected an ImageFolder layout root/<class>/<image>"
+            f"{root} holds both images ({len(loose)}, e.g. {loose[0]}) and class folders "
+            f"({len(classes)}, e.g. {classes[0]}/): expected {_LAYOUTS}, not both"
         )
+    if loose:
+        return ImageList(
+            [os.path.join(root, n) for n in loose], [0] * len(loose), [], labelled=False
+        )
+    if not classes:
+        raise ValueError(f"no images and no class folders in {root}: expected {_LAYOUTS}")
     files, labels = [], []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
@@ -130,10 +144,15 @@ def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
                 if _is_image_name(fname):
                     files.append(os.path.join(dirpath, fname))
                     labels.append(label)
-    return files, labels, classes
+    if not files:
+        raise ValueError(
+            f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+            f"files in {len(classes)} class folders)"
+        )
+    return ImageList(files, labels, classes)
 
 
-def _scan_file_list(list_file: Path) -> tuple[list[str], list[int], list[str]]:
+def _scan_file_list(list_file: Path) -> ImageList:
     """Read ``path`` or ``path label`` lines; relative paths are relative to the list file."""
     base = list_file.parent
     entries: list[tuple[str, int | None]] = []
@@ -155,7 +174,7 @@ def _scan_file_list(list_file: Path) -> tuple[list[str], list[int], list[str]]:
     if with_label == len(entries):
         num_classes = max(label for _, label in entries) + 1
         classes = [str(i) for i in range(num_classes)]
-        return [p for p, _ in entries], [int(lbl) for _, lbl in entries], classes
+        return ImageList([p for p, _ in entries], [int(lbl) for _, lbl in entries], classes)
     if with_label:
         raise ValueError(
             f"file list {list_file}: {with_label} of {len(entries)} lines have a label; "
@@ -163,7 +182,9 @@ def _scan_file_list(list_file: Path) -> tuple[list[str], list[int], list[str]]:
         )
     classes = sorted({Path(p).parent.name for p, _ in entries})
     index = {c: i for i, c in enumerate(classes)}
-    return [p for p, _ in entries], [index[Path(p).parent.name] for p, _ in entries], classes
+    return ImageList(
+        [p for p, _ in entries], [index[Path(p).parent.name] for p, _ in entries], classes
+    )
 
 
 def scan_images(source: str | os.PathLike, on_corrupt: str = "error") -> ImageList:
@@ -172,18 +193,9 @@ def scan_images(source: str | os.PathLike, on_corrupt: str = "error") -> ImageLi
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"data set not found: {source}")
-    if source.is_dir():
-        files, labels, classes = _scan_folder(source)
-        if not files:
-            raise ValueError(
-                f"no images found under {source} (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                f"files in {len(classes)} class folders)"
-            )
-    else:
-        files, labels, classes = _scan_file_list(source)
-
+    listing = _scan_folder(source) if source.is_dir() else _scan_file_list(source)
     kept_files, kept_labels, skipped = [], [], []
-    for path, label in zip(files, labels, strict=True):
+    for path, label in zip(listing.files, listing.labels, strict=True):
         reason = check_image(path)
         if reason is None:
             kept_files.append(path)
@@ -193,8 +205,10 @@ def scan_images(source: str | os.PathLike, on_corrupt: str = "error") -> ImageLi
         else:
             skipped.append((path, reason))
     if not kept_files:
-        raise ValueError(f"no readable images in {source}: all {len(files)} files were skipped")
-    return ImageList(kept_files, kept_labels, classes, skipped)
+        raise ValueError(
+            f"no readable images in {source}: all {len(listing.files)} files were skipped"
+        )
+    return ImageList(kept_files, kept_labels, listing.classes, skipped, listing.labelled)
 
 
 def list_images(
@@ -204,9 +218,11 @@ def list_images(
 
     Args:
         source: an ImageFolder directory ``root/<class>/<image>`` (class = sub-folder, sorted
-            alphabetically; images found recursively, by extension) or a text file with one
-            ``path`` or ``path label`` per line (relative paths are relative to the list file;
-            without labels the parent folder name is the class).
+            alphabetically; images found recursively, by extension), a flat folder of unlabelled
+            images ``root/<image>`` (for pretraining: every label 0, no classes; see
+            :class:`ImageList`), or a text file with one ``path`` or ``path label`` per line
+            (relative paths are relative to the list file; without labels the parent folder name
+            is the class). A folder holding both images and sub-folders is an error.
         on_corrupt: ``"error"`` raises :class:`CorruptImageError` (a ValueError) naming the first
             bad file; ``"skip"`` leaves bad files out.
 
@@ -215,7 +231,8 @@ def list_images(
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: no class folders, no images, or a bad file with ``on_corrupt="error"``.
+        ValueError: no images, images beside class folders, or a bad file with
+            ``on_corrupt="error"``.
     """
     images = scan_images(source, on_corrupt)
     return images.files, images.labels, images.classes

@@ -52,7 +52,10 @@ def fused(images, params):
 
 
 def dali_ops(images, args, graph):
-    """Run ``graph(img, *per-sample args)`` on the CPU over ``images``; ``args[i]`` is sample i's."""
+    """Run ``graph(img, *per-sample args)`` on the CPU over ``images``; ``args[i]`` is sample i's.
+
+    Returns the output's images, or a list of them per output where the graph has several.
+    """
     from nvidia.dali import fn, pipeline_def
 
     def feed(k):
@@ -66,8 +69,8 @@ def dali_ops(images, args, graph):
 
     p = pipe()
     p.build()
-    (out,) = p.run()
-    return [np.array(out[i]) for i in range(len(images))]
+    batches = [[np.array(out[i]) for i in range(len(images))] for out in p.run()]
+    return batches[0] if len(batches) == 1 else batches
 
 
 def assert_close(got, want, what):
@@ -116,6 +119,49 @@ def test_each_colour_step_matches_dali_alone():
         steps = (op, 0, 1) if op == 2 else (op, 1 - op, 1 - op)
         p = params(steps, brightness=b, contrast=c, saturation=s, hue=h)
         assert_close(fused(images, [p] * len(images)), want, f"colour step {op}")
+
+
+def test_gpu_contrast_arithmetic_equals_fn_contrast_value_for_value():
+    """The GPU graph's contrast (DALI arithmetic, so that the mean luma stays on the GPU) against
+    DALI's own ``fn.contrast``, both run on the CPU: equal everywhere, ties and saturation included.
+
+    A grey ramp of 256 pixels with mean luma exactly 127 (DALI's mean is exact there) makes
+    ``c x + (1 - c) 127`` land on a half level for a quarter to a half of its values at these
+    factors, so a different rounding of ties shows; its ends leave [0, 255] at c = 1.5.
+    """
+    from nvidia.dali import fn
+
+    from fastclr.pipelines.dali.graph import contrast_arithmetic, mean_luma
+
+    rng = np.random.default_rng(7)
+    levels = np.arange(256, dtype=np.uint8)
+    levels[-1] = 127  # sum 32512 = 127 * 256
+    ramp = levels.reshape(16, 16, 1).repeat(3, axis=2)
+    ramp_factors = [0.5, 1.5, 0.25]
+    images = [ramp] * 3 + noise_images(7) + smooth_images(7)
+    images.append(rng.integers(0, 256, (1, 1, 3), np.uint8))
+    factors = [(c,) for c in [*ramp_factors, 0.0, 2.0, *rng.uniform(0, 2, len(images) - 5)]]
+
+    def both(img, c):
+        mean = mean_luma(img)
+        return (
+            contrast_arithmetic(img, c, mean),
+            fn.contrast(img, contrast=c, contrast_center=mean),
+            mean,
+        )
+
+    got, want, means = dali_ops(images, factors, both)
+    assert all(m == 127 for m in means[:3]), means[:3]
+    x = levels.astype(np.float32)
+    ties = [np.count_nonzero(np.modf(c * x + (127 - c * 127))[0] == 0.5) for c in ramp_factors]
+    assert min(ties) >= 64, ties
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        bad = np.argwhere(g != w)
+        first = tuple(bad[0].tolist()) if len(bad) else None
+        assert g.dtype == w.dtype == np.uint8 and first is None, (
+            f"image {i} (c = {factors[i][0]:.3f}): {len(bad)} of {w.size} values differ, first at "
+            f"{first}: arithmetic {g[first]} vs fn.contrast {w[first]}"
+        )
 
 
 def test_grayscale_matches_dali():

@@ -10,6 +10,7 @@ are deterministic.
 """
 
 import math
+import re
 from functools import partial
 
 import numpy as np
@@ -67,6 +68,17 @@ def identity_set(tmp_path_factory):
     """61 solid 16 px images; image i has red level 4 i and lies in class folder c<i % 3>."""
     arrays = [np.full((16, 16, 3), identity_colour(i), np.uint8) for i in range(61)]
     return make_set(tmp_path_factory.mktemp("identity"), arrays, classes=3)
+
+
+@pytest.fixture(scope="module")
+def flat_set(tmp_path_factory):
+    """identity_set's 61 images directly in one folder: unlabelled, no class folders."""
+    root = tmp_path_factory.mktemp("flat")
+    for i in range(61):
+        Image.fromarray(np.full((16, 16, 3), identity_colour(i), np.uint8)).save(
+            root / f"{i:03d}.png"
+        )
+    return root
 
 
 def image_ids(batch):
@@ -299,6 +311,43 @@ def test_dali_and_twin_colour_statistics_agree(impl, tmp_path):
     assert (dali.std(0) - twin.std(0)).abs().max() < 0.06, (dali.std(0), twin.std(0))
 
 
+@pytest.mark.parametrize("cls", SIMCLR)
+def test_flat_folder_of_unlabelled_images_pretrains(cls, flat_set, identity_set):
+    loader = cls(flat_set, 8, 16, num_threads=1, **IDENTITY)
+    assert not loader.labelled and loader.classes == [] and len(loader) == 7
+    ids = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for view_a, view_b in loader:
+            assert view_a.shape == view_b.shape == (8, 3, 16, 16)
+            assert image_ids(view_a) == image_ids(view_b)
+            ids.append(image_ids(view_a))
+    epoch_0 = [i for batch in ids[:7] for i in batch]
+    assert len(set(epoch_0)) == 56 and set(epoch_0) <= set(range(61))  # 61 // 8 whole batches
+    assert ids[:7] != ids[7:]  # shuffled anew each epoch
+    assert cls(identity_set, 8, 16).labelled
+
+
+@pytest.mark.parametrize("cls", EVAL)
+@pytest.mark.parametrize("augment", [False, True], ids=["centre-crop", "augment"])
+def test_evaluation_refuses_a_flat_folder(cls, augment, flat_set):
+    expected = f"{cls.__name__}: {flat_set} is a flat folder of unlabelled images"
+    with pytest.raises(ValueError, match=re.escape(expected)) as info:
+        cls(flat_set, 8, 16, augment=augment)
+    assert "kNN and linear evaluation need labelled data" in str(info.value)
+    assert "root/<class>/<image>" in str(info.value)
+
+
+@pytest.mark.parametrize("cls", SIMCLR + EVAL)
+def test_images_beside_class_folders_are_refused(cls, tmp_path):
+    root = make_set(tmp_path, [np.full((16, 16, 3), 90, np.uint8)] * 8)
+    Image.fromarray(np.full((16, 16, 3), 30, np.uint8)).save(root / "stray.png")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{root} holds both images (1, e.g. stray.png)")
+    ):
+        cls(root, 4, 16)
+
+
 @pytest.mark.parametrize("cls", SIMCLR + EVAL)
 def test_undecodable_file_is_named(cls, tmp_path):
     make_set(tmp_path, [np.full((16, 16, 3), 90, np.uint8)] * 7, ext=".jpg")
@@ -316,7 +365,7 @@ def test_bad_inputs_raise_or_skip(cls, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         cls(tmp_path / "missing", 4, 16)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no class folders"):
+    with pytest.raises(ValueError, match="no images and no class folders"):
         cls(tmp_path / "empty", 4, 16)
     root = make_set(tmp_path / "data", [np.full((16, 16, 3), 90, np.uint8)] * 8, ext=".jpg")
     good = (root / "c0" / "000.jpg").read_bytes()

@@ -62,21 +62,49 @@ def test_file_list_with_and_without_labels(folder, tmp_path):
         list_images(listing)
 
 
+def test_flat_folder_is_unlabelled(tmp_path):
+    """Images directly in the root: every one listed, sorted, label 0, no classes, unlabelled."""
+    for name in ("b.png", "a.jpg", "C.JPEG", ".hidden.jpg"):
+        write_image(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = scan_images(tmp_path)
+    assert [os.path.basename(p) for p in images.files] == ["C.JPEG", "a.jpg", "b.png"]
+    assert images.labels == [0, 0, 0] and images.classes == [] and not images.labelled
+    assert list_images(tmp_path) == (images.files, [0, 0, 0], [])
+
+
+def test_flat_folder_skips_bad_files(tmp_path):
+    write_image(tmp_path / "good.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(CorruptImageError, match=r"empty\.jpg is empty"):
+        scan_images(tmp_path)
+    images = scan_images(tmp_path, on_corrupt="skip")
+    assert [os.path.basename(p) for p in images.files] == ["good.jpg"] and not images.labelled
+
+
+def test_image_folder_is_labelled(folder):
+    assert scan_images(folder).labelled
+
+
+def test_images_beside_class_folders_are_an_error(folder):
+    write_image(folder / "loose.jpg")
+    with pytest.raises(ValueError, match=f"{folder} holds both images") as info:
+        list_images(folder)
+    assert "loose.jpg" in str(info.value) and "2, e.g. ant/" in str(info.value)
+
+
 def test_missing_empty_and_imageless_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_images(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=f"no class folders in {empty}"):
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=f"no images and no class folders in {empty}"):
         list_images(empty)
     (empty / "cls").mkdir()
     (empty / "cls" / "readme.txt").write_text("x")
     with pytest.raises(ValueError, match=f"no images found under {empty}"):
         list_images(empty)
-    flat = tmp_path / "flat"
-    write_image(flat / "a.jpg")
-    with pytest.raises(ValueError, match="1 images lie directly in it"):
-        list_images(flat)
     listing = tmp_path / "empty.txt"
     listing.write_text("# nothing\n")
     with pytest.raises(ValueError, match="names no images"):

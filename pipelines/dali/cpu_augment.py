@@ -19,9 +19,10 @@ rounding as those ops:
   reflect-101 borders, float between the two passes
 - solarize:  ``x <- 255 - x`` where ``x >= 128``
 
-``sat(round(.))`` rounds half to even and clamps to [0, 255]. Each op runs only where the
-sample's coin came up: the coins and the strengths are drawn in the DALI graph (so they follow
-the pipeline's seed) and reach the op as one float vector per sample, laid out as ``P_*`` below.
+``sat(round(.))`` rounds half to even, as DALI's ops do on the GPU (on the CPU they round ties
+away from zero), and clamps to [0, 255]. Each op runs only where the sample's coin came up: the
+coins and the strengths are drawn in the DALI graph (so they follow the pipeline's seed) and
+reach the op as one float vector per sample, laid out as ``P_*`` below.
 
 The GPU pipeline keeps DALI's own ops, which are fast there; ``augment_impl="dali"`` runs that
 graph on the CPU too, and tests/test_cpu_augment.py checks that the two agree pixel for pixel

@@ -24,6 +24,11 @@ dispatch (conditionals) to the op that order puts there. Every step rounds and c
 PIL does between ops; in this linear colour model the four ops would commute without clipping,
 so the order matters only through that clipping.
 
+Nothing leaves the GPU once the decoder has put an image there (tests/test_pipeline_graph.py):
+contrast, whose mean luma DALI's ``fn.contrast`` would read from the host, is DALI arithmetic on
+the GPU (:func:`contrast_arithmetic`; tests/test_cpu_augment.py runs both on the CPU and finds
+them equal value for value).
+
 On the CPU, colour jitter, grayscale, blur and solarize run by default as one numba-compiled op
 per view (``augment_impl="numba"``, :mod:`~fastclr.pipelines.dali.cpu_augment`) with the same
 math and rounding as the DALI ops below, which the GPU runs and ``augment_impl="dali"`` runs on
@@ -78,14 +83,39 @@ def _with_probability(p: float, op, img, *args):
     return img
 
 
-def _contrast(img, factor):
-    """torchvision/PIL contrast: blend with the image's mean luma, ``c x + (1 - c) mean``."""
+def mean_luma(img):
+    """Per-sample mean of the image's uint8 luma (DALI's RGB -> GRAY), on the image's device."""
     from nvidia.dali import fn, types
 
     luma = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-    # contrast_center is a per-sample argument, which DALI keeps on the CPU: on the GPU path
-    # this is a (tiny) device-to-host copy of one float per image.
-    mean = fn.reductions.mean(luma).cpu()
+    return fn.reductions.mean(luma)
+
+
+def contrast_arithmetic(img, factor, mean):
+    """``fn.contrast(img, contrast=factor, contrast_center=mean)`` with DALI's arithmetic operators.
+
+    The float32 arithmetic of fn.contrast's kernel, ``x c + (m - c m)`` (its multiplier and
+    addend), then DALI's saturating cast to uint8, which rounds as that kernel does on the same
+    device (ties to even on the GPU, away from zero on the CPU). Every input stays on the device it
+    is on; the per-sample scalars broadcast over their image. tests/test_cpu_augment.py checks it
+    against fn.contrast value for value.
+    """
+    from nvidia.dali import fn, types
+
+    return fn.cast(img * factor + (mean - factor * mean), dtype=types.UINT8)
+
+
+def _contrast(img, factor):
+    """torchvision/PIL contrast: blend with the image's mean luma, ``c x + (1 - c) mean``."""
+    from nvidia.dali import fn
+
+    mean = mean_luma(img)
+    if img.device == "gpu":
+        # fn.contrast takes the mean as a named argument, which DALI reads from the CPU: a
+        # device-to-host copy, and a sync, in every batch. The arithmetic keeps it on the GPU.
+        return contrast_arithmetic(img, factor, mean)
+    # On the CPU the mean is already on the host, and fn.contrast's one uint8 pass costs several
+    # times less than the arithmetic's three over float32 values; the two agree value for value.
     return fn.contrast(img, contrast=factor, contrast_center=mean)
 
 

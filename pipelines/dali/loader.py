@@ -198,8 +198,8 @@ class SimCLRLoader(DaliLoader):
     graph runs on CPU threads (see :mod:`~fastclr.pipelines.dali.graph`).
 
     Args:
-        root: ImageFolder directory ``root/<class>/<image>`` or a file list
-            (see :func:`~fastclr.pipelines.data.list_images`).
+        root: ImageFolder directory ``root/<class>/<image>``, a flat folder of unlabelled images
+            or a file list (see :func:`~fastclr.pipelines.data.list_images`).
         batch_size: images per batch (per shard).
         size: output side in pixels.
         augment_impl: how the CPU pipeline runs colour jitter, grayscale, blur and solarize:
@@ -237,7 +237,8 @@ class EvalLoader(DaliLoader):
     """Labelled single views for evaluation (kNN / linear probe), decoded by DALI.
 
     Args:
-        root, batch_size, size: as for :class:`SimCLRLoader`.
+        root, batch_size, size: as for :class:`SimCLRLoader`, but ``root`` must be labelled: a
+            flat folder of images is a ValueError naming it.
         augment: False: shorter side resized to ``size * 8/7`` (at least ``size``), centre crop,
             fixed order. True: the linear-evaluation training protocol, random resized crop +
             horizontal flip (:func:`~fastclr.pipelines.augment.eval_augment`), shuffled per epoch.
@@ -250,6 +251,8 @@ class EvalLoader(DaliLoader):
         ``(images, labels)``: ``(B, 3, size, size)`` channels_last ``dtype`` and int64 ``(B,)``,
         on the CPU or on the CUDA device.
     """
+
+    yields_labels = True
 
     def __init__(self, root, batch_size: int, size: int = 224, *, augment=False, **options):
         augment, opts = eval_options(type(self).__name__, size, augment, options)

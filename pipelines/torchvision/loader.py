@@ -84,10 +84,9 @@ def _stack(images, dtype: torch.dtype) -> torch.Tensor:
 
 
 class TorchLoader(EpochLoader):
-    """Base of the twins; subclasses set ``transform`` and ``_with_labels``, define ``_collate``."""
+    """Base of the twins; subclasses set ``transform`` (and ``yields_labels``), define ``_collate``."""
 
     min_threads = 0  # the DataLoader can decode in the main process
-    _with_labels = False
 
     def _view(self):
         """The transform of one view: :func:`view_transform` of this loader's spec and options."""
@@ -113,7 +112,7 @@ class TorchLoader(EpochLoader):
             self._stand_ins(indices[start:real]),
             seeds[start:real],
             self.transform,
-            with_labels=self._with_labels,
+            with_labels=self.yields_labels,
             skip=o.on_corrupt == "skip",
             bad=self._undecodable,
         )
@@ -150,7 +149,7 @@ class TorchSimCLRLoader(TorchLoader):
 class TorchEvalLoader(TorchLoader):
     """torchvision twin of :class:`~fastclr.pipelines.dali.EvalLoader` (the same arguments)."""
 
-    _with_labels = True
+    yields_labels = True
 
     def __init__(self, root, batch_size: int, size: int = 224, *, augment=False, **options):
         augment, opts = eval_options(type(self).__name__, size, augment, options)
