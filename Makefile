@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format bench bench-loss bench-pipeline bench-cpu-augment bench-train clean
+.PHONY: install demo test test-all lint format bench bench-loss bench-pipeline bench-cpu-augment bench-train bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-cpu-augment: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py
+
+## Everything a GPU must confirm (correctness, kernel timings, DALI GPU pipeline, ResNet-50 steps) in one run.
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 bench: bench-loss bench-pipeline bench-cpu-augment bench-train
 

@@ -1,7 +1,7 @@
 """Per-view cost of each CPU augmentation op: the numba op against DALI's own CPU operators.
 
 Both run on one thread over the same photo-like uint8 views (``--size`` px, default 224). The
-numba column times :func:`~fastclr.pipelines.cpu_augment.augment_pixels` with one op switched
+numba column times :func:`~fastclr.pipelines.dali.cpu_augment.augment_pixels` with one op switched
 on (its planar load and store included). The DALI column runs a one-thread CPU pipeline of
 ``--batch`` views through the op and subtracts the same pipeline without it, so what remains is
 the op alone. Milliseconds per view, best of ``--repeats``.
@@ -9,23 +9,24 @@ the op alone. Milliseconds per view, best of ``--repeats``.
     python bench/bench_cpu_augment.py
     python bench/bench_cpu_augment.py --size 32
 
-A table goes to stdout and rows are appended to ``bench/results/bench_cpu_augment.csv``.
+A table goes to stdout and rows are appended to ``bench_cpu_augment.csv`` in ``--out`` (default ``bench/results/`` in
+a source checkout, else ``./fastclr-bench``; ``--csv FILE`` names the file instead).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_cpu_augment.csv"
+from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
+
+CSV_NAME = "bench_cpu_augment.csv"
+# The columns of bench/results/bench_cpu_augment.csv.
+CSV_COLUMNS = ("date", "device", "load_avg", "size", "op", "numba_ms", "dali_ms", "ratio")
 
 
 def views(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -38,9 +39,9 @@ def ops(size: int) -> dict:
     """name -> (numba params, DALI graph img -> img), the same strengths for both."""
     from nvidia.dali import fn
 
-    from fastclr.pipelines import cpu_augment as ca
-    from fastclr.pipelines import simclr
     from fastclr.pipelines.augment import SimCLRAugment
+    from fastclr.pipelines.dali import cpu_augment as ca
+    from fastclr.pipelines.dali import graph
 
     window = SimCLRAugment(size).blur_kernel
 
@@ -49,13 +50,13 @@ def ops(size: int) -> dict:
 
     def jitter(img):  # contrast, brightness, saturation + hue, as params((1, 0, 2)) orders them
         for op in (1, 0, 2):
-            img = simclr._jitter_step(img, op, *strengths.values())
+            img = graph.jitter_step(img, op, *strengths.values())
         return img
 
     table = {
         "colour jitter (3 steps)": (params((1, 0, 2), **strengths), jitter),
-        "grayscale": (params(gray=1), simclr._grayscale),
-        "solarize": (params(solarize=1), simclr._solarize),
+        "grayscale": (params(gray=1), graph.grayscale),
+        "solarize": (params(solarize=1), graph.solarize),
     }
     for sigma in (0.5, 1.0, 2.0):
         w = min(2 * int(np.ceil(3 * sigma)) + 1, window)
@@ -67,7 +68,7 @@ def ops(size: int) -> dict:
 
 
 def time_numba(images, p, repeats: int) -> float:
-    from fastclr.pipelines.cpu_augment import augment_pixels
+    from fastclr.pipelines.dali.cpu_augment import augment_pixels
 
     h, w, _ = images[0].shape
     flat = [img.reshape(-1) for img in images]
@@ -112,7 +113,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--size", type=int, default=224, help="view side in px")
     p.add_argument("--batch", type=int, default=32, help="views per timed batch")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--csv", type=Path, default=RESULTS)
+    add_out_argument(p)
+    p.add_argument("--csv", type=Path, help=f"CSV to append results to (default: OUT/{CSV_NAME})")
     args = p.parse_args(argv)
     if args.size < 1 or args.batch < 1 or args.repeats < 1:
         raise SystemExit("--size, --batch and --repeats must be positive")
@@ -124,24 +126,14 @@ def main(argv=None) -> list[dict]:
         dali_ms = time_dali(images, graph, args.repeats)
         rows.append(dict(op=name, numba_ms=numba_ms, dali_ms=dali_ms, ratio=dali_ms / numba_ms))
 
-    env = dict(
-        date=dt.datetime.now().isoformat(timespec="seconds"),
-        device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        load_avg=f"{os.getloadavg()[0]:.1f}",
-        size=args.size,
-    )
+    env = environment()
     print(f"\n{env['device']} (load {env['load_avg']}), {args.size}-px views, one thread, ms/view")
-    print(f"{'op':<32} {'numba':>8} {'DALI ops':>9} {'ratio':>7}")
-    for r in rows:
-        print(f"{r['op']:<32} {r['numba_ms']:>8.3f} {r['dali_ms']:>9.3f} {r['ratio']:>6.1f}x")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
-    with open(args.csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*env, "op", "numba_ms", "dali_ms", "ratio"])
-        if new:
-            writer.writeheader()
-        writer.writerows({**env, **r} for r in rows)
-    print(f"appended {len(rows)} rows to {args.csv}")
+    print_table(rows, ["op", "numba_ms", "dali_ms", "ratio"])
+    path = append_csv(
+        args.csv or args.out / CSV_NAME,
+        [{key: (env | r | {"size": args.size})[key] for key in CSV_COLUMNS} for r in rows],
+    )
+    print(f"appended {len(rows)} rows to {path}")
     return rows
 
 

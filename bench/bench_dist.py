@@ -11,29 +11,25 @@ all_gather and its backward) is timed, so each row reports, per rank and per pha
 part of it spent communicating. Timings are medians over at most ``--reps`` iterations (within ``--budget-s``) after
 ``--warmup``; ranks meet before each iteration so that one rank's lag is not booked as another's communication.
 
-``spawn_world`` (used here and by the tests) starts the W processes, bounds them in time and always tears them down.
+``fastclr.testing.distributed.spawn_world`` starts the W processes, bounds them in time and always tears them down.
+A table goes to stdout; rows are appended to ``loss_dist.csv`` in ``--out`` (default ``bench/results/`` in a checkout).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import pickle
-import platform
-import signal
 import statistics
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
+from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
+from fastclr.testing.distributed import spawn_world
+
 BENCH_IMPLS = ("reference", "torch", "triton")
-DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "loss_dist.csv"
+CSV_NAME = "loss_dist.csv"
 # Collectives of torch.distributed that the loss paths may call (gloo emulates all_to_all with scatter).
 COLLECTIVES = (
     "all_gather",
@@ -48,170 +44,6 @@ COLLECTIVES = (
     "reduce_scatter_tensor",
     "scatter",
 )
-
-
-def _rank_main(
-    blob: bytes,
-    rank: int,
-    world_size: int,
-    port: int,
-    backend: str,
-    env: dict[str, str],
-    pg_timeout_s: float,
-    threads: int,
-    out_dir: str,
-) -> None:
-    """Entry point of one spawned rank: environment first (before anything imports triton), then the group, the worker."""
-    os.environ.update(env)
-    out = Path(out_dir)
-    import torch.distributed as dist
-
-    try:
-        torch.set_num_threads(threads)
-        worker, args = pickle.loads(blob)
-        if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        timeout = datetime.timedelta(seconds=pg_timeout_s)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
-        )
-        try:
-            result = worker(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        torch.save({"result": result}, out / f"rank{rank}.pt")
-    except Exception:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1) from None
-
-
-def spawn_world(
-    worker: Callable,
-    world_size: int,
-    *args,
-    env: dict[str, str] | None = None,
-    timeout_s: float = 300.0,
-    pg_timeout_s: float = 60.0,
-    backend: str = "gloo",
-    threads: int = 1,
-) -> list:
-    """Run ``worker(rank, world_size, *args)`` in ``world_size`` fresh processes joined in one process group.
-
-    The group's store is served from this process on 127.0.0.1 at a port the OS picks, so concurrent worlds never collide.
-    Every process is bounded: the whole world gets ``timeout_s`` seconds, a collective ``pg_timeout_s``; when a rank fails,
-    the others are given a few seconds to report, then terminated (killed if need be), whatever happens.
-
-    Args:
-        worker: a module-level function (it is pickled by reference); its result is read back with
-            ``torch.load(weights_only=True)``: tensors, numbers, strings, None, and lists/tuples/dicts of them.
-        world_size: W >= 1 processes.
-        *args: passed on to the worker after (rank, world_size).
-        env: environment variables set in each rank before the worker is unpickled (e.g. TRITON_INTERPRET=1).
-        timeout_s: wall-clock limit for the whole world.
-        pg_timeout_s: limit for any one collective (and for joining the group).
-        backend: "gloo" (CPU) or "nccl" (one GPU per rank).
-        threads: torch intra-op threads per rank.
-
-    Returns:
-        The W results, by rank.
-
-    Raises:
-        RuntimeError: a rank failed; the message holds every failed rank's traceback.
-        TimeoutError: the world ran past ``timeout_s``.
-    """
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    import torch.distributed as dist
-
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    blob = pickle.dumps((worker, args))
-    ctx = mp.get_context("spawn")
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=pg_timeout_s),
-    )
-    with tempfile.TemporaryDirectory(prefix="fastclr-world-") as out_dir:
-        procs = [
-            ctx.Process(
-                target=_rank_main,
-                args=(
-                    blob,
-                    rank,
-                    world_size,
-                    store.port,
-                    backend,
-                    dict(env or {}),
-                    pg_timeout_s,
-                    threads,
-                    out_dir,
-                ),
-                daemon=True,
-            )
-            for rank in range(world_size)
-        ]
-        try:
-            for p in procs:
-                p.start()
-            deadline = time.monotonic() + timeout_s
-            failed_at = None
-            while any(p.is_alive() for p in procs):
-                now = time.monotonic()
-                if now >= deadline:
-                    break
-                if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-                    failed_at = now
-                # A failed rank leaves its peers blocked in a collective: grant them 5 s to report, then stop them.
-                if failed_at is not None and now - failed_at > 5.0:
-                    break
-                wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
-            stuck = [rank for rank, p in enumerate(procs) if p.is_alive()]
-        finally:
-            _tear_down(procs)
-        out = Path(out_dir)
-        errors = [
-            f"--- rank {rank} ---\n{(out / f'rank{rank}.err').read_text()}"
-            for rank in range(world_size)
-            if (out / f"rank{rank}.err").exists()
-        ]
-        if errors:
-            raise RuntimeError(f"{len(errors)} of {world_size} ranks failed:\n" + "\n".join(errors))
-        if stuck:
-            raise TimeoutError(
-                f"ranks {stuck} of {world_size} were still running after {timeout_s} s and were killed"
-            )
-        bad = [
-            f"rank {rank}: "
-            + (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
-            for rank, p in enumerate(procs)
-            if (code := p.exitcode) != 0
-        ]
-        if bad:
-            # A native abort (e.g. gloo's on mismatched collective shapes) leaves no traceback, only its stderr.
-            raise RuntimeError("ranks died without a result: " + ", ".join(bad))
-        return [
-            torch.load(out / f"rank{rank}.pt", weights_only=True)["result"]
-            for rank in range(world_size)
-        ]
-
-
-def _tear_down(procs) -> None:
-    """Terminate, then kill, every process still alive; reap them all."""
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5.0)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5.0)
 
 
 class CollectiveTimer:
@@ -488,59 +320,40 @@ def run_world(
     return [row for rows in per_rank for row in rows]
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    """The rows as an aligned text table, one line per (rank, impl, 2N)."""
-    head = (
-        f"{'W':>2} {'rank':>4} {'impl':>9} {'2N':>6} {'D':>4} | {'fwd ms':>9} {'comm':>8} | "
-        f"{'bwd ms':>9} {'comm':>8} | {'loss ms':>9} {'comm ms':>8} {'comm %':>6} {'iqr ms':>7} {'reps':>4}"
-    )
-    lines = [head, "-" * len(head)]
+def table_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows as the printed table shows them: one line per (rank, impl, 2N), times in ms."""
+    shown = []
     for r in rows:
-        line = (
-            f"{r['world_size']:>2} {r['rank']:>4} {r['impl']:>9} {r['two_n']:>6} {r['dim']:>4} | "
-        )
-        if r["status"] != "ok":
-            lines.append(line + r["status"])
-            continue
-        lines.append(
-            line
-            + f"{r['fwd_ms']:>9.3f} {r['fwd_comm_ms']:>8.3f} | {r['bwd_ms']:>9.3f} {r['bwd_comm_ms']:>8.3f} | "
-            f"{r['loss_ms']:>9.3f} {r['comm_ms']:>8.3f} {100 * r['comm_share']:>6.1f} {r['total_iqr_ms']:>7.3f}"
-            f" {r['reps']:>4}"
-        )
-    return "\n".join(lines)
+        line = {
+            "W": r["world_size"],
+            "rank": r["rank"],
+            "impl": r["impl"],
+            "2N": r["two_n"],
+            "D": r["dim"],
+        }
+        if r["status"] == "ok":
+            line |= {
+                "fwd ms": r["fwd_ms"],
+                "fwd comm": r["fwd_comm_ms"],
+                "bwd ms": r["bwd_ms"],
+                "bwd comm": r["bwd_comm_ms"],
+                "loss ms": r["loss_ms"],
+                "comm ms": r["comm_ms"],
+                "comm %": 100 * r["comm_share"],
+                "iqr ms": r["total_iqr_ms"],
+                "reps": r["reps"],
+            }
+        shown.append(line | {"status": r["status"]})
+    return shown
 
 
-CSV_FIELDS = (
+# The columns of bench/results/loss_dist.csv: the environment, then the measurement.
+CSV_COLUMNS = (
+    "date", "device", "torch", "python", "load_avg_1min",
     "world_size", "rank", "impl", "two_n", "dim", "dtype", "threads", "status", "reps", "fwd_ms", "fwd_comm_ms",
     "bwd_ms", "bwd_comm_ms", "total_ms", "total_iqr_ms", "comm_ms", "loss_ms", "comm_share", "fwd_collectives",
     "bwd_collectives", "fwd_comm_bytes", "bwd_comm_bytes",
 )  # fmt: skip
-
-
-def append_csv(rows: Sequence[dict], path: Path, device: str) -> None:
-    """Append the rows to a CSV, with the date, device and versions on every line (header written for a new file)."""
-    if device == "cuda":
-        device_name = torch.cuda.get_device_name(0)
-    else:
-        device_name = platform.processor() or platform.machine()
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_name,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        # Timings from a shared machine are only comparable at a similar load.
-        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = [*meta, *CSV_FIELDS]
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(meta | row)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -592,10 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=900.0, help="limit in seconds for the whole run"
     )
+    add_out_argument(parser)
     parser.add_argument(
         "--csv",
-        default=str(DEFAULT_CSV),
-        help=f"append results here (default {DEFAULT_CSV}); empty string: no CSV",
+        default=None,
+        help=f"append results to this file instead of OUT/{CSV_NAME}; empty string: no CSV",
     )
     return parser
 
@@ -622,10 +436,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"NT-Xent with negatives gathered over W={args.world_size} ranks ({args.device}): per rank, the time of the "
         "loss and of its collectives"
     )
-    print(format_table(rows))
-    if args.csv:
-        append_csv(rows, Path(args.csv), args.device)
-        print(f"appended {len(rows)} rows to {args.csv}")
+    print_table(table_rows(rows))
+    if args.csv != "":
+        env = environment(args.device)
+        env["load_avg_1min"] = env["load_avg"]  # this CSV's name for it
+        path = append_csv(
+            args.csv or args.out / CSV_NAME,
+            [{key: (env | row).get(key, "") for key in CSV_COLUMNS} for row in rows],
+        )
+        print(f"appended {len(rows)} rows to {path}")
     return rows
 
 

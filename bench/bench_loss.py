@@ -10,17 +10,14 @@ above the baseline taken after the inputs exist, and an address-space limit (--m
 reported out-of-memory instead of a swapping machine. Time is the median of repeated forward+backward passes after a
 warm-up (CUDA: triton.testing.do_bench). The floor is three (2N x D) @ (D x 2N) GEMMs timed in the same child way:
 forward+backward of NT-Xent cannot do less matrix work (S once forward; S again and P @ Z backward).
-Results: a table on stdout, rows appended to bench/results/bench_loss.csv, and bench/results/bench_loss.png.
+Results: a table on stdout, rows appended to bench_loss.csv and a plot bench_loss.png in --out (default: bench/results/
+in a source checkout, else ./fastclr-bench).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,23 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
+
 IMPLS = ("floor", "torch", "triton", "reference", "compile", "lightly")
 DEFAULT_SIZES = (1024, 4096, 16384, 65536)
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
 
 
 def make_loss_fn(impl: str, temperature: float):
@@ -208,41 +192,29 @@ def fmt_time(s):
     return "-" if s is None else (f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s")
 
 
-def print_table(rows):
-    floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
-    width = max(10, *(len(r["impl"]) for r in rows))
-    print(
-        f"\n{'impl':<{width}} {'2N':>7} {'time (median)':>14} {'min..max':>20} {'x floor':>8} {'TFLOP/s':>8} "
-        f"{'peak extra':>12}  status"
-    )
+# The columns of bench/results/bench_loss.csv: the environment, then the measurement.
+CSV_COLUMNS = ("date", "device", "torch", "impl", "two_n", "d", "dtype", "temperature", "median_s", "lo_s", "hi_s",
+               "x_floor", "peak_fraction", "peak_extra_mb", "status")  # fmt: skip
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The rows as the printed table shows them: times, spread, ratio to the floor, TFLOP/s on the GEMM count."""
+    shown = []
     for r in rows:
         t = r.get("median_s")
-        floor = floors.get(r["two_n"])
-        ratio = f"{t / floor:.2f}" if t and floor else "-"
-        tflops = f"{gemm_flops(r['two_n'], r['d']) / t / 1e12:.3f}" if t else "-"
-        spread = f"{fmt_time(r.get('lo_s'))}..{fmt_time(r.get('hi_s'))}" if t else "-"
-        mem = f"{r['peak_extra_mb']:.0f} MiB" if "peak_extra_mb" in r else "-"
-        print(
-            f"{r['impl']:<{width}} {r['two_n']:>7} {fmt_time(t):>14} {spread:>20} {ratio:>8} {tflops:>8} "
-            f"{mem:>12}  {r['status']}"
+        shown.append(
+            {
+                "impl": r["impl"],
+                "2N": r["two_n"],
+                "time (median)": fmt_time(t),
+                "min..max": f"{fmt_time(r.get('lo_s'))}..{fmt_time(r.get('hi_s'))}" if t else "-",
+                "x floor": r.get("x_floor") or None,
+                "TFLOP/s": round(gemm_flops(r["two_n"], r["d"]) / t / 1e12, 3) if t else None,
+                "peak extra": f"{r['peak_extra_mb']:.0f} MiB" if "peak_extra_mb" in r else "-",
+                "status": r["status"],
+            }
         )
-
-
-def write_csv(rows, meta):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "bench_loss.csv"
-    fields = ["date", "device", "torch", "impl", "two_n", "d", "dtype", "temperature", "median_s", "lo_s", "hi_s",
-              "x_floor", "peak_fraction", "peak_extra_mb", "status"]  # fmt: skip
-    floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            floor, t = floors.get(r["two_n"]), r.get("median_s")
-            w.writerow({**meta, **r, "x_floor": round(t / floor, 3) if t and floor else ""})
-    return path
+    return shown
 
 
 def plot(rows, meta, path):
@@ -307,6 +279,7 @@ def main(argv=None) -> list[dict]:
         "--world-size", type=int, default=0, help="also time gathered negatives over W gloo ranks"
     )
     p.add_argument("--no-plot", action="store_true")
+    add_out_argument(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -332,8 +305,13 @@ def main(argv=None) -> list[dict]:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device_name(device),
-            "torch": torch.__version__, "d": args.dim, "dtype": args.dtype, "temperature": args.temperature}  # fmt: skip
+    env = environment(device)
+    meta = {
+        "device": env["device"],
+        "d": args.dim,
+        "dtype": args.dtype,
+        "temperature": args.temperature,
+    }
     mem_limit = args.mem_limit_gb if device == "cpu" else 0
     print(
         f"NT-Xent forward+backward on {meta['device']}; D={args.dim}, {args.dtype}, tau={args.temperature}"
@@ -357,11 +335,19 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f"  {impl:<10} 2N={two_n:<6} {fmt_time(res.get('median_s')):>10}  {res['status']}"
                   f"  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    print_table(rows)
-    path = write_csv(rows, meta)
+    floors = {r["two_n"]: r.get("median_s") for r in rows if r["impl"] == "floor"}
+    for r in rows:
+        floor, t = floors.get(r["two_n"]), r.get("median_s")
+        r["x_floor"] = round(t / floor, 3) if t and floor else ""
+    print()
+    print_table(table_rows(rows))
+    path = append_csv(
+        args.out / "bench_loss.csv",
+        [{key: (env | meta | r).get(key, "") for key in CSV_COLUMNS} for r in rows],
+    )
     print(f"\nappended {len(rows)} rows to {path}")
     if not args.no_plot:
-        png = RESULTS / "bench_loss.png"
+        png = args.out / "bench_loss.png"
         plot(rows, meta, png)
         print(f"plot: {png}")
     if args.world_size:
@@ -375,6 +361,8 @@ def main(argv=None) -> list[dict]:
                 *map(str, args.sizes),
                 "--dim",
                 str(args.dim),
+                "--out",
+                str(args.out),
             ]
         )
     return rows

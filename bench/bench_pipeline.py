@@ -15,7 +15,8 @@ range over ``--repeats`` epochs.
     python bench/bench_pipeline.py --data DIR --size 32  # an ImageFolder directory
     fastclr bench pipeline --data DIR
 
-A table goes to stdout and rows are appended to ``bench/results/bench_pipeline.csv`` (columns:
+A table goes to stdout and rows are appended to ``bench_pipeline.csv`` in ``--out`` (default ``bench/results/`` in a
+source checkout, else ``./fastclr-bench``; ``--csv FILE`` names the file instead). Columns:
 ``median``/``low``/``high`` pairs per second, ``speedup`` = DALI / torchvision pairs per second,
 ``cpu_ms`` = CPU milliseconds per pair over whole epochs, ``cpu_speedup`` = torchvision / DALI
 ``cpu_ms``, which stays meaningful when other processes compete for the cores).
@@ -24,10 +25,7 @@ A table goes to stdout and rows are appended to ``bench/results/bench_pipeline.c
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,14 +33,15 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import PIL
-import torch
-import torchvision
 from PIL import Image
 
+from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
 from fastclr.pipelines import SimCLRLoader, TorchSimCLRLoader, dali_available
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_pipeline.csv"
+CSV_NAME = "bench_pipeline.csv"
+# The columns of bench/results/bench_pipeline.csv: the environment, then the run's settings and rates.
+CSV_COLUMNS = ("date", "device", "torch", "torchvision", "dali", "pillow", "load_avg", "backend", "aug", "size", "data",
+               "n_images", "batch_size", "threads", "median", "low", "high", "speedup", "cpu_ms", "cpu_speedup")  # fmt: skip
 BACKENDS = {
     "dali": partial(SimCLRLoader, augment_impl="numba"),
     "dali-ops": partial(SimCLRLoader, augment_impl="dali"),
@@ -106,7 +105,7 @@ def run_size(data: Path, size: int, args) -> list[dict]:
                 print(f"DALI is not importable: skipping {name}")
                 continue
             if name == "dali":
-                from fastclr.pipelines.cpu_augment import augment_op
+                from fastclr.pipelines.dali.cpu_augment import augment_op
 
                 augment_op()  # the one-off numba compile stays out of the timed epochs
         aug = AUGMENTATIONS[args.aug]
@@ -176,22 +175,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
-    try:
-        from nvidia.dali import __version__ as dali_version
-    except ImportError:
-        dali_version = "absent"
-    return dict(
-        date=dt.datetime.now().isoformat(timespec="seconds"),
-        device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        torch=torch.__version__,
-        torchvision=torchvision.__version__,
-        dali=dali_version,
-        pillow=PIL.__version__,
-        load_avg=f"{os.getloadavg()[0]:.1f}",  # other work on the machine skews wall-clock rates
-    )
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, help="ImageFolder directory (default: synthetic JPEGs)")
@@ -207,7 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=640, help="synthetic images per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches at each epoch start")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per backend")
-    p.add_argument("--csv", type=Path, default=RESULTS, help="CSV to append results to")
+    add_out_argument(p)
+    p.add_argument("--csv", type=Path, help=f"CSV to append results to (default: OUT/{CSV_NAME})")
     p.add_argument("--plot", type=Path, help="also draw pairs/s per backend and size to this PNG")
     return p.parse_args(argv)
 
@@ -236,45 +220,27 @@ def main(argv=None) -> list[dict]:
         f"DALI {env['dali']} | batch {args.batch_size}, {args.threads} threads/workers, "
         f"{args.aug} augmentation"
     )
-    print(
-        f"{'backend':<12} {'size':>4} {'pairs/s':>9} {'range':>11} {'speedup':>8} "
-        f"{'cpu ms/pair':>12} {'cpu speedup':>12}  data"
+    print_table(
+        [
+            {
+                "backend": r["backend"],
+                "size": r["size"],
+                "pairs/s": round(r["median"], 1),
+                "range": f"{r['low']:.0f}-{r['high']:.0f}",
+                "speedup": f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+                "cpu ms/pair": round(r["cpu_ms"], 2),
+                "cpu speedup": f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else "-",
+                "data": r["data"],
+            }
+            for r in rows
+        ]
     )
-    for r in rows:
-        spread = f"{r['low']:.0f}-{r['high']:.0f}"
-        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        cpu_speed = f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else "-"
-        print(
-            f"{r['backend']:<12} {r['size']:>4} {r['median']:>9.1f} {spread:>11} {speed:>8} "
-            f"{r['cpu_ms']:>12.2f} {cpu_speed:>12}  {r['data']}"
-        )
-
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    fields = [
-        *env,
-        "backend",
-        "aug",
-        "size",
-        "data",
-        "n_images",
-        "batch_size",
-        "threads",
-        "median",
-        "low",
-        "high",
-        "speedup",
-        "cpu_ms",
-        "cpu_speedup",
-    ]
-    new = not args.csv.exists()
-    with open(args.csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for r in rows:
-            extra = dict(aug=args.aug, batch_size=args.batch_size, threads=args.threads)
-            writer.writerow({**env, **r, **extra})
-    print(f"appended {len(rows)} rows to {args.csv}")
+    settings = dict(aug=args.aug, batch_size=args.batch_size, threads=args.threads)
+    path = append_csv(
+        args.csv or args.out / CSV_NAME,
+        [{key: (env | r | settings).get(key, "") for key in CSV_COLUMNS} for r in rows],
+    )
+    print(f"appended {len(rows)} rows to {path}")
     if args.plot:
         title = f"{env['device']}, {args.threads} threads/workers, {args.aug} augmentation"
         plot(rows, args.plot, title)

@@ -18,19 +18,17 @@ Two modes, both side by side in one run:
     python bench/bench_train.py --baseline --precision bf16 --data cifar10/train --test-data cifar10/test --budget 1080
     fastclr bench train --baseline ...
 
-A table goes to stdout; rows are appended to ``bench/results/bench_train.csv`` (split) and
-``bench/results/bench_train_baseline.csv`` (baseline), with device, versions and date.
+A table goes to stdout; rows are appended to ``bench_train.csv`` (split) and ``bench_train_baseline.csv`` (baseline)
+in ``--out`` (default ``bench/results/`` in a source checkout, else ``./fastclr-bench``), with device, versions and
+date.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime as dt
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,7 +38,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
+
+# The environment columns of bench/results/bench_train*.csv.
+ENV_COLUMNS = ("date", "device", "cpu_threads", "torch", "torchvision")
 PHASES = ("data", "forward", "loss", "backward", "optimiser")
 
 
@@ -79,34 +80,6 @@ def forever(loader):
         yield from loader
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "device": f"{device.type}:{name or platform.machine()}",
-        "cpu_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-    }
-
-
-def append_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != list(rows[0]):
-            raise SystemExit(
-                f"{path} has other columns ({','.join(header)}) than this run's rows; pass --csv NEW.csv"
-            )
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def synthetic_data(root: Path, count: int) -> Path:
     from fastclr.bench.bench_pipeline import make_jpegs
 
@@ -118,72 +91,47 @@ def synthetic_data(root: Path, count: int) -> Path:
 
 
 def time_steps(cfg, loader, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Run ``warmup + steps`` fastclr training steps; seconds per phase of the timed ones."""
-    from fastclr import NTXentLoss
-    from fastclr.train.dist import DistInfo, resolve_device
-    from fastclr.train.trainer import build_model, build_optimizer, resolve_precision
+    """Run ``warmup + steps`` of fastclr's own ``Trainer.train_step``; seconds per phase of the timed ones."""
+    from fastclr.device import resolve_device
+    from fastclr.train.dist import DistInfo
+    from fastclr.train.trainer import Trainer
 
     device = resolve_device(cfg.run.device)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    autocast_dtype, use_scaler = resolve_precision(cfg.run.precision, device)
-    model = build_model(cfg, info)
-    optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch=max(len(loader), 1))
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    loss_fn = NTXentLoss(cfg.loss.temperature, impl=cfg.loss.loss_impl)
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    trainer.setup(loader=loader)
+    ends: dict[str, float] = {}
+
+    def phase_ended(phase: str) -> None:
+        sync(device)  # a GPU phase ends when its kernels do
+        ends[phase] = time.perf_counter()
+
+    trainer.on_phase = phase_ended
     times = {phase: [] for phase in PHASES}
     batches = forever(loader)
     for step in range(warmup + steps):
-        t0 = time.perf_counter()
+        start = time.perf_counter()
+        # the data phase: waiting for the batch, then copying it to the device
         view_a, view_b = next(batches)
-        x = torch.cat([view_a, view_b]).to(device).contiguous(memory_format=torch.channels_last)
-        sync(device)
-        t1 = time.perf_counter()
-        with autocast:
-            _, z = model(x)
-        sync(device)
-        t2 = time.perf_counter()
-        z_a, z_b = z.float().chunk(2)
-        loss = loss_fn(z_a, z_b)
-        sync(device)
-        t3 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        sync(device)
-        t4 = time.perf_counter()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        sync(device)
-        t5 = time.perf_counter()
+        trainer.train_step(view_a, view_b, stop_requested=False)
         if step >= warmup:
-            for phase, seconds in zip(
-                PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
-            ):
-                times[phase].append(seconds)
-    if not math.isfinite(loss.item()):
-        raise RuntimeError(f"non-finite loss while benchmarking {cfg.loss.loss_impl}")
+            for phase in PHASES:
+                times[phase].append(ends[phase] - start)
+                start = ends[phase]
     return times
 
 
 def run_split(args: argparse.Namespace, emit) -> list[dict]:
     """Every backend x loss impl; ``emit(rows)`` records each combination as soon as it is timed."""
+    from fastclr.device import resolve_device
     from fastclr.losses.nt_xent import resolve_impl
     from fastclr.pipelines import dali_available
-    from fastclr.train.dist import DistInfo, resolve_device
-    from fastclr.train.trainer import build_train_loader
+    from fastclr.train.build import build_train_loader
+    from fastclr.train.dist import DistInfo
 
     device = resolve_device(args.device)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
-    env = environment(device)
+    env = {key: value for key, value in environment(device).items() if key in ENV_COLUMNS}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
@@ -230,13 +178,6 @@ BASELINE_COLUMNS = (
     "knn_final",
     "knn_gain",
 )
-
-
-def print_table(rows: list[dict], columns, header: bool = True) -> None:
-    if header:
-        print(" ".join(f"{c:>13}" for c in columns))
-    for r in rows:
-        print(" ".join(f"{r[c]!s:>13}" for c in columns), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,14 +290,16 @@ def initial_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
 
 def run_baseline(args: argparse.Namespace, emit) -> list[dict]:
     """Both runs from the same initial weights; ``emit(rows)`` records each run as soon as it ends."""
-    from fastclr.train.dist import DistInfo, resolve_device
-    from fastclr.train.trainer import Trainer, build_train_loader
+    from fastclr.device import resolve_device
+    from fastclr.train.build import build_train_loader
+    from fastclr.train.dist import DistInfo
+    from fastclr.train.trainer import Trainer
 
     if args.test_data is None:
         raise SystemExit("--baseline needs --test-data (the kNN monitor's held-out split)")
     device = resolve_device(args.device)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    env = environment(device)
+    env = {key: value for key, value in environment(device).items() if key in ENV_COLUMNS}
     rows = []
 
     model = initial_model(args, device)
@@ -483,7 +426,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=1024, help="synthetic images without --data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--csv", type=Path, help="CSV to append to (default: bench/results/...)")
+    add_out_argument(p)
+    p.add_argument(
+        "--csv", type=Path, help="CSV to append to (default: bench_train[_baseline].csv in --out)"
+    )
     return p.parse_args(argv)
 
 
@@ -500,12 +446,10 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--data {args.data}: not a directory")
         name = "bench_train_baseline.csv" if args.baseline else "bench_train.csv"
         columns = BASELINE_COLUMNS if args.baseline else SPLIT_COLUMNS
-        printed = []
 
         def emit(rows: list[dict]) -> None:
-            print_table(rows, columns, header=not printed)
-            printed.extend(rows)
-            append_csv(args.csv or RESULTS / name, rows)
+            print_table(rows, columns)
+            append_csv(args.csv or args.out / name, rows)
 
         run = run_baseline if args.baseline else run_split
         return run(args, emit)

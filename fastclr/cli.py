@@ -211,7 +211,7 @@ def info_lines() -> list[str]:
     from fastclr import __version__
     from fastclr.losses.nt_xent import resolve_impl, triton_available
     from fastclr.pipelines import dali_available
-    from fastclr.pipelines.simclr import resolve_augment_impl
+    from fastclr.pipelines.dali import resolve_augment_impl
 
     def version(module: str) -> str:
         try:
@@ -257,8 +257,10 @@ def info_lines() -> list[str]:
     lines.append(
         f"pipeline augment_impl 'auto' -> {augment} ({'one numba-compiled op per view' if augment == 'numba' else 'DALI operators'})"
     )
+    lines.append(f"precision 'auto' -> {auto_precision(device)}")
     lines.append(
-        f"precision 'auto' -> {'bf16 autocast' if cuda else 'fp32'} ({'GPU' if cuda else 'CPU'} run)"
+        "--compile: torch.compile of the model, except under multi-GPU DDP, where it is skipped with a notice "
+        f"(SyncBatchNorm layers, at each of which torch {torch.__version__}'s dynamo breaks the graph)"
     )
     if not cuda and native_cpu_bf16():
         lines.append(
@@ -266,6 +268,22 @@ def info_lines() -> list[str]:
             "about 2.5x faster than fp32 (bench/bench_train.py --precision bf16 measures it here)"
         )
     return lines
+
+
+def auto_precision(device) -> str:
+    """What ``--precision auto`` resolves to on ``device``, and why."""
+    import torch
+
+    from fastclr.train.build import resolve_precision
+
+    dtype, _ = resolve_precision("auto", device)
+    if dtype is None:
+        return "fp32 (CPU run)"
+    if dtype == torch.bfloat16:
+        return "bf16 autocast (GPU of compute capability >= 8.0: native bf16)"
+    return (
+        "fp16 autocast + GradScaler (GPU of compute capability < 8.0, where bf16 would be emulated)"
+    )
 
 
 def native_cpu_bf16() -> bool:

@@ -9,8 +9,8 @@ from PIL import Image
 
 from fastclr.bench import bench_train
 from fastclr.pipelines import dali_available
+from fastclr.train.build import build_model
 from fastclr.train.dist import DistInfo
-from fastclr.train.trainer import build_model
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -150,6 +150,8 @@ def test_info_explains_the_auto_choices(capsys):
         "data backend 'auto' -> ",
         "pipeline device 'auto' -> ",
         "pipeline augment_impl 'auto' -> ",
+        "precision 'auto' -> ",
+        "--compile: torch.compile of the model, except under multi-GPU DDP",
     ):
         assert expected in printed
 

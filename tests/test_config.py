@@ -137,6 +137,9 @@ def test_bad_files_and_keys(tmp_path):
         ("optim", "batch_size", 0, "batch_size must be positive"),
         ("run", "precision", "fp8", "precision must be one of"),
         ("data", "min_scale", 1.5, "min_scale"),
+        ("run", "dist_timeout", 0.0, "dist_timeout must be a positive"),
+        ("run", "dist_timeout", float("inf"), "dist_timeout must be a positive"),
+        ("run", "dist_timeout", float("nan"), "dist_timeout must be a positive"),
     ],
 )
 def test_validate_rejects(section, key, value, match):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastclr import NTXentLoss, nt_xent
-from fastclr.bench.bench_dist import _skip_reason, main, measure_rank, run_world, spawn_world
+from fastclr.bench.bench_dist import _skip_reason, main, measure_rank, run_world
+from fastclr.testing.distributed import spawn_world
 
 IMPLS = ("reference", "torch", "triton")
 WORLD_SIZES = (2, 3)

@@ -1,5 +1,6 @@
 """End-to-end pretraining on generated JPEGs: learning, checkpoints, exact resume, signals, non-finite losses, DDP."""
 
+import datetime
 import os
 import re
 import signal
@@ -16,7 +17,8 @@ from PIL import Image
 
 from fastclr.train.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.train.config import PretrainConfig
-from fastclr.train.trainer import TrainingError, pretrain
+from fastclr.train.dist import DistInfo
+from fastclr.train.trainer import Trainer, TrainingError, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,3 +268,95 @@ def test_bf16_autocast_on_cpu_keeps_fp32_weights(data, tmp_path):
     assert r["losses"][0] != fp32["losses"][0] and abs(r["losses"][0] - fp32["losses"][0]) < 0.05
     weights = load_checkpoint(r["checkpoint"])["model"]
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU code paths, exercised on the CPU
+
+
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter:UserWarning")
+def test_resume_onto_another_device_reads_rng_states_on_the_cpu(data, tmp_path):
+    """Restoring once loaded every tensor onto the run's device, RNG states too, and ``set_rng_state`` then failed on
+    every GPU resume (numpy cannot read a CUDA tensor). The meta device stands in for the GPU: only the model and the
+    optimiser state may go there."""
+    first = pretrain(tiny_config(data, tmp_path / "run", max_steps=2))
+    cfg = tiny_config(data, tmp_path / "run", resume="auto")
+    cfg.data.pipeline_device = "cpu"
+    on_meta = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("meta"))
+    trainer = Trainer(cfg, on_meta)
+    trainer.setup()
+    try:
+        trainer.restore(Path(first["checkpoint"]))
+    finally:
+        trainer.loader.close()
+    saved = load_checkpoint(first["checkpoint"])
+    assert (trainer.state.step, trainer.state.batch) == (2, 2)
+    assert torch.equal(torch.get_rng_state(), saved["rng"][0]["torch"])
+    assert {p.device.type for p in trainer.model.parameters()} == {"meta"}
+    moments = [
+        t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    ]
+    assert moments and {t.device.type for t in moments} == {"meta"}
+
+
+def test_pretrain_joins_the_process_group_with_the_configured_timeout(data, tmp_path, monkeypatch):
+    from fastclr.train import trainer
+
+    joined = {}
+
+    def init_distributed(device, timeout):
+        joined["timeout"] = timeout
+        raise KeyboardInterrupt  # stop right there
+
+    monkeypatch.setattr(trainer.dist, "init_distributed", init_distributed)
+    cfg = tiny_config(data, tmp_path / "run")
+    cfg.run.dist_timeout = 90.0
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    assert joined["timeout"] == datetime.timedelta(minutes=90)
+
+
+def _wait_for_a_slow_rank_0(rank, world_size, port, timeout_s, stretches):
+    """Join a group as ``pretrain`` does (through ``init_distributed``), then have rank 0 work alone for each of
+    ``stretches`` seconds (as it does while running the kNN monitor) while the others wait at a barrier."""
+    import torch.distributed as torch_dist
+
+    from fastclr.train import dist
+
+    torch_dist.destroy_process_group()  # leave the harness's group: join the way a torchrun rank does
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = dist.init_distributed("cpu", timeout=datetime.timedelta(seconds=timeout_s))
+    outcomes = []
+    for stretch in stretches:
+        if rank == 0:
+            time.sleep(stretch)
+        try:
+            dist.barrier(info)
+            outcomes.append("ok")
+        except RuntimeError as e:
+            outcomes.append(f"error: {e}")
+            break
+    return outcomes
+
+
+def test_ranks_waiting_for_rank_0_give_up_after_the_configured_timeout():
+    """NCCL's watchdog killed runs whose rank 0 ran the kNN monitor for more than its default 10 minutes; the group
+    now takes its timeout from ``--dist-timeout``. Two gloo ranks, a 3 s timeout: a 1 s stretch of rank 0 alone is
+    waited for, a 12 s one is given up on after the timeout."""
+    from fastclr.testing.distributed import spawn_world
+
+    start = time.monotonic()
+    outcomes = spawn_world(
+        _wait_for_a_slow_rank_0, 2, _free_port(), 3.0, [1.0, 12.0], timeout_s=120, pg_timeout_s=60
+    )
+    waiting = outcomes[1]
+    assert waiting[0] == "ok", outcomes
+    assert len(waiting) == 2 and waiting[1].startswith("error: "), outcomes
+    assert re.search("time ?d? ?out", waiting[1], re.I), waiting[1]
+    assert time.monotonic() - start < 60

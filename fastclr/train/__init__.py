@@ -1,5 +1,10 @@
 """SimCLR pretraining: configuration, checkpoints, the training loop and the embedded demo data.
 
+Modules, each importing only those listed before it: ``config`` (typed settings, flags, presets), ``dist`` (process
+group), ``checkpoint`` (the file format), ``build`` (precision, data, model, optimiser from a config), ``metrics`` and
+``monitor`` (metric files, progress, kNN monitor), ``signals`` (SIGTERM/Ctrl-C), ``trainer`` (the loop and
+:func:`pretrain`), ``evaluate`` (kNN/linear evaluation and export of a checkpoint).
+
 >>> from fastclr.train import load_preset, pretrain
 >>> cfg = load_preset("cpu-demo")
 >>> result = pretrain(cfg)  # dict with final loss, kNN top-1 before/after, checkpoint path

@@ -2,11 +2,13 @@
 
 A checkpoint is a dict saved with ``torch.save`` under ``<dir>/ckpt-<step:09d>.pt``::
 
-    {"format": "fastclr-checkpoint", "version": 1, "step": int, "epoch": int, "batch": int,
+    {"format": "fastclr-checkpoint", "version": 1, "step": int, "epoch": int, "batch": int, "world_size": int,
      "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
-     "rng": {...}, "config": {section: {key: value}}, "extra": {...}}
+     "rng": [{...} per rank], "config": {section: {key: value}},
+     "extra": {"knn_init": ..., "knn_history": [[step, top1], ...], "nonfinite_skipped": int}}
 
 ``epoch``/``batch`` is the data position: the next batch to train is batch ``batch`` of epoch ``epoch``.
+:class:`TrainCheckpoint` is that dict by name: the trainer packs and unpacks checkpoints only through it.
 Writes go to a temporary file in the same directory, which is fsync'ed, renamed over the final name and followed by an
 fsync of the directory, so a crash at any moment leaves either the old set of checkpoints or the new one, never a
 half-written file under a checkpoint name. Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.
@@ -19,11 +21,14 @@ import random
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fastclr.train.config import PretrainConfig
 
 FORMAT = "fastclr-checkpoint"
 VERSION = 1
@@ -180,7 +185,98 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     n = state["numpy"]
     np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        (n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
     )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training checkpoint, by name
+
+
+@dataclass
+class RunState:
+    """Where a run stands: optimiser steps taken, the data position and the monitors' history."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # data position: the next batch is batch `batch` of epoch `epoch`
+    batch: int = 0
+    knn_init: float | None = None
+    knn_history: list[tuple[int, float]] = field(default_factory=list)
+    nonfinite_skipped: int = 0
+
+
+@dataclass
+class TrainCheckpoint:
+    """Everything a pretraining checkpoint holds; the one place that maps it to and from the file's dict.
+
+    ``optimizer``, ``scheduler`` and ``rng`` are None/empty in a weights-only checkpoint (hand-made or exported),
+    which evaluation can read but a run cannot resume from.
+    """
+
+    state: RunState
+    model: dict[str, torch.Tensor]
+    config: PretrainConfig
+    world_size: int = 1
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] = field(default_factory=list)  # one rng_state() per rank
+
+    def save(self, directory: str | Path, *, keep: int = 3) -> Path:
+        """Write atomically as ``checkpoint_path(directory, step)``, keeping the newest ``keep``."""
+        s = self.state
+        return save_checkpoint(
+            {
+                "step": s.step,
+                "epoch": s.epoch,
+                "batch": s.batch,
+                "world_size": self.world_size,
+                "model": self.model,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+                "rng": self.rng,
+                "config": self.config.to_dict(),
+                "extra": {
+                    "knn_init": s.knn_init,
+                    "knn_history": s.knn_history,
+                    "nonfinite_skipped": s.nonfinite_skipped,
+                },
+            },
+            directory,
+            keep=keep,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainCheckpoint:
+        """Read and check ``path`` (see :func:`load_checkpoint`), every tensor on the CPU.
+
+        Callers move what belongs on a device there themselves (``load_state_dict`` copies into the model's and the
+        optimiser's tensors wherever they are); the RNG states must stay on the CPU, where numpy reads them.
+        """
+        ckpt = load_checkpoint(path)
+        extra = ckpt.get("extra", {})
+        state = RunState(
+            step=ckpt["step"],
+            epoch=ckpt["epoch"],
+            batch=ckpt["batch"],
+            knn_init=extra.get("knn_init"),
+            knn_history=[tuple(x) for x in extra.get("knn_history", [])],
+            nonfinite_skipped=extra.get("nonfinite_skipped", 0),
+        )
+        return cls(
+            state=state,
+            model=ckpt["model"],
+            config=PretrainConfig.from_dict(ckpt["config"]),
+            world_size=ckpt.get("world_size", 1),
+            optimizer=ckpt.get("optimizer"),
+            scheduler=ckpt.get("scheduler"),
+            scaler=ckpt.get("scaler"),
+            rng=ckpt.get("rng", []),
+        )
+
+    def rng_for(self, rank: int, world_size: int) -> dict[str, Any]:
+        """The RNG state rank ``rank`` resumes with: its own when the world size is unchanged, else rank 0's."""
+        return self.rng[rank] if len(self.rng) == world_size else self.rng[0]

@@ -151,6 +151,10 @@ class RunConfig:
     )
     progress: bool = _opt(True, "show a progress bar")
     log_every: int = _opt(1, "write a metrics row every N steps")
+    dist_timeout: float = _opt(
+        60.0,
+        "minutes a rank waits in a collective (e.g. while rank 0 alone runs the kNN monitor) before failing",
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -182,6 +186,7 @@ RESUME_FREE_KEYS = frozenset(
         "run.skip_nonfinite",
         "run.progress",
         "run.log_every",
+        "run.dist_timeout",
     }
 )
 
@@ -238,12 +243,15 @@ class PretrainConfig:
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError for values no run can use (independent of the data set)."""
         from fastclr.models import ARCHS
+        from fastclr.nt_xent_spec import check_temperature
 
         m, o, lo, r, d = self.model, self.optim, self.loss, self.run, self.data
         if m.arch not in ARCHS:
             raise ConfigError(f"unknown arch {m.arch!r}; choose one of {', '.join(ARCHS)}")
-        if not (math.isfinite(lo.temperature) and lo.temperature > 0):
-            raise ConfigError(f"temperature must be a positive finite number, got {lo.temperature}")
+        try:
+            check_temperature(lo.temperature)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
         if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {o.lr}")
         for name, value in (
@@ -257,6 +265,10 @@ class PretrainConfig:
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if not (math.isfinite(r.dist_timeout) and 0 < r.dist_timeout <= 7 * 24 * 60):
+            raise ConfigError(
+                f"dist_timeout must be a positive finite number of minutes (at most a week), got {r.dist_timeout}"
+            )
         for name, value in (
             ("warmup_epochs", o.warmup_epochs),
             ("weight_decay", o.weight_decay),

@@ -5,6 +5,7 @@ Without those variables (a plain ``python -m fastclr pretrain``) everything degr
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fastclr.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -47,21 +50,12 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+def init_distributed(device: str = "auto", timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs); no-op for a single process.
 
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs); no-op for a single process."""
+    ``timeout`` bounds every collective: a rank waiting longer (at a barrier while rank 0 alone evaluates, say) fails
+    instead of hanging. None keeps torch's default, which for NCCL is a 10-minute watchdog.
+    """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -76,6 +70,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             device_id=dev if dev.type == "cuda" else None,
+            timeout=timeout,
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
@@ -97,6 +92,15 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (a pickled gather; for small values only)."""
+    if not info.distributed:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -14,29 +14,19 @@ from typing import Any
 
 import torch
 
-from fastclr.train.checkpoint import atomic_save, load_checkpoint
+from fastclr.device import resolve_device
+from fastclr.train.build import simclr_model
+from fastclr.train.checkpoint import TrainCheckpoint, atomic_save
 from fastclr.train.config import PretrainConfig
-from fastclr.train.dist import resolve_device
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu"):
     """``(SimCLRModel with the checkpoint's weights, in eval mode, its PretrainConfig)``."""
-    from fastclr.models import SimCLRModel
-
-    ckpt = load_checkpoint(path)
-    cfg = PretrainConfig.from_dict(ckpt["config"])
-    m = cfg.model
-    model = SimCLRModel(
-        m.arch,
-        cifar_stem=m.cifar_stem,
-        width=m.width,
-        proj_layers=m.proj_layers,
-        proj_hidden=m.proj_hidden,
-        proj_dim=m.proj_dim,
-    )
+    ckpt = TrainCheckpoint.load(path)
+    model = simclr_model(ckpt.config.model)
     # SyncBatchNorm (multi-GPU runs) and BatchNorm share parameter and buffer names, so either checkpoint loads.
-    model.load_state_dict(ckpt["model"])
-    return model.to(device, memory_format=torch.channels_last).eval(), cfg
+    model.load_state_dict(ckpt.model)
+    return model.to(device, memory_format=torch.channels_last).eval(), ckpt.config
 
 
 def _data_paths(cfg: PretrainConfig, data: str | None, test_data: str | None) -> tuple[str, str]:

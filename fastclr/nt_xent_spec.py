@@ -1,0 +1,107 @@
+"""What every NT-Xent path agrees on: numerical constants, input checks, the forward state and how ranks share it.
+
+A leaf (it imports only torch): the loss modules (``fastclr.losses``), the Triton kernel (``fastclr.kernels.nt_xent``)
+and the training config all import it, and none of them reaches into another for a constant, a check or a state layout.
+The checks run once, at the public boundary (``fastclr.nt_xent``, ``NTXentLoss``, the config); everything below trusts
+its caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+IMPLS = ("auto", "triton", "torch", "reference")
+EPS = 1e-12  # the normalisation clamp, as F.normalize: z_hat = z / max(||z||, EPS)
+# Below this temperature exp((S - 1)/tau) can underflow to 0 for every negative (|S| <= 1 gives exponents down to -2/tau,
+# and exp(-2/0.025) = 1.8e-35 is still a normal fp32). Smaller temperatures take the max-subtracted path.
+SHIFT_MIN_TEMPERATURE = 0.025
+
+
+def check_temperature(temperature) -> float:
+    """tau as a float. TypeError unless a real number, ValueError unless finite and > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return float(temperature)
+
+
+def check_impl(impl: str) -> str:
+    """impl itself, or a ValueError unless it is one of IMPLS."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+    """TypeError/ValueError naming the problem unless z_a, z_b are non-empty (N, D) float tensors of one dtype and
+    device."""
+    for name, z in (("z_a", z_a), ("z_b", z_b)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {z.dtype}")
+        if z.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+    if z_a.shape != z_b.shape:
+        raise ValueError(
+            f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
+    if z_a.shape[0] == 0:
+        raise ValueError("N = 0: the batch is empty")
+    if z_a.shape[1] == 0:
+        raise ValueError("D = 0: the embeddings are empty")
+    if z_a.dtype != z_b.dtype:
+        raise TypeError(f"z_a and z_b must have the same dtype, got {z_a.dtype} and {z_b.dtype}")
+    if z_a.device != z_b.device:
+        raise ValueError(
+            f"z_a and z_b must be on the same device, got {z_a.device} and {z_b.device}"
+        )
+
+
+class ForwardState(NamedTuple):
+    """What a backward needs besides z_a, z_b, all O(A D): A = 2N local rows, M candidate columns.
+
+    Both fast paths fill the same fields. The tiled torch path keeps them in its compute dtype (fp32 for fp16/bf16
+    inputs) with stats = lse_i (A,); the kernel keeps zhat in the input dtype, norm in fp32 and stats = (m_i, log l_i)
+    (A, 2) fp32 (see ``fastclr.kernels.nt_xent``).
+    """
+
+    zhat: torch.Tensor  # (A, D) local rows z / max(||z||, EPS)
+    norm: torch.Tensor  # (A,) max(||z||, EPS)
+    stats: torch.Tensor  # per-row softmax statistics: (A,) or (A, 2)
+    cols: torch.Tensor  # (M, D) candidate columns: zhat itself unless gathered from every rank
+    stats_cols: torch.Tensor  # the stats of every candidate column
+    offset: int  # the column of local row 0
+
+    @classmethod
+    def local(cls, zhat: torch.Tensor, norm: torch.Tensor, stats: torch.Tensor) -> ForwardState:
+        """One process: the candidates are the local rows."""
+        return cls(zhat=zhat, norm=norm, stats=stats, cols=zhat, stats_cols=stats, offset=0)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensor fields in order, for ``ctx.save_for_backward``; ``ForwardState(*tensors, offset=...)`` rebuilds
+        the state from them."""
+        return tuple(self)[:-1]
+
+
+def all_gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """x (A, ...) of every rank concatenated along dim 0, without autograd: (x_all (A*W, ...), this rank's row offset).
+
+    With ``group`` None: (x, 0), the single-process candidates.
+    """
+    if group is None:
+        return x, 0
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts), dist.get_rank(group) * x.shape[0]
+
+
+def all_gather_scalar(x: torch.Tensor, group) -> torch.Tensor:
+    """(W,) tensor of a 0-d (or one-element) tensor from every rank; (1,) with ``group`` None."""
+    return all_gather_rows(x.reshape(1), group)[0]

@@ -1,0 +1,208 @@
+"""Watching a run without changing it: console lines, the progress bar, per-step metric rows and the kNN monitor.
+
+Everything here runs or prints on the main rank only (callers check ``info.is_main``, or pass ``enabled``); nothing here
+synchronises with the device except the kNN evaluation itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastclr.train import dist
+from fastclr.train.build import build_eval_loader, compile_skip_reason, peak_lr
+from fastclr.train.checkpoint import RunState
+from fastclr.train.config import PretrainConfig
+from fastclr.train.metrics import MetricsLog
+
+
+def say(message: str) -> None:
+    """Print a line on stdout without breaking the progress bar (callers print on the main rank only)."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def describe(
+    cfg: PretrainConfig, info: dist.DistInfo, loader, autocast_dtype, model: nn.Module
+) -> str:
+    """The resolved run, printed at start: devices, data, schedule, a skipped --compile, and the full config."""
+    from fastclr.losses.nt_xent import resolve_impl
+
+    steps_per_epoch = len(loader)
+    lines = [
+        f"fastclr pretrain: {info.world_size} process(es) on {info.device.type}, loss impl {resolve_impl(cfg.loss.loss_impl, info.device)}, "
+        f"precision {cfg.run.precision} -> {autocast_dtype or torch.float32}",
+        f"data {cfg.data.data}: {loader.num_samples} images/rank, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs "
+        f"= {steps_per_epoch * cfg.optim.epochs} steps, loader {type(loader).__name__}",
+        f"peak lr {peak_lr(cfg):.4g} ({cfg.optim.lr_scaling} scaling, global batch {cfg.optim.batch_size})",
+    ]
+    if cfg.run.compile and (skipped := compile_skip_reason(model)):
+        lines.append(skipped)
+    lines += ["resolved config:", cfg.to_toml().rstrip()]
+    return "\n".join(lines)
+
+
+def say_summary(r: dict[str, Any], loader, knn_k: int) -> None:
+    """The end-of-run lines: where it stopped, what it skipped, the kNN gain, and where its files are."""
+    ips = f", {r['images_per_s']:.0f} images/s" if r["images_per_s"] else ""
+    say(
+        f"{r['status']} at step {r['step']} (epoch {r['epoch']}){ips}; final loss {r['losses'][-1]:.4f}"
+        if r["losses"]
+        else f"{r['status']} at step {r['step']}"
+    )
+    if r["nonfinite_skipped"]:
+        say(f"skipped {r['nonfinite_skipped']} step(s) with a non-finite loss")
+    if loader.num_skipped:
+        path, reason = loader.skipped[0]
+        say(
+            f"skipped {loader.num_skipped} bad image file(s) (--on-corrupt skip), e.g. {path} {reason}"
+        )
+    if r["knn_init"] is not None and r["knn_final"] is not None:
+        say(
+            f"kNN top-1 (k={knn_k}): random init {100 * r['knn_init']:.2f}% -> trained {100 * r['knn_final']:.2f}% "
+            f"({100 * (r['knn_final'] - r['knn_init']):+.2f} points)"
+        )
+    say(f"checkpoint: {r['checkpoint']}; metrics: {r['out']}/metrics.csv; curves: {r['plot']}")
+
+
+class StepMeter:
+    """Per-step reporting of the training loop: the progress bar, a metrics row per logged step, epoch summaries.
+
+    Use as a context manager (it closes the bar) and iterate the loader through :meth:`timed`, which measures the wait
+    for each batch (``data_s``) and the whole step that follows it (``step_s``).
+    """
+
+    def __init__(
+        self, cfg: PretrainConfig, log: MetricsLog, *, start: int, limit: int, t_start: float
+    ) -> None:
+        from tqdm import tqdm
+
+        self.cfg, self.log, self.t_start = cfg, log, t_start
+        show = log.enabled and cfg.run.progress
+        # disable=None: a live bar on terminals only; logs get the one-line epoch summaries instead
+        self.bar = tqdm(
+            total=limit,
+            initial=start,
+            disable=None if show else True,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        self.ips_avg: float | None = None
+        self.epoch_losses: list[float] = []
+        self.t_epoch = self.t_data = self.data_s = 0.0
+
+    def __enter__(self) -> StepMeter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def timed(self, loader: Iterable) -> Iterator:
+        """The batches of one epoch of ``loader``; a step's clock starts when the loop asks for its batch."""
+        self.epoch_losses, self.t_epoch = [], time.perf_counter()
+        batches = iter(loader)
+        while True:
+            self.t_data = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.data_s = time.perf_counter() - self.t_data
+            yield batch
+
+    def step_done(self, s: RunState, loss: float, lr: float, top1: float | None) -> None:
+        """After step ``s.step``: advance the bar, and write a metrics row when the step computed its top-1."""
+        step_s = time.perf_counter() - self.t_data
+        ips = self.cfg.optim.batch_size / step_s
+        self.ips_avg = ips if self.ips_avg is None else 0.9 * self.ips_avg + 0.1 * ips
+        self.epoch_losses.append(loss)
+        if top1 is not None:
+            row = {
+                "step": s.step,
+                "epoch": s.epoch,
+                "loss": loss,
+                "lr": lr,
+                "contrastive_top1": top1,
+                "images_per_s": ips,
+                "data_s": self.data_s,
+                "step_s": step_s,
+                "elapsed_s": time.perf_counter() - self.t_start,
+            }
+            self.log.log("train", row)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{self.ips_avg:.0f}", refresh=False
+        )
+
+    def epoch_done(self, epoch: int, lr: float) -> None:
+        """One summary line for the epoch that just ended (``epoch`` epochs are now complete)."""
+        if not self.log.enabled:
+            return
+        n, elapsed = len(self.epoch_losses), time.perf_counter() - self.t_epoch
+        say(
+            f"epoch {epoch}/{self.cfg.optim.epochs}: loss {sum(self.epoch_losses) / n:.4f}, "
+            f"lr {lr:.3g}, {n * self.cfg.optim.batch_size / elapsed:.0f} images/s"
+        )
+
+
+class KnnMonitor:
+    """kNN top-1 of the backbone on the held-out split, with the (unaugmented) training set as memory bank."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        info: dist.DistInfo,
+        train_classes,
+        autocast_dtype: torch.dtype | None,
+    ):
+        self.cfg, self.info, self.autocast_dtype = cfg, info, autocast_dtype
+        self.enabled = cfg.data.test_data is not None
+        self.train_classes = list(train_classes)
+        self._loaders = None
+
+    def _build(self):
+        d = self.cfg.data
+        bank = build_eval_loader(self.cfg, self.info, d.data)
+        test = build_eval_loader(self.cfg, self.info, d.test_data)
+        if list(test.classes) != self.train_classes:
+            raise ValueError(
+                f"--test-data {d.test_data}: its classes {list(test.classes)[:10]} differ from the training classes "
+                f"{self.train_classes[:10]}; the kNN monitor needs the same class folders"
+            )
+        return bank, test
+
+    def prepare(self) -> None:
+        """Open the evaluation loaders (listing and validating their images) if not done yet."""
+        if self._loaders is None:
+            self._loaders = self._build()
+
+    def __call__(self, backbone: nn.Module) -> float:
+        from fastclr.eval import extract_features, knn_accuracy
+
+        self.prepare()
+        bank, test = self._loaders
+        dev = self.info.device
+        bank_f, bank_y = extract_features(backbone, bank, dev, autocast_dtype=self.autocast_dtype)
+        test_f, test_y = extract_features(backbone, test, dev, autocast_dtype=self.autocast_dtype)
+        r = self.cfg.run
+        return knn_accuracy(
+            bank_f,
+            bank_y,
+            test_f,
+            test_y,
+            k=r.knn_k,
+            temperature=r.knn_temperature,
+            num_classes=len(self.train_classes),
+        )
+
+    def close(self) -> None:
+        for loader in self._loaders or ():
+            loader.close()

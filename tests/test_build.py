@@ -1,0 +1,83 @@
+"""Building a run from its config: the choices ``auto`` and ``--compile`` make on GPUs, decided here on the CPU."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastclr.cli import auto_precision
+from fastclr.train.build import build_model, compile_skip_reason, resolve_precision, wrap_model
+from fastclr.train.config import PretrainConfig
+from fastclr.train.dist import DistInfo
+from fastclr.train.monitor import describe
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+GPU = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "capability,expected",
+    [
+        ((6, 0), (torch.float16, True)),  # P100
+        ((7, 0), (torch.float16, True)),  # V100
+        ((7, 5), (torch.float16, True)),  # T4
+        ((8, 0), (torch.bfloat16, False)),  # A100
+        ((9, 0), (torch.bfloat16, False)),  # H100
+    ],
+)
+def test_precision_auto_uses_fp16_with_a_scaler_where_bf16_is_emulated(
+    monkeypatch, capability, expected
+):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", GPU) == expected
+    assert auto_precision(GPU).startswith("fp16 autocast + GradScaler" if expected[1] else "bf16")
+    # an explicit choice is kept, emulated or not
+    assert resolve_precision("bf16", GPU) == (torch.bfloat16, False)
+
+
+def test_precision_auto_is_fp32_on_cpus():
+    assert resolve_precision("auto", torch.device("cpu")) == (None, False)
+    assert auto_precision(torch.device("cpu")) == "fp32 (CPU run)"
+
+
+def _cnn7(compile: bool) -> PretrainConfig:
+    cfg = PretrainConfig()
+    cfg.model.arch, cfg.model.width, cfg.model.proj_dim = "cnn7", 4, 8
+    cfg.run.compile = compile
+    return cfg
+
+
+@pytest.fixture
+def compiled(monkeypatch) -> list:
+    """The modules handed to ``torch.compile`` (which returns them unchanged here)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.append(module) or module)
+    return seen
+
+
+def test_compile_compiles_a_batchnorm_model(compiled):
+    model = build_model(_cnn7(compile=True), CPU)
+    assert wrap_model(model, _cnn7(compile=True), CPU) is model and compiled == [model]
+    assert compile_skip_reason(model) is None
+    compiled.clear()
+    wrap_model(model, _cnn7(compile=False), CPU)
+    assert compiled == []
+
+
+def test_compile_skips_a_sync_batchnorm_model_with_a_one_line_notice(compiled):
+    """Dynamo graph-breaks at every SyncBatchNorm (the multi-GPU model), so such a model stays eager."""
+    cfg = _cnn7(compile=True)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model(cfg, CPU))
+    assert wrap_model(model, cfg, CPU) is model and compiled == []
+    notice = compile_skip_reason(model)
+    assert notice.startswith("--compile skipped: ") and "SyncBatchNorm" in notice
+    assert "\n" not in notice and torch.__version__ in notice
+
+    class Loader(list):
+        num_samples = 64
+
+    printed = describe(cfg, CPU, Loader([None] * 4), None, model).splitlines()
+    assert notice in printed
+    plain = build_model(cfg, CPU)
+    assert not any(
+        "--compile" in line for line in describe(cfg, CPU, Loader(), None, plain).splitlines()
+    )
