@@ -6,7 +6,8 @@
 Heavy optional dependencies (triton, DALI) are imported lazily, so ``import fastclr`` works anywhere.
 """
 
-from fastclr.losses.nt_xent import IMPLS, NTXentLoss, nt_xent
+from fastclr.losses.nt_xent import NTXentLoss, nt_xent
+from fastclr.nt_xent_spec import IMPLS
 
 __version__ = "0.1.0"
 __all__ = ["IMPLS", "LARS", "NTXentLoss", "nt_xent", "__version__"]

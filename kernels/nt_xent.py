@@ -1,6 +1,7 @@
 r"""Fused NT-Xent in Triton: in-kernel L2 normalisation, online-logsumexp forward, single-pass symmetric backward.
 
-Notation (as ``fastclr/losses/tiled.py``): z = [z_a; z_b] (A = 2N rows), z_hat_i = z_i / max(||z_i||, eps),
+Notation (the tiled torch path's; ``fastclr.nt_xent_spec`` holds the constants, checks and state both share):
+z = [z_a; z_b] (A = 2N rows), z_hat_i = z_i / max(||z_i||, eps),
 S = z_hat cols^T with cols = z_hat (or the z_hat of every rank, local row i at column OFFSET + i), pos(i) = (i + N) mod A.
 
     forward    lse_i = log sum_{j != i} exp(S_ij / tau),        L = 1/A * sum_i (lse_i - S_{i,pos(i)} / tau)
@@ -17,8 +18,10 @@ Launches (two each way):
                _nt_xent_fwd_kernel        row blocks x all column blocks: online logsumexp in fp32 -> per-row stats
                                           (m_i, log l_i), the positive picked from the same S tiles, and the mean loss,
                                           reduced in a fixed order by the last program to finish (no host sync)
-    backward   _nt_xent_bwd_kernel        row blocks (x output D chunks): acc_i = sum_j W_ij cols_j with
-                                          W_ij = g P_ij + g_j P_ji - 2 g [j = pos(i)], W_ii = 0
+    backward   _nt_xent_bwd_kernel        row blocks (x output D chunks): acc_i = g_max sum_j W_ij cols_j with
+                                          W_ij = (g P_ij + g_j P_ji - 2 g [j = pos(i)]) / g_max, W_ii = 0,
+                                          g_max = max_r |g_r|: W (|W| <= 2) is rounded to the input dtype for the
+                                          tensor cores, the upstream gradients' scale g_max is applied in fp32
                _nt_xent_norm_bwd_kernel   dz_hat = acc / (A tau), then the chain through the normalisation
 
 Exponentials are base 2 (``exp2`` is the native instruction): QK_SCALE = log2(e)/tau. Every exponent is a difference of
@@ -40,8 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastclr.losses import distributed as dist_utils
-from fastclr.losses.tiled import EPS, SHIFT_MIN_TEMPERATURE
+from fastclr.nt_xent_spec import (
+    EPS,
+    SHIFT_MIN_TEMPERATURE,
+    ForwardState,
+    all_gather_rows,
+    all_gather_scalar,
+)
 
 LOG2E = math.log2(math.e)
 # Globals read inside @triton.jit must be constexpr.
@@ -74,6 +82,24 @@ def _round_to(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def _round_operand(
+    x, DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr
+):
+    """fp32 x -> a tl.dot operand of DTYPE. For tf32 dots, fp32 rounded to the nearest tf32 value (ties away from zero,
+    cvt.rna): the tensor cores read only the top 19 bits of an fp32 operand, which truncates, a bias of ~2^-11
+    relative toward zero on every product."""
+    if INPUT_PRECISION == "tf32" and DTYPE == tl.float32:  # noqa: SIM300 (constexprs)
+        if INTERPRETER:
+            bits = x.to(tl.uint32, bitcast=True)
+            x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        else:
+            x = tl.inline_asm_elementwise(
+                "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
+    return _round_to(x, DTYPE, INTERPRETER)
 
 
 @triton.jit
@@ -151,9 +177,11 @@ def _nt_xent_norm_fwd_kernel(
     EPS_: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """Rows r of z_a and of z_b -> z_hat rows r and N + r (input dtype) and their norms max(||z||, eps) (fp32)."""
+    """Rows r of z_a and of z_b -> z_hat rows r and N + r (input dtype; tf32 values for tf32 dots, so the GEMMs read
+    them rounded to nearest, see _round_operand) and their norms max(||z||, eps) (fp32)."""
     pid = tl.program_id(0)
     if pid == 0:
         # The forward kernel's arrival counter starts at zero (stream order puts this store before that launch).
@@ -183,12 +211,16 @@ def _nt_xent_norm_fwd_kernel(
         b = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(
             out_a + offs[None, :],
-            _round_to(a / na[:, None], zhat_ptr.dtype.element_ty, INTERPRETER),
+            _round_operand(
+                a / na[:, None], zhat_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER
+            ),
             mask=m,
         )
         tl.store(
             out_b + offs[None, :],
-            _round_to(b / nb[:, None], zhat_ptr.dtype.element_ty, INTERPRETER),
+            _round_operand(
+                b / nb[:, None], zhat_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER
+            ),
             mask=m,
         )
     tl.store(norm_ptr + r, na, mask=ok)
@@ -331,7 +363,8 @@ def _nt_xent_bwd_kernel(
     INTERPRETER: tl.constexpr,
 ):
     """Program (row block, output D chunk): acc_i = sum_{j != i} (g P_ij + g_j P_ji - 2 g [j = pos(i)]) cols_j, fp32
-    (A, D), no atomics. With the forward's stats (m, log l): P_ij = exp((S_ij - m_i)/tau - log l_i).
+    (A, D), no atomics. With the forward's stats (m, log l): P_ij = exp((S_ij - m_i)/tau - log l_i). The W of the
+    GEMM holds the g's divided by g_max = max_r |g_r|, and the fp32 accumulator is multiplied by g_max at the end.
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
@@ -356,7 +389,14 @@ def _nt_xent_bwd_kernel(
     hi_a = tl.minimum(r1, n) + n
     lo_b = tl.maximum(r0, n) - n
     hi_b = r1 - n
-    g = tl.load(g_ptr).to(tl.float32)
+    # W stays free of the upstream gradients' scale: they enter it as g / g_max (so |W| <= 2), and g_max multiplies the
+    # fp32 accumulator at the end. A GradScaler makes g as large as 2^15, where a W of ~2g rounded to fp16 overflows
+    # (and a tiny g would underflow). Every rank's g is in g_cols (this rank's too); all zero: g_max = 1.
+    g_max = tl.abs(tl.load(g_ptr).to(tl.float32))
+    for r in range(0, M // A):
+        g_max = tl.maximum(g_max, tl.abs(tl.load(g_cols_ptr + r).to(tl.float32)))
+    g_max = tl.where(g_max > 0, g_max, 1.0)
+    g = tl.load(g_ptr).to(tl.float32) / g_max
     m_i = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
     log2_l_i = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0) * _LOG2E
     u_i = log2_l_i  # placeholder; only the shift form uses u
@@ -371,7 +411,7 @@ def _nt_xent_bwd_kernel(
         m_j = tl.load(stats_cols_ptr + 2 * cols, mask=col_ok, other=0.0)
         log2_l_j = tl.load(stats_cols_ptr + 2 * cols + 1, mask=col_ok, other=0.0) * _LOG2E
         # Column j belongs to rank j // A: weight its P_ji by that rank's upstream gradient (g itself when local).
-        g_j = tl.load(g_cols_ptr + cols // A, mask=col_ok, other=0.0).to(tl.float32)
+        g_j = tl.load(g_cols_ptr + cols // A, mask=col_ok, other=0.0).to(tl.float32) / g_max
         if D_BLOCKS == 1:
             k = _load_rows(cols_ptr, start_n, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
@@ -397,14 +437,15 @@ def _nt_xent_bwd_kernel(
             # The positive's -2g joins W here, in fp32: W_pos = g (P_ij + P_ji) tends to 2g as the pair gets confident,
             # and subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
             w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w)
-        # W goes through the tensor cores in the input dtype (rounding it like the GPU does, also when interpreting).
-        w = _round_to(w, cols_ptr.dtype.element_ty, INTERPRETER)
+        # W goes through the tensor cores in the input dtype, or as tf32 (rounded to nearest like the GPU does, also
+        # when interpreting).
+        w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
         if INTERPRETER:
             w = w.to(tl.float32)
         acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out = acc_ptr + rows[:, None].to(tl.int64) * D + offs_o[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & (offs_o[None, :] < D))
+    tl.store(out, acc * g_max, mask=row_ok[:, None] & (offs_o[None, :] < D))
 
 
 @triton.jit
@@ -531,6 +572,8 @@ _CANDIDATES = {
     ("bwd", 1, 4): ("BM64_BN32_W8_S2",),
     ("bwd", 2, 4): ("BM64_BN32_W8_S1",),
 }  # fmt: skip
+# fp32 with precision="ieee": tl.dot runs on the FMA units with both operand tiles in registers.
+_EXACT_FP32_CANDIDATES = {key: names for key, names in _CANDIDATES.items() if key[2] == 4}
 
 
 def list_configs() -> list[str]:
@@ -561,25 +604,31 @@ def d_tier(d: int) -> int:
     return 2 if tiling.d_blocks > 1 else int(tiling.block_d > 128)
 
 
-def candidate_configs(kernel: str, a: int, d: int, itemsize: int = 2) -> list[KernelConfig]:
-    """The configs worth trying for this kernel, (2N, D) and input element size (2: bf16/fp16, 4: fp32), best guess
-    first (blocks beyond the padded batch only add masked work, so small batches keep the smallest tiles)."""
+def candidate_configs(
+    kernel: str, a: int, d: int, itemsize: int = 2, precision: str = "tf32"
+) -> list[KernelConfig]:
+    """The configs worth trying for this kernel, (2N, D), input element size (2: bf16/fp16, 4: fp32) and fp32 dot
+    precision ("ieee" multiplies on the FMA units, its own list), best guess first (blocks beyond the padded batch only
+    add masked work, so small batches keep the smallest tiles)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if itemsize not in (2, 4):
         raise ValueError(f"itemsize must be 2 (bf16/fp16) or 4 (fp32), got {itemsize!r}")
-    listed = [CONFIGS[name] for name in _CANDIDATES[(kernel, d_tier(d), itemsize)]]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    table = _EXACT_FP32_CANDIDATES if itemsize == 4 and precision == "ieee" else _CANDIDATES
+    listed = [CONFIGS[name] for name in table[(kernel, d_tier(d), itemsize)]]
     a_pad = max(64, triton.next_power_of_2(a))
     fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
     return fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
 
 
 def resolve_config(
-    kernel: str, a: int, d: int, config: str | None, itemsize: int = 2
+    kernel: str, a: int, d: int, config: str | None, itemsize: int = 2, precision: str = "tf32"
 ) -> KernelConfig:
     """A named config (checked against CONFIGS) or the first candidate for this size."""
     if config is None:
-        return candidate_configs(kernel, a, d, itemsize)[0]
+        return candidate_configs(kernel, a, d, itemsize, precision)[0]
     if config not in CONFIGS:
         raise ValueError(f"unknown kernel config {config!r}; choose one of {list_configs()}")
     return CONFIGS[config]
@@ -613,33 +662,35 @@ def executed_macs(
 
 
 def _autotuned(fn, kernel: str):
-    """Autotuning over the pruned candidates on a GPU, keyed on (2N, D) (and M for the distributed case)."""
+    """Autotuning over the pruned candidates on a GPU, keyed on (2N, M, D) and every constexpr that changes the code the
+    kernel compiles to besides those (the logsumexp path, the dot precision); the autotuner adds the dtypes."""
 
-    def prune(configs, named_args, **kwargs):
-        itemsize = named_args["zhat_ptr"].element_size()
-        names = {
-            c.name for c in candidate_configs(kernel, named_args["A"], named_args["D"], itemsize)
-        }
-        return [c for c in configs if _config_name(c) in names]
-
-    configs = [
-        triton.Config(
+    by_name = {
+        name: triton.Config(
             {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
             num_warps=c.num_warps,
             num_stages=c.num_stages,
         )
-        for c in CONFIGS.values()
-    ]
+        for name, c in CONFIGS.items()
+    }
+
+    def prune(configs, named_args, **kwargs):
+        # The launch passes every argument by keyword, and the autotuner's named_args hold only positional ones.
+        args = {**named_args, **kwargs}
+        itemsize = args["zhat_ptr"].element_size()
+        cands = candidate_configs(kernel, args["A"], args["D"], itemsize, args["INPUT_PRECISION"])
+        # Best guess first: with equal timings (or none, see kernels/stub_driver.py) the autotuner keeps it.
+        return [by_name[c.name] for c in cands]
+
     return triton.autotune(
-        configs=configs, key=["A", "M", "D"], prune_configs_by={"early_config_prune": prune}
+        configs=list(by_name.values()),
+        key=["A", "M", "D", "SHIFT", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": prune},
     )(fn)
 
 
-def _config_name(c) -> str:
-    return KernelConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages).name
-
-
-_AUTOTUNED: dict[str, object] = {}
+# One autotuner per kernel and target (the stub driver compiles for several in one process).
+_AUTOTUNED: dict[tuple, object] = {}
 
 
 def _launch(
@@ -647,13 +698,23 @@ def _launch(
 ) -> None:
     """Launch with a named config, the heuristic pick (interpreter), or autotuning (GPU, no config named)."""
     if config is None and not INTERPRET:
-        if kernel not in _AUTOTUNED:
-            _AUTOTUNED[kernel] = _autotuned(fn, kernel)
-        _AUTOTUNED[kernel][grid_fn](**kwargs)
+        target = triton.runtime.driver.active.get_current_target()
+        tuned = _AUTOTUNED.get((kernel, target))
+        if tuned is None:
+            tuned = _AUTOTUNED[(kernel, target)] = _autotuned(fn, kernel)
+        tuned[grid_fn](**kwargs)
         return
-    cfg = resolve_config(kernel, a, d, config, itemsize)
+    cfg = resolve_config(kernel, a, d, config, itemsize, kwargs["INPUT_PRECISION"])
     meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     fn[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_device_type() -> str:
+    """The torch device type the active Triton driver launches on ("cuda"; "cpu" for kernels/stub_driver.py)."""
+    try:
+        return triton.runtime.driver.active.get_active_torch_device().type
+    except RuntimeError:  # no active driver: no GPU
+        return "cuda"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -661,38 +722,28 @@ def _launch(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class ForwardState(NamedTuple):
-    """What the backward needs besides z_a, z_b (all O(A D) or O(A))."""
-
-    zhat: torch.Tensor  # (A, D) input dtype
-    norm: torch.Tensor  # (A,) fp32, max(||z||, eps)
-    stats: (
-        torch.Tensor
-    )  # (A, 2) fp32 (m_i, log l_i): lse_i = m_i / tau + log l_i (see _nt_xent_fwd_kernel)
-    cols: torch.Tensor  # (M, D) candidates (zhat itself unless gathered)
-    stats_cols: torch.Tensor  # (M, 2) fp32, the stats of every candidate column
-    offset: int  # column of local row 0
-
-
-def _check(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, precision: str) -> None:
-    if z_a.dtype not in _TL_DTYPES or z_b.dtype != z_a.dtype:
-        raise TypeError(
-            f"the triton kernel takes fp32/bf16/fp16 z_a and z_b of one dtype, got {z_a.dtype} and {z_b.dtype}"
-        )
-    if z_a.ndim != 2 or z_a.shape != z_b.shape or z_a.shape[0] == 0 or z_a.shape[1] == 0:
+def check_supported(z: torch.Tensor, precision: str = "tf32") -> None:
+    """What the kernel needs beyond ``fastclr.nt_xent_spec.check_embeddings`` (z_a and z_b share z's dtype and device):
+    fp32/bf16/fp16 on the launch device (any device when interpreting), and a known precision. ``fastclr.nt_xent``
+    runs it once; the host functions below trust their callers."""
+    if z.dtype not in _TL_DTYPES:
+        raise TypeError(f"the triton kernel takes fp32/bf16/fp16 z_a and z_b, got {z.dtype}")
+    if not INTERPRET and z.device.type != _launch_device_type():
         raise ValueError(
-            f"z_a and z_b must be non-empty (N, D) of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+            f"the triton kernel needs CUDA tensors (got {z.device}); set TRITON_INTERPRET=1 to interpret it on CPU"
         )
-    if z_a.device != z_b.device:
-        raise ValueError(f"z_a and z_b are on different devices: {z_a.device} and {z_b.device}")
-    if z_a.device.type != "cuda" and not INTERPRET:
-        raise ValueError(
-            f"the triton kernel needs CUDA tensors (got {z_a.device}); set TRITON_INTERPRET=1 to interpret it on CPU"
-        )
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def empty_state(z_a: torch.Tensor) -> ForwardState:
+    """The single-process state ``nt_xent_forward`` returns for z_a (N, D), as empty tensors (the custom op's fake):
+    zhat in the input dtype, norm (A,) fp32, stats (A, 2) fp32 = (m_i, log l_i), lse_i = m_i / tau + log l_i."""
+    a, d = 2 * z_a.shape[0], z_a.shape[1]
+    f32 = dict(dtype=torch.float32, device=z_a.device)
+    return ForwardState.local(
+        z_a.new_empty((a, d)), torch.empty(a, **f32), torch.empty((a, 2), **f32)
+    )
 
 
 def _unit_stride(z: torch.Tensor) -> torch.Tensor:
@@ -719,7 +770,6 @@ def nt_xent_forward(
     group: a torch.distributed process group whose ranks' rows are gathered as candidate columns, or None.
     precision: "tf32" (default) or "ieee" for fp32 inputs' dot products. config: a name from ``list_configs()``.
     """
-    _check(z_a, z_b, temperature, precision)
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
     a = 2 * n
@@ -731,11 +781,9 @@ def nt_xent_forward(
     _nt_xent_norm_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
         za_ptr=z_a, zb_ptr=z_b, zhat_ptr=zhat, norm_ptr=norm, count_ptr=count, N=n, D=d,
         stride_a=z_a.stride(0), stride_b=z_b.stride(0), EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=block_d,
-        INTERPRETER=INTERPRET,
+        INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
     )  # fmt: skip
-    cols, offset = zhat, 0
-    if group is not None:
-        cols, offset = dist_utils.all_gather_rows(zhat, group)
+    cols, offset = all_gather_rows(zhat, group)
     m = cols.shape[0]
     stats = torch.empty((a, 2), dtype=torch.float32, device=dev)
     max_programs = triton.cdiv(a, min(c.block_m for c in CONFIGS.values()))
@@ -749,8 +797,10 @@ def nt_xent_forward(
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
         INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=REDUCE_BLOCK,
     )  # fmt: skip
-    stats_cols = stats if group is None else dist_utils.all_gather_rows(stats, group)[0]
-    return loss, ForwardState(zhat, norm, stats, cols, stats_cols, offset)
+    stats_cols, _ = all_gather_rows(stats, group)
+    return loss, ForwardState(
+        zhat=zhat, norm=norm, stats=stats, cols=cols, stats_cols=stats_cols, offset=offset
+    )
 
 
 def nt_xent_backward(
@@ -768,13 +818,12 @@ def nt_xent_backward(
 
     With ``group`` every rank's upstream gradient is gathered (one scalar each) to weight the P_ji of its columns.
     """
-    _check(z_a, z_b, temperature, precision)
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
     a = 2 * n
     m = state.cols.shape[0]
     g = grad_out.reshape(1).to(torch.float32)
-    g_cols = g if group is None else dist_utils.all_gather_scalar(g, group)
+    g_cols = all_gather_scalar(g, group)
     if m == 2:
         # One pair in all (N = 1 on one rank): each row's only candidate is its positive, so L = 0 for every z and the
         # gradient is exactly 0. The kernels would return their rounding residue of P - 1 instead, which the /eps chain
@@ -810,20 +859,16 @@ class NTXentTritonFunction(torch.autograd.Function):
         loss, state = nt_xent_forward(
             z_a, z_b, temperature, group=group, precision=precision, config=config
         )
-        ctx.save_for_backward(
-            z_a, z_b, state.zhat, state.norm, state.stats, state.cols, state.stats_cols
-        )
-        ctx.meta = (temperature, state.offset, group, precision, config)
+        ctx.save_for_backward(z_a, z_b, *state.tensors())
+        ctx.offset, ctx.temperature = state.offset, temperature
+        ctx.options = dict(group=group, precision=precision, config=config)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        z_a, z_b, zhat, norm, stats, cols, stats_cols = ctx.saved_tensors
-        temperature, offset, group, precision, config = ctx.meta
-        state = ForwardState(zhat, norm, stats, cols, stats_cols, offset)
-        dz_a, dz_b = nt_xent_backward(
-            grad_out, z_a, z_b, state, temperature, group=group, precision=precision, config=config
-        )
+        z_a, z_b, *tensors = ctx.saved_tensors
+        state = ForwardState(*tensors, offset=ctx.offset)
+        dz_a, dz_b = nt_xent_backward(grad_out, z_a, z_b, state, ctx.temperature, **ctx.options)
         return dz_a, dz_b, None, None, None, None
 
 
@@ -838,9 +883,11 @@ def nt_xent_triton(
 ) -> torch.Tensor:
     """Fused NT-Xent with autograd. z_a, z_b: (N, D) fp32/bf16/fp16 CUDA tensors (CPU under TRITON_INTERPRET=1).
 
+    No input checks here: ``fastclr.nt_xent`` runs them (``check_supported`` is what this kernel adds to them).
+
     Args:
         temperature: tau > 0.
-        group: torch.distributed process group to gather negatives from (see ``fastclr.losses.distributed``), or None.
+        group: torch.distributed process group to gather negatives from, or None.
         precision: fp32 inputs only: "tf32" (tensor cores, ~1e-3 relative error on S) or "ieee" (exact fp32).
         config: a kernel variant from ``list_configs()`` (e.g. "BM64_BN64_W4_S3") forced on both GEMM kernels, for
             microbenchmarks; None autotunes on the GPU over the spill-free candidates (``candidate_configs``) and takes

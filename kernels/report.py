@@ -3,10 +3,17 @@
     python -m fastclr.kernels.report --arch 90            # every shipped kernel x config, a table and a roofline
     python -m fastclr.kernels.report --arch 80 --json     # the same as JSON
 
-Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; registers, stack
-(spill) and local memory come from ``cuobjdump -res-usage`` on the cubin (the cuobjdump that triton ships), shared memory
-from the compiled metadata (dynamic) plus the cubin's static shared memory, tensor-core use from the PTX (mma.sync on
-sm_80, wgmma on sm_90). Occupancy follows from registers, shared memory and threads per block.
+The report compiles what a launch compiles. Each variant is launched through the host functions
+(``nt_xent_forward`` / ``nt_xent_backward``) on CPU tensors of 2N = REPORT_ROWS rows with Triton's driver replaced by
+``fastclr.kernels.stub_driver`` (target ``GPUTarget("cuda", arch, 32)``): Triton's JIT specialises on those arguments
+(16-byte-aligned pointers and integers divisible by 16 get ``tt.divisibility``, which decides vector loads and the
+cp.async pipeline) and picks the options a launch gets, and the report reads the kernel that launch compiled. Registers,
+stack (spill) and local memory come from ``cuobjdump -res-usage`` on the cubin (the cuobjdump that triton ships), shared
+memory from the compiled metadata (dynamic) plus the cubin's static shared memory. Tensor-core use is counted per
+``tl.dot``: every dot of the TTGIR whose result has an MMA layout (``mma.sync`` on sm_80, ``wgmma`` on sm_90) against
+every dot, so one dot falling back to FMA shows; the PTX's MMA instruction count is reported beside it. fp32 with
+precision="ieee" multiplies exactly in fp32 on the FMA units by design. Occupancy follows from registers, shared memory
+and threads per block.
 
 Roofline (H100 SXM, stated constants below): forward + backward = three (2N)x(2N)xD GEMMs, 6 (2N)^2 D FLOPs, against
 the dense tensor-core peak; HBM bytes are the O(2N D) passes of the four launches. The exponentials run on the SFUs
@@ -24,11 +31,11 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fastclr.kernels import nt_xent as K
+from fastclr.kernels.stub_driver import Launch, stub_driver
 
 # H100 SXM5 (NVIDIA datasheet): dense (no sparsity) tensor-core peaks, HBM3 bandwidth, 132 SMs at 1.98 GHz boost.
 H100_BF16_TFLOPS = 989.0
@@ -47,102 +54,137 @@ SM_LIMITS = {
 MAX_REGISTERS = 255
 TENSOR_CORE_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
-D_CASES = (128, 256, 2048)  # one block of 128, one block of 256, the D loop with chunked backward
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# D: unaligned (no tt.divisibility on D), one block of 128, one block of 256, the D loop with chunked backward.
+D_CASES = (100, 128, 256, 2048)
+QUICK_D_CASES = (100, 128)
+# The batch each variant is specialised for: 2N divisible by 16, as any batch worth a GPU is.
+REPORT_ROWS = 4096
+ELEMENTWISE = ("norm_fwd", "norm_bwd")
+KERNEL_NAMES = {
+    "norm_fwd": "_nt_xent_norm_fwd_kernel",
+    "fwd": "_nt_xent_fwd_kernel",
+    "bwd": "_nt_xent_bwd_kernel",
+    "norm_bwd": "_nt_xent_norm_bwd_kernel",
+}
+# Temperatures that take each logsumexp path (the fixed shift from SHIFT_MIN_TEMPERATURE = 0.025 up).
+SHIFT_TAU, MAX_TAU = 0.5, 0.01
+# The kernels that write tf32 dot operands: z_hat (norm_fwd) and W (bwd) must round them to nearest (cvt.rna).
+TF32_ROUNDING = "cvt.rna.tf32.f32"
+TF32_OPERAND_WRITERS = ("norm_fwd", "bwd")
+_DOT_RE = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<[^>]*, #(\w+)>")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled specialisation: kernel, tile config, embedding width D, input dtype, fixed-shift path or not."""
+    """One compiled specialisation: kernel, tile config, embedding width D, input dtype, fixed-shift path or not, and
+    the fp32 dot precision ("tf32" or "ieee"; bf16/fp16 always multiply exactly)."""
 
     kernel: str
     config: str
     d: int
     dtype: str = "bf16"
     shift: bool = True
+    precision: str = "tf32"
 
     @property
     def label(self) -> str:
         path = "shift" if self.shift else "max"
-        return f"{self.kernel} {self.config} D={self.d} {self.dtype} {path}"
+        return f"{self.kernel} {self.config} D={self.d} {self.dtype} {self.precision_label} {path}"
+
+    @property
+    def precision_label(self) -> str:
+        return self.precision if self.dtype == "fp32" else "-"
 
 
-def shipped_variants(d_cases=D_CASES, dtypes=("bf16", "fp32"), quick=False) -> list[Variant]:
-    """Every (kernel, config) the autotuner may launch for these D on both logsumexp paths, and the elementwise kernels.
+def precisions_for(dtype: str) -> tuple[str, ...]:
+    """The public precisions that compile differently for this dtype (only fp32 has a choice)."""
+    return K.PRECISIONS if dtype == "fp32" else ("tf32",)
 
-    quick: only each kernel's first candidate, on the fixed-shift path.
+
+def shipped_variants(
+    d_cases=D_CASES, dtypes=("bf16", "fp16", "fp32"), quick=False, precisions=None
+) -> list[Variant]:
+    """Every (kernel, config) the autotuner may launch for these D on both logsumexp paths and every public precision,
+    and the elementwise kernels.
+
+    quick: only each kernel's first candidate, on the fixed-shift path, default precision.
     """
     out = []
     for d in d_cases:
         for dtype in dtypes:
-            for kernel in K.KERNELS:
-                configs = K.candidate_configs(kernel, 1 << 20, d, ITEMSIZE[dtype])
-                for cfg in configs[:1] if quick else configs:
-                    for shift in (True,) if quick else (True, False):
-                        out.append(Variant(kernel, cfg.name, d, dtype, shift))
-            for kernel in ("norm_fwd", "norm_bwd"):
-                out.append(Variant(kernel, "elementwise", d, dtype))
+            precs = precisions_for(dtype) if precisions is None else precisions
+            for precision in precs[:1] if quick else precs:
+                for kernel in K.KERNELS:
+                    configs = K.candidate_configs(
+                        kernel, 1 << 20, d, ITEMSIZE[dtype], **_precision_kwargs(dtype, precision)
+                    )
+                    for cfg in configs[:1] if quick else configs:
+                        for shift in (True,) if quick else (True, False):
+                            out.append(Variant(kernel, cfg.name, d, dtype, shift, precision))
+                for kernel in ELEMENTWISE:
+                    out.append(Variant(kernel, "elementwise", d, dtype, True, precision))
     return out
 
 
-def _signature(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
-    return {
-        name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
-    }
+def _precision_kwargs(dtype: str, precision: str) -> dict:
+    return {"precision": precision} if dtype == "fp32" else {}
 
 
-def _source(v: Variant) -> tuple[ASTSource, dict]:
-    """The ASTSource of a variant and its compile options (num_warps, num_stages)."""
-    tiling = K.d_tiling(v.d)
-    elem = "*" + v.dtype
-    if v.kernel in ("norm_fwd", "norm_bwd"):
-        fn = K._nt_xent_norm_fwd_kernel if v.kernel == "norm_fwd" else K._nt_xent_norm_bwd_kernel
-        consts = dict(
-            EPS_=K.EPS,
-            BLOCK_R=K.ELEMENTWISE_BLOCK_R,
-            BLOCK_D=min(triton.next_power_of_2(v.d), K.ELEMENTWISE_BLOCK_D),
-            INTERPRETER=False,
+def launch_variants(variants: list[Variant], arch: int) -> dict[Variant, Launch]:
+    """Launch every variant through the host functions under the stub driver for sm_{arch}; the launch of each.
+
+    Variants that share (D, dtype, path, precision) share one set of CPU tensors; the backward runs on the state of a
+    forward with the default config. The elementwise kernels are launched along the way.
+    """
+    if K.INTERPRET:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 turned the kernels into interpreted functions, which cannot be compiled ahead of "
+            "time: run the report in a process without it (TRITON_INTERPRET=0 python -m fastclr.kernels.report)"
         )
-        types = {
-            "za_ptr": elem,
-            "zb_ptr": elem,
-            "zhat_ptr": elem,
-            "dza_ptr": elem,
-            "dzb_ptr": elem,
-            "norm_ptr": "*fp32",
-            "acc_ptr": "*fp32",
-            "count_ptr": "*i32",
-            "grad_scale": "fp32",
-        }
-        return ASTSource(fn, _signature(fn, types, consts), consts), dict(num_warps=4, num_stages=2)
-    cfg = K.CONFIGS[v.config]
-    fn = K._nt_xent_fwd_kernel if v.kernel == "fwd" else K._nt_xent_bwd_kernel
-    consts = dict(
-        SHIFT=v.shift,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=tiling.block_d,
-        D_BLOCKS=tiling.d_blocks,
-        INPUT_PRECISION="tf32" if v.dtype == "fp32" else "ieee",
-        INTERPRETER=False,
+    groups: dict[tuple, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault((v.d, v.dtype, v.shift, v.precision), []).append(v)
+    out = {}
+    for (d, dtype, shift, precision), group in groups.items():
+        gen = torch.Generator().manual_seed(0)
+        n = REPORT_ROWS // 2
+        z_a = torch.randn(n, d, generator=gen).to(TORCH_DTYPES[dtype])
+        z_b = torch.randn(n, d, generator=gen).to(TORCH_DTYPES[dtype])
+        tau = SHIFT_TAU if shift else MAX_TAU
+        opts = dict(precision=precision)
+        by_kernel = {k: [v for v in group if v.kernel == k] for k in KERNEL_NAMES}
+        with stub_driver(arch) as drv:
+            _, state = K.nt_xent_forward(z_a, z_b, tau, **opts)
+            for v in by_kernel["fwd"]:
+                K.nt_xent_forward(z_a, z_b, tau, config=v.config, **opts)
+            for v in by_kernel["bwd"] + ([None] if not by_kernel["bwd"] else []):
+                K.nt_xent_backward(
+                    torch.ones(()), z_a, z_b, state, tau, config=v and v.config, **opts
+                )
+        launched = {}
+        for launch in drv.launches:
+            if launch.name in (KERNEL_NAMES["fwd"], KERNEL_NAMES["bwd"]):
+                launched[(launch.name, config_name(launch))] = launch
+            else:
+                launched[(launch.name, "elementwise")] = launch
+        for v in group:
+            out[v] = launched[(KERNEL_NAMES[v.kernel], v.config)]
+    return out
+
+
+def config_name(launch: Launch) -> str:
+    """The KernelConfig name of a GEMM kernel's launch (tiles from its constexprs, warps and stages from its options)."""
+    c = launch.constexprs
+    cfg = K.KernelConfig(
+        c["BLOCK_M"], c["BLOCK_N"], launch.metadata.num_warps, launch.metadata.num_stages
     )
-    if v.kernel == "fwd":
-        consts["BLOCK_R"] = K.REDUCE_BLOCK
-    else:
-        consts["BLOCK_DO"] = tiling.block_do
-    types = {
-        "zhat_ptr": elem,
-        "cols_ptr": elem,
-        "loss_ptr": elem,
-        "count_ptr": "*i32",
-        "QK_SCALE": "fp32",
-        "inv_t": "fp32",
-        "inv_a": "fp32",
-    }
-    for name in fn.arg_names:
-        if name.endswith("_ptr") and name not in types:
-            types[name] = "*fp32"
-    src = ASTSource(fn, _signature(fn, types, consts), consts)
-    return src, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return cfg.name
+
+
+def dot_layouts(ttgir: str) -> list[str]:
+    """The result layout of every dot in the TTGIR, in order: "mma..." on the tensor cores, "blocked..." on FMA."""
+    return _DOT_RE.findall(ttgir)
 
 
 def cuobjdump_path() -> str:
@@ -185,36 +227,44 @@ def occupancy(arch: int, registers: int, threads: int, shared: int) -> dict[str,
 
 
 def compile_variant(v: Variant, arch: int) -> dict:
-    """Compile one variant for sm_{arch} and return its static properties (see the module docstring)."""
-    if K.INTERPRET:
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 turned the kernels into interpreted functions, which cannot be compiled ahead of "
-            "time: run the report in a process without it (TRITON_INTERPRET=0 python -m fastclr.kernels.report)"
-        )
-    src, options = _source(v)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    """Compile one variant for sm_{arch} as a launch would and return its static properties (see the module docstring)."""
+    return launch_row(v, launch_variants([v], arch)[v], arch)
+
+
+def launch_row(v: Variant, launch: Launch, arch: int) -> dict:
+    """The static properties of the kernel a launch compiled."""
+    compiled = launch.compiled()
     res = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     shared = compiled.metadata.shared + res["static_shared_bytes"]
-    threads = options["num_warps"] * 32
+    num_warps = compiled.metadata.num_warps
     tc_op = TENSOR_CORE_OPS[arch]
+    layouts = dot_layouts(compiled.asm["ttgir"])
     row = dict(
         kernel=v.kernel,
         config=v.config,
         d=v.d,
         dtype=v.dtype,
+        precision=v.precision_label,
         path="shift" if v.shift else "max",
         arch=arch,
-        num_warps=options["num_warps"],
-        num_stages=options["num_stages"],
+        num_warps=num_warps,
+        num_stages=compiled.metadata.num_stages,
         registers=res["registers"],
         stack_bytes=res["stack_bytes"],
         local_bytes=res["local_bytes"],
         shared_bytes=shared,
         tensor_core_op=tc_op,
         tensor_core_instructions=ptx.count(tc_op),
+        dots=len(layouts),
+        mma_dots=sum(layout.startswith("mma") for layout in layouts),
+        exact_fp32=v.dtype == "fp32" and v.precision == "ieee",
+        tf32_roundings=ptx.count(TF32_ROUNDING),
+        cp_async=ptx.count("cp.async") > 0,
+        specialised=sorted(launch.attrs),
+        compile_hash=compiled.hash,
     )
-    row.update(occupancy(arch, res["registers"], threads, shared))
+    row.update(occupancy(arch, res["registers"], num_warps * 32, shared))
     return row
 
 
@@ -227,8 +277,16 @@ def check_row(row: dict) -> list[str]:
         problems.append(f"{row['registers']} registers")
     if row["shared_bytes"] > SM_LIMITS[row["arch"]]["smem_block"]:
         problems.append(f"{row['shared_bytes']} B shared memory")
-    if row["kernel"] in K.KERNELS and row["tensor_core_instructions"] == 0:
-        problems.append(f"no {row['tensor_core_op']} in the PTX")
+    if row["kernel"] in K.KERNELS and not row["exact_fp32"]:
+        if row["dots"] == 0 or row["mma_dots"] < row["dots"]:
+            problems.append(
+                f"{row['dots'] - row['mma_dots']} of {row['dots']} dots off the tensor cores"
+            )
+        if row["tensor_core_instructions"] == 0:
+            problems.append(f"no {row['tensor_core_op']} in the PTX")
+    tf32 = row.get("dtype") == "fp32" and row.get("precision") == "tf32"
+    if tf32 and row["kernel"] in TF32_OPERAND_WRITERS and not row["tf32_roundings"]:
+        problems.append(f"tf32 operands truncated (no {TF32_ROUNDING} in the PTX)")
     return problems
 
 
@@ -275,9 +333,11 @@ def roofline(two_n: int, d: int, dtype: str = "bf16", config: str | None = None)
 
 def build_report(arch: int, variants: list[Variant] | None = None) -> dict:
     """Compile every variant for sm_{arch}; returns {"arch", "variants": [rows with "problems"], "roofline": [...]}."""
+    variants = variants if variants is not None else shipped_variants()
+    launches = launch_variants(variants, arch)
     rows = []
-    for v in variants if variants is not None else shipped_variants():
-        row = compile_variant(v, arch)
+    for v in variants:
+        row = launch_row(v, launches[v], arch)
         row["problems"] = check_row(row)
         rows.append(row)
     lines = [asdict(roofline(two_n, d)) for two_n, d in ROOFLINE_SIZES]
@@ -286,19 +346,20 @@ def build_report(arch: int, variants: list[Variant] | None = None) -> dict:
 
 def format_report(report: dict) -> str:
     head = (
-        f"{'kernel':8} {'config':17} {'D':>5} {'dtype':5} {'path':5} {'regs':>4} {'spill':>5} "
-        f"{'smem KB':>7} {'tc instr':>12} {'blk/SM':>6} {'occ':>5}  status"
+        f"{'kernel':8} {'config':17} {'D':>5} {'dtype':5} {'prec':4} {'path':5} {'regs':>4} {'spill':>5} "
+        f"{'smem KB':>7} {'tc dots':>7} {'tc instr':>12} {'blk/SM':>6} {'occ':>5}  status"
     )
     lines = [f"sm_{report['arch']} (triton {report['triton']})", head, "-" * len(head)]
     for r in report["variants"]:
         spill = r["stack_bytes"] + r["local_bytes"]
         gemm = r["kernel"] in K.KERNELS
         tc = f"{r['tensor_core_instructions']} {r['tensor_core_op'].split('.')[0]}" if gemm else "-"
+        dots = f"{r['mma_dots']}/{r['dots']}" if gemm else "-"
         status = "ok" if not r["problems"] else "; ".join(r["problems"])
         lines.append(
-            f"{r['kernel']:8} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['path'] if gemm else '-':5} "
-            f"{r['registers']:>4} "
-            f"{spill:>5} {r['shared_bytes'] / 1024:>7.1f} {tc:>12} {r['blocks_per_sm']:>6} "
+            f"{r['kernel']:8} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['precision']:4} "
+            f"{r['path'] if gemm else '-':5} {r['registers']:>4} "
+            f"{spill:>5} {r['shared_bytes'] / 1024:>7.1f} {dots:>7} {tc:>12} {r['blocks_per_sm']:>6} "
             f"{r['occupancy']:>5.2f}  {status}"
         )
     lines += [
@@ -330,10 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="only D = 128 and each kernel's first config on the fixed-shift path (seconds, not minutes)",
+        help="only D = 100 and 128, bf16 and fp32, each kernel's first config on the fixed-shift path (seconds)",
     )
     args = parser.parse_args(argv)
-    variants = shipped_variants((128,), quick=True) if args.quick else None
+    variants = shipped_variants(QUICK_D_CASES, ("bf16", "fp32"), quick=True) if args.quick else None
     report = build_report(args.arch, variants)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 1 if any(r["problems"] for r in report["variants"]) else 0

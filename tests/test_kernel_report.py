@@ -1,10 +1,13 @@
 """Static properties of the compiled NT-Xent kernels, checked without a GPU by ahead-of-time compilation for sm_80 and
-sm_90: no register spills (LOCAL 0 and no spill stack in cuobjdump -res-usage), <= 255 registers, shared memory within
-the per-block limit, tensor-core instructions in the PTX (mma.sync on sm_80, wgmma on sm_90).
+sm_90 of exactly what a launch compiles (the report launches the host functions through ``fastclr.kernels.stub_driver``):
+no register spills (LOCAL 0 and no spill stack in cuobjdump -res-usage), <= 255 registers, shared memory within the
+per-block limit, every tl.dot on the tensor cores (mma.sync on sm_80, wgmma on sm_90; exact fp32 runs on FMA by design).
 
 The report runs as its own process (``python -m fastclr.kernels.report``): the test session interprets the kernels
 (TRITON_INTERPRET=1), and interpreted kernels cannot be compiled. CI compiles the ``--quick`` set for both
-architectures; ``-m slow`` compiles every shipped variant.
+architectures; ``-m slow`` compiles every shipped variant. The parity test runs this file as a script in a child
+process: ``python tests/test_kernel_report.py 90`` prints the compile keys of the report's builds and of the public
+entry point's launches for the same arguments.
 """
 
 from __future__ import annotations
@@ -22,14 +25,25 @@ from fastclr.kernels import report as R
 TC_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
-def run_report(*args: str) -> tuple[int, dict]:
+@pytest.fixture(scope="session")
+def triton_cache(tmp_path_factory) -> str:
+    """One Triton cache per test session (tests/test_nt_xent_launch.py compiles the same kernels)."""
+    return str(tmp_path_factory.getbasetemp() / "triton-cache")
+
+
+def child_env(cache: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = cache
+    return env
+
+
+def run_report(cache: str, *args: str) -> tuple[int, dict]:
     proc = subprocess.run(
         [sys.executable, "-m", "fastclr.kernels.report", "--json", *args],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=1800,
+        env=child_env(cache),
+        timeout=3600,
     )
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
@@ -45,8 +59,8 @@ def assert_clean(report: dict) -> None:
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_quick_report_compiles_cleanly(arch):
-    code, report = run_report("--arch", str(arch), "--quick")
+def test_quick_report_compiles_cleanly(arch, triton_cache):
+    code, report = run_report(triton_cache, "--arch", str(arch), "--quick")
     assert report["arch"] == arch
     assert_clean(report)
     assert code == 0
@@ -56,14 +70,95 @@ def test_quick_report_compiles_cleanly(arch):
         "bf16",
         "fp32",
     }  # fp32 goes through tf32 tensor cores by default
+    assert {r["d"] for r in rows} == {100, 128}  # unaligned and aligned D
     for r in rows:
         assert r["arch"] == arch and r["local_bytes"] == 0 and r["stack_bytes"] == 0
         assert 0 < r["occupancy"] <= 1 and r["blocks_per_sm"] >= 1
+        if r["kernel"] in R.ELEMENTWISE:
+            assert r["num_stages"] == 3  # what a launch without num_stages compiles with
         if r["kernel"] in K.KERNELS:
             itemsize = R.ITEMSIZE[r["dtype"]]
-            assert r["config"] == K.candidate_configs(r["kernel"], 1 << 20, 128, itemsize)[0].name
+            assert (
+                r["config"] == K.candidate_configs(r["kernel"], 1 << 20, r["d"], itemsize)[0].name
+            )
             assert r["tensor_core_op"] == TC_OPS[arch] and r["tensor_core_instructions"] > 0, r
+            assert r["dots"] == r["mma_dots"] >= 1, r
+            # Launch-time specialisation: aligned pointers always, D only when it is a multiple of 16.
+            assert {"zhat_ptr", "cols_ptr", "A", "M"} <= set(r["specialised"]), r
+            assert ("D" in r["specialised"]) == (r["d"] % 16 == 0), r
+        if r["dtype"] == "fp32" and r["kernel"] in ("norm_fwd", "bwd"):
+            assert r["tf32_roundings"] > 0, (
+                r
+            )  # cvt.rna.tf32.f32: tf32 dot operands rounded to nearest
     assert (32768, 128) in {(line["two_n"], line["d"]) for line in report["roofline"]}
+
+
+# (D, dtype, precision, tau): aligned and unaligned D, both paths, tf32 and a half dtype.
+PARITY_CASES = [(128, "bf16", "tf32", 0.5), (100, "fp32", "tf32", 0.5), (100, "fp16", "tf32", 0.01)]
+
+
+def parity_records(arch: int) -> list[dict]:
+    """Child process: for each parity case, the compile key of every kernel the public entry point launched (default
+    config, so through the autotuner) and of the report's build of the same variant."""
+    import torch
+
+    import fastclr
+    from fastclr.kernels.stub_driver import stub_driver
+
+    out = []
+    for d, dtype, precision, tau in PARITY_CASES:
+        n = R.REPORT_ROWS // 2
+        gen = torch.Generator().manual_seed(1)
+        z_a = torch.randn(n, d, generator=gen).to(R.TORCH_DTYPES[dtype]).requires_grad_()
+        z_b = torch.randn(n, d, generator=gen).to(R.TORCH_DTYPES[dtype]).requires_grad_()
+        with stub_driver(arch) as drv:
+            fastclr.nt_xent(z_a, z_b, tau, impl="triton").backward()
+        shift = tau >= K.SHIFT_MIN_TEMPERATURE
+        for launch in drv.launches:
+            kernel = {v: k for k, v in R.KERNEL_NAMES.items()}[launch.name]
+            config = R.config_name(launch) if kernel in K.KERNELS else "elementwise"
+            variant = R.Variant(kernel, config, d, dtype, shift, precision)
+            report = R.launch_variants([variant], arch)[variant]
+            out.append(
+                {
+                    "variant": variant.label,
+                    **{side: key_of(x) for side, x in (("launch", launch), ("report", report))},
+                }
+            )
+    return out
+
+
+def key_of(launch) -> dict:
+    """What Triton's compile cache keys on: signature, constexprs, specialisation attrs, options, and the hash."""
+    return dict(
+        signature=dict(launch.src.signature),
+        constexprs={k: repr(v) for k, v in launch.constexprs.items()},
+        attrs={k: repr(v) for k, v in launch.attrs.items()},
+        options=launch.options(),
+        hash=launch.metadata.hash,
+    )
+
+
+@pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.slow)])
+def test_report_compiles_what_the_launch_compiles(arch, triton_cache):
+    proc = subprocess.run(
+        [sys.executable, __file__, str(arch)],
+        capture_output=True,
+        text=True,
+        env=child_env(triton_cache),
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    records = json.loads(proc.stdout)
+    assert len(records) == 4 * len(PARITY_CASES)
+    for r in records:
+        for part in ("signature", "constexprs", "attrs", "options", "hash"):
+            assert r["report"][part] == r["launch"][part], (
+                r["variant"],
+                part,
+                r["report"][part],
+                r["launch"][part],
+            )
 
 
 def test_report_refuses_interpreted_kernels():
@@ -78,14 +173,35 @@ def test_report_refuses_interpreted_kernels():
 def test_check_row_flags_each_broken_promise():
     good = dict(
         kernel="bwd", arch=90, local_bytes=0, stack_bytes=0, registers=255, shared_bytes=1024,
-        tensor_core_op="wgmma.mma_async", tensor_core_instructions=4,
+        tensor_core_op="wgmma.mma_async", tensor_core_instructions=4, dots=2, mma_dots=2, exact_fp32=False,
     )  # fmt: skip
     assert R.check_row(good) == []
     assert "spills" in R.check_row({**good, "stack_bytes": 8})[0]
     assert "spills" in R.check_row({**good, "local_bytes": 8})[0]
     assert "registers" in R.check_row({**good, "registers": 256})[0]
     assert "shared" in R.check_row({**good, "shared_bytes": 228 * 1024})[0]
-    assert "wgmma" in R.check_row({**good, "tensor_core_instructions": 0})[0]
+    assert "wgmma" in R.check_row({**good, "tensor_core_instructions": 0})[-1]
+    # One of two dots on FMA is caught although the PTX still has wgmma instructions.
+    assert R.check_row({**good, "mma_dots": 1}) == ["1 of 2 dots off the tensor cores"]
+    # fp32 tf32 operands must be rounded to nearest where the kernels write them.
+    tf32 = dict(good, dtype="fp32", precision="tf32", tf32_roundings=0)
+    assert "tf32 operands truncated" in R.check_row(tf32)[0]
+    assert R.check_row({**tf32, "tf32_roundings": 16}) == []
+    assert R.check_row({**tf32, "kernel": "norm_bwd", "exact_fp32": False}) == []
+    # Exact fp32 multiplies on the FMA units by design.
+    assert (
+        R.check_row({**good, "mma_dots": 0, "tensor_core_instructions": 0, "exact_fp32": True})
+        == []
+    )
+
+
+def test_dot_layouts_read_every_dot_of_the_ttgir():
+    ttgir = """
+    %s_92 = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32} : !ttg.memdesc<64x128xbf16> -> tensor<64x32xf32, #mma>
+    %s_93 = tt.dot %t, %u, %cst : tensor<64x128xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> -> tensor<64x32xf32, #blocked>
+    %s_94 = tt.dot %t, %u, %cst : tensor<64x128xf32, #ttg.dot_op<{opIdx = 0, parent = #mma}>> -> tensor<64x32xf32, #mma1>
+    """
+    assert R.dot_layouts(ttgir) == ["mma", "blocked", "mma1"]
 
 
 def test_occupancy_follows_the_tightest_limit():
@@ -109,7 +225,11 @@ def test_roofline_uses_the_three_gemm_count():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-def test_every_shipped_variant_compiles_cleanly(arch):
-    code, report = run_report("--arch", str(arch))
+def test_every_shipped_variant_compiles_cleanly(arch, triton_cache):
+    code, report = run_report(triton_cache, "--arch", str(arch))
     assert_clean(report)
     assert code == 0
+
+
+if __name__ == "__main__":
+    print(json.dumps(parity_records(int(sys.argv[1]))))

@@ -8,8 +8,11 @@ about 20 ns per MAC here, so sizes are chosen to keep the whole file well under 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
+from typing import NamedTuple
 
 # Before triton is imported: run the kernels on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+import fastclr
 from fastclr.kernels import nt_xent as K
 from fastclr.losses.reference import nt_xent_reference
 
@@ -31,9 +35,64 @@ FP32_GRAD = dict(atol=1e-5, rtol=1e-4)
 HALF_FLOOR = 1e-6
 
 
+class Device(NamedTuple):
+    """Where the kernel runs: the interpreter on CPU tensors, or the compiled kernels on CUDA tensors."""
+
+    name: str
+    kernels: object  # the fastclr.kernels.nt_xent module to call
+    torch_device: str
+    # Tolerances of fp32 results (precision="ieee", and "tf32" against the tf32 oracle).
+    fp32_loss: dict
+    fp32_grad: dict
+
+
+INTERPRETER = Device("interpreter", K, "cpu", FP32_LOSS, FP32_GRAD)
+
+
+@functools.cache
+def _compiled_kernels():
+    """kernels/nt_xent.py imported a second time with the interpreter off: its kernels compile for the GPU, while this
+    process (TRITON_INTERPRET=1, set before triton was imported) interprets ``K``."""
+    import triton
+
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False
+        spec = importlib.util.spec_from_file_location("fastclr.kernels._nt_xent_cuda", K.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(
+    params=[
+        "interpreter",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(),
+                reason="no CUDA device (tests/test_nt_xent_launch.py compiles the GPU kernels without one)",
+            ),
+        ),
+    ]
+)
+def device(request):
+    """Every kernel test runs in the interpreter, and compiled on a GPU when there is one. GPU tolerances: fp32 sums the
+    products in another order than NumPy (10x the interpreter's bounds); bf16/fp16 keep the 2 x reference-error bound
+    (it is relative to the dtype); tf32 is held to the fp32 bounds against an oracle on tf32-rounded rows."""
+    if request.param == "interpreter":
+        yield INTERPRETER
+        return
+    import triton
+
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False  # compiling (not interpreting) while the test runs
+        loss_tol, grad_tol = dict(atol=1e-5, rtol=1e-4), dict(atol=1e-4, rtol=1e-3)
+        yield Device("cuda", _compiled_kernels(), "cuda", loss_tol, grad_tol)
+
+
 def assert_close(actual, expected, atol, rtol, what):
     """allclose that says where and by how much it failed."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     err = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
     if not bool((err <= bound).all()):
@@ -45,11 +104,11 @@ def assert_close(actual, expected, atol, rtol, what):
         )
 
 
-def pair(n, d, dtype, seed=0):
+def pair(n, d, dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     z_a = torch.randn(n, d, generator=gen, dtype=torch.float64)
     z_b = z_a + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return z_a.to(dtype), z_b.to(dtype)
+    return z_a.to(dtype).to(device), z_b.to(dtype).to(device)
 
 
 def loss_and_grads(fn, z_a, z_b, tau, upstream=UPSTREAM):
@@ -64,19 +123,25 @@ def triton_ieee(config=None):
     return lambda a, b, tau: K.nt_xent_triton(a, b, tau, precision="ieee", config=config)
 
 
-def check_fp32(n, d, tau, config=None):
-    z_a, z_b = pair(n, d, torch.float32)
-    got = loss_and_grads(triton_ieee(config), z_a, z_b, tau)
-    want = loss_and_grads(nt_xent_reference, z_a.double(), z_b.double(), tau)
+def check_fp32(n, d, tau, config=None, device=INTERPRETER):
+    z_a, z_b = pair(n, d, torch.float32, device=device.torch_device)
+    kernel = device.kernels.nt_xent_triton
+    got = loss_and_grads(
+        lambda a, b, t: kernel(a, b, t, precision="ieee", config=config), z_a, z_b, tau
+    )
+    want = loss_and_grads(nt_xent_reference, z_a.double().cpu(), z_b.double().cpu(), tau)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    assert_close(got[0], want[0], **FP32_LOSS, what=f"loss n={n} d={d} tau={tau}")
-    assert_close(got[1], want[1], **FP32_GRAD, what=f"dz_a n={n} d={d} tau={tau}")
-    assert_close(got[2], want[2], **FP32_GRAD, what=f"dz_b n={n} d={d} tau={tau}")
+    assert_close(got[0], want[0], **device.fp32_loss, what=f"loss n={n} d={d} tau={tau}")
+    assert_close(got[1], want[1], **device.fp32_grad, what=f"dz_a n={n} d={d} tau={tau}")
+    assert_close(got[2], want[2], **device.fp32_grad, what=f"dz_b n={n} d={d} tau={tau}")
 
 
-def check_half(n, d, tau, dtype, config=None):
-    z_a, z_b = pair(n, d, dtype)
-    got = loss_and_grads(lambda a, b, t: K.nt_xent_triton(a, b, t, config=config), z_a, z_b, tau)
+def check_half(n, d, tau, dtype, config=None, device=INTERPRETER):
+    z_a, z_b = pair(n, d, dtype, device=device.torch_device)
+    kernel = device.kernels.nt_xent_triton
+    got = loss_and_grads(lambda a, b, t: kernel(a, b, t, config=config), z_a, z_b, tau)
+    got = tuple(x.cpu() for x in got)
+    z_a, z_b = z_a.cpu(), z_b.cpu()
     ref = loss_and_grads(nt_xent_reference, z_a, z_b, tau)
     truth = loss_and_grads(nt_xent_reference, z_a.double(), z_b.double(), tau)
     for name, g, r, t in zip(("loss", "dz_a", "dz_b"), got, ref, truth, strict=True):
@@ -97,44 +162,77 @@ def check_half(n, d, tau, dtype, config=None):
 
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("n,d", SHAPES)
-def test_fp32_matches_reference(n, d, tau):
-    check_fp32(n, d, tau)
+def test_fp32_matches_reference(n, d, tau, device):
+    check_fp32(n, d, tau, device=device)
 
 
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("n,d", SHAPES)
-def test_half_no_worse_than_reference_in_same_dtype(n, d, tau, dtype):
-    check_half(n, d, tau, dtype)
+def test_half_no_worse_than_reference_in_same_dtype(n, d, tau, dtype, device):
+    check_half(n, d, tau, dtype, device=device)
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.5])
-def test_big_shape_fp32(tau):
-    check_fp32(*BIG_SHAPE, tau)
+def test_big_shape_fp32(tau, device):
+    check_fp32(*BIG_SHAPE, tau, device=device)
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.5])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_big_shape_half(dtype, tau):
-    check_half(*BIG_SHAPE, tau, dtype)
+def test_big_shape_half(dtype, tau, device):
+    check_half(*BIG_SHAPE, tau, dtype, device=device)
 
 
 @pytest.mark.parametrize("config", K.list_configs())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_config_gives_the_same_result(config, dtype):
+def test_every_config_gives_the_same_result(config, dtype, device):
     # 2N = 192: several row and column blocks for every tile size, and a ragged last block for 128.
     if dtype == torch.float32:
-        check_fp32(96, 40, 0.1, config=config)
+        check_fp32(96, 40, 0.1, config=config, device=device)
     else:
-        check_half(96, 40, 0.1, dtype, config=config)
+        check_half(96, 40, 0.1, dtype, config=config, device=device)
+
+
+def loss_of_rows(rows: torch.Tensor, tau: float) -> torch.Tensor:
+    """NT-Xent in float64 of rows taken as they are (no normalisation): the oracle for given dot operands."""
+    rows = rows.double().cpu()
+    a = rows.shape[0]
+    s = rows @ rows.T / tau
+    s.fill_diagonal_(float("-inf"))
+    pos = s[torch.arange(a), (torch.arange(a) + a // 2) % a]
+    return (torch.logsumexp(s, 1) - pos).mean()
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_tf32_operands_are_rounded_to_nearest(tau, device):
+    """precision="tf32" (fp32's default): the forward stores z_hat rounded to the nearest tf32 value (cvt.rna.tf32.f32 on
+    a GPU, asserted on the PTX by tests/test_kernel_report.py; the same on the bits here), so S is a sum of exact
+    products of tf32 values and the loss is the float64 loss of those rows to fp32 accuracy. The tensor cores' own
+    handling of raw fp32 truncates: that oracle is missed by far more than the tolerance."""
+    z_a, z_b = pair(64, 100, torch.float32, device=device.torch_device)
+    loss, state = device.kernels.nt_xent_forward(z_a, z_b, tau)
+    zhat = state.zhat.cpu()
+    low_bits = int((zhat.view(torch.int32) & 0x1FFF).count_nonzero())
+    assert low_bits == 0, f"{low_bits} z_hat entries are not tf32 values"
+    z = torch.cat([z_a, z_b]).cpu()
+    bits = (z / torch.linalg.vector_norm(z, dim=1, keepdim=True)).view(torch.int32)
+    nearest = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    truncated = (bits & ~0x1FFF).view(torch.float32)
+    # The kernel's norm sums in another order: an fp32 ulp can move a tie to the neighbouring tf32 value.
+    assert_close(zhat, nearest, 0.0, 2.0**-10, "z_hat vs fp32 rows rounded to nearest tf32")
+    assert_close(loss, loss_of_rows(zhat, tau), **device.fp32_loss, what="loss vs tf32 oracle")
+    miss = (loss_of_rows(truncated, tau) - loss.double().cpu()).abs().item()
+    bound = device.fp32_loss["atol"] + device.fp32_loss["rtol"] * abs(loss.item())
+    assert miss > 10 * bound, f"truncated operands would pass too: {miss:.2e} vs bound {bound:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 5, 40])
-def test_identical_embeddings_give_log_2n_minus_1(n, dtype):
-    z = torch.randn(1, 24).expand(n, 24).to(dtype)
+def test_identical_embeddings_give_log_2n_minus_1(n, dtype, device):
+    z = torch.randn(1, 24).expand(n, 24).to(dtype).to(device.torch_device)
     for tau in (0.01, 0.5):
-        loss = K.nt_xent_triton(z, z, tau, precision="ieee")
+        loss = device.kernels.nt_xent_triton(z, z, tau, precision="ieee")
         expected = torch.tensor(math.log(2 * n - 1), dtype=torch.float64)
         ulp = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
         assert_close(loss, expected, atol=1e-6, rtol=ulp, what=f"n={n} tau={tau} {dtype}")
@@ -171,6 +269,34 @@ def test_symmetric_in_views_and_invariant_to_scale():
     )
 
 
+@pytest.mark.parametrize("upstream", [2.0**14, 2.0**15, 65504.0])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gradscaler_upstream_gradient_stays_finite(impl, dtype, upstream):
+    """An fp16 GradScaler's scale reaches the backward as the upstream gradient g (up to 2^15; 65504 is fp16's max).
+    The gradient is g times the g = 1 gradient, and here that fits fp16 (|dz| <= 5.3e3 at g = 65504, the tiled path's
+    fp32 math shows it), so every path must return it finite. The Triton backward once folded g into W (|W_pos| -> 2g)
+    before rounding W to fp16: non-finite dz from g = 2^15 on, a skipped step each time the scaler grew back to 2^15."""
+    gen = torch.Generator().manual_seed(0)
+    # Unrelated views at tau = 0.05: the positives are far from confident, so |W_pos| is close to 2g.
+    z_a = torch.randn(64, 16, generator=gen).to(dtype)
+    z_b = torch.randn(64, 16, generator=gen).to(dtype)
+
+    def grads(g):
+        a, b = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+        loss = fastclr.nt_xent(a, b, 0.05, impl=impl)
+        return torch.autograd.grad(loss, [a, b], grad_outputs=torch.tensor(g, dtype=dtype))
+
+    eps = torch.finfo(dtype).eps
+    for name, unit, scaled in zip(("dz_a", "dz_b"), grads(1.0), grads(upstream), strict=True):
+        bad = int((~torch.isfinite(scaled)).sum())
+        assert bad == 0, f"{impl} {dtype} g={upstream:g}: {bad} non-finite entries in {name}"
+        scale = unit.double().abs().max().item()
+        assert_close(
+            scaled.double() / upstream, unit, 2 * eps * scale, 2 * eps, f"{name} / g vs g = 1"
+        )
+
+
 def test_forward_state_is_linear_in_batch():
     z_a, z_b = pair(10, 12, torch.bfloat16)
     loss, state = K.nt_xent_forward(z_a, z_b, 0.5)
@@ -205,12 +331,20 @@ def test_launch_counts_tolerate_reuse():
     ],
 )
 def test_bad_input_raises(kwargs, exc, match):
+    """Each bad input is refused where it is checked: the embeddings and the temperature at the public boundary
+    (``fastclr.nt_xent``, which asks the kernel's ``check_supported`` about the dtype), the precision by
+    ``check_supported``, the config by its lookup."""
     dtype = kwargs.pop("dtype", torch.float32)
     z_a = torch.randn(4, 8, dtype=dtype)
     z_b = torch.randn(*kwargs.pop("shape_b", (4, 8)), dtype=dtype)
     tau = kwargs.pop("temperature", 0.5)
     with pytest.raises(exc, match=match):
-        K.nt_xent_triton(z_a, z_b, tau, **kwargs)
+        if "precision" in kwargs:
+            K.check_supported(z_a, **kwargs)
+        elif "config" in kwargs:
+            K.nt_xent_triton(z_a, z_b, tau, **kwargs)
+        else:
+            fastclr.nt_xent(z_a, z_b, tau, impl="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,25 +1,37 @@
-"""Gathering negatives across ranks with ``torch.distributed`` (any backend: NCCL, gloo).
+"""Gathering negatives across ranks with ``torch.distributed`` (any backend: NCCL, gloo): which group, equal batches,
+and an all_gather with autograd for the reference.
 
-The tiled and fused paths gather the normalised rows of every rank without autograd and compute the *whole* gradient of
-the sum of all ranks' losses with respect to their local rows themselves (the symmetric form, see ``tiled.py``): the only
-extra communication in backward is one scalar per rank (each rank's upstream gradient).
+The tiled and fused paths gather the normalised rows of every rank without autograd (``fastclr.nt_xent_spec``'s
+``all_gather_rows``) and compute the *whole* gradient of the sum of all ranks' losses with respect to their local rows
+themselves (the symmetric form, see ``tiled.py``): the only extra communication in backward is one scalar per rank
+(each rank's upstream gradient).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastclr.nt_xent_spec import all_gather_rows
 
-def resolve_group(gather_distributed: bool, group=None):
-    """The process group to gather from, or None when there is nothing to gather (flag off, no group, world size 1)."""
-    if not gather_distributed:
-        return None
+
+def require_distributed() -> None:
+    """RuntimeError unless this PyTorch build has torch.distributed (what gather_distributed=True needs)."""
     import torch.distributed as dist
 
     if not dist.is_available():
         raise RuntimeError(
             "gather_distributed=True needs torch.distributed, which this PyTorch build does not provide"
         )
+
+
+def resolve_group(gather_distributed: bool, group=None):
+    """The process group to gather from, or None when there is nothing to gather (flag off, no group, world size 1).
+
+    The caller has checked ``require_distributed`` for gather_distributed=True."""
+    if not gather_distributed:
+        return None
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return None
     group = group if group is not None else dist.group.WORLD
@@ -40,22 +52,6 @@ def check_equal_batches(n: int, d: int, device: torch.device, group) -> None:
             "gather_distributed needs the same per-rank batch on every rank; got (N, D) per rank: "
             + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
         )
-
-
-def all_gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
-    """Concatenate x (A, ...) from all ranks along dim 0, without autograd. Returns (x_all (A*W, ...), this rank's row offset)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts), dist.get_rank(group) * x.shape[0]
-
-
-def all_gather_scalar(x: torch.Tensor, group) -> torch.Tensor:
-    """(W,) tensor of a 0-d tensor from every rank."""
-    gathered, _ = all_gather_rows(x.reshape(1), group)
-    return gathered
 
 
 class _AllGatherRows(torch.autograd.Function):

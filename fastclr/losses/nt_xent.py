@@ -1,65 +1,17 @@
-"""Public NT-Xent API: ``nt_xent`` and ``NTXentLoss``, with input checks and the one place where ``impl`` is resolved."""
+"""Public NT-Xent API: ``nt_xent`` and ``NTXentLoss``, where the inputs are checked (once) and the path is chosen."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from fastclr.losses import distributed as dist_utils
+from fastclr.losses.backends import backend, pick_path, resolve_impl, triton_available
 from fastclr.losses.custom_op import nt_xent_op
 from fastclr.losses.reference import nt_xent_reference
-from fastclr.losses.tiled import nt_xent_tiled
+from fastclr.nt_xent_spec import IMPLS, check_embeddings, check_impl, check_temperature
 
-IMPLS = ("auto", "triton", "torch", "reference")
-
-
-def triton_available() -> bool:
-    """True when triton imports (it ships with CUDA builds of torch)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map ``impl`` to a concrete path. "auto": triton for CUDA tensors when triton imports, else the tiled torch path."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
-
-
-def check_inputs(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> None:
-    """Raise a TypeError/ValueError naming the problem with the embeddings or the temperature."""
-    for name, z in (("z_a", z_a), ("z_b", z_b)):
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if not z.is_floating_point():
-            raise TypeError(f"{name} must have a floating-point dtype, got {z.dtype}")
-        if z.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
-    if z_a.shape != z_b.shape:
-        raise ValueError(
-            f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
-        )
-    if z_a.shape[0] == 0:
-        raise ValueError("N = 0: the batch is empty")
-    if z_a.shape[1] == 0:
-        raise ValueError("D = 0: the embeddings are empty")
-    if z_a.dtype != z_b.dtype:
-        raise TypeError(f"z_a and z_b must have the same dtype, got {z_a.dtype} and {z_b.dtype}")
-    if z_a.device != z_b.device:
-        raise ValueError(
-            f"z_a and z_b must be on the same device, got {z_a.device} and {z_b.device}"
-        )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+__all__ = ["IMPLS", "NTXentLoss", "nt_xent", "resolve_impl", "triton_available"]
 
 
 def nt_xent(
@@ -91,21 +43,36 @@ def nt_xent(
         >>> z_a, z_b = model(x_a), model(x_b)
         >>> loss = fastclr.nt_xent(z_a, z_b, temperature=0.5)
     """
-    check_inputs(z_a, z_b, temperature)
-    path = resolve_impl(impl, z_a.device)
+    temperature = check_temperature(temperature)
+    check_impl(impl)
+    if gather_distributed:
+        dist_utils.require_distributed()
+    return _checked_nt_xent(z_a, z_b, temperature, impl, gather_distributed, group)
+
+
+def _checked_nt_xent(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float,
+    impl: str,
+    gather_distributed: bool,
+    group,
+) -> torch.Tensor:
+    """``nt_xent`` once temperature, impl and torch.distributed are checked: checks the embeddings, routes them."""
+    check_embeddings(z_a, z_b)
+    path = pick_path(impl, z_a.device)
+    fast = None if path == "reference" else backend(path)
+    if fast is not None:
+        fast.check(z_a)
     dist_group = dist_utils.resolve_group(gather_distributed, group)
     if dist_group is not None:
         dist_utils.check_equal_batches(z_a.shape[0], z_a.shape[1], z_a.device, dist_group)
-    if path == "reference":
-        return nt_xent_reference(z_a, z_b, float(temperature), group=dist_group)
+    if fast is None:
+        return nt_xent_reference(z_a, z_b, temperature, group=dist_group)
     if dist_group is None:
         # One opaque custom op with registered autograd: torch.compile(fullgraph=True) traces through without a break.
-        return nt_xent_op(z_a, z_b, float(temperature), impl=path)
-    if path == "triton":
-        from fastclr.kernels.nt_xent import nt_xent_triton
-
-        return nt_xent_triton(z_a, z_b, float(temperature), group=dist_group)
-    return nt_xent_tiled(z_a, z_b, float(temperature), group=dist_group)
+        return nt_xent_op(z_a, z_b, temperature, impl=path)
+    return fast.loss(z_a, z_b, temperature, group=dist_group)
 
 
 class NTXentLoss(nn.Module):
@@ -131,26 +98,15 @@ class NTXentLoss(nn.Module):
         self, temperature: float = 0.5, impl: str = "auto", gather_distributed: bool = False
     ):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.temperature = check_temperature(temperature)
+        self.impl = check_impl(impl)
         if gather_distributed:
-            import torch.distributed as dist
-
-            if not dist.is_available():
-                raise RuntimeError(
-                    "gather_distributed=True needs torch.distributed, which this PyTorch build lacks"
-                )
-        self.temperature = float(temperature)
-        self.impl = impl
+            dist_utils.require_distributed()
         self.gather_distributed = gather_distributed
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        return nt_xent(
-            z_a, z_b, self.temperature, impl=self.impl, gather_distributed=self.gather_distributed
+        return _checked_nt_xent(
+            z_a, z_b, self.temperature, self.impl, self.gather_distributed, group=None
         )
 
     def extra_repr(self) -> str:

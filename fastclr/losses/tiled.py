@@ -18,16 +18,16 @@ of the rank that owns j. DDP's gradient averaging then yields exactly the full-b
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastclr.losses import distributed as dist_utils
+from fastclr.nt_xent_spec import (
+    EPS,
+    SHIFT_MIN_TEMPERATURE,
+    ForwardState,
+    all_gather_rows,
+    all_gather_scalar,
+)
 
-# Below this temperature exp((S - 1)/tau) can underflow to 0 for every negative (|S| <= 1 gives exponents down to -2/tau,
-# and exp(-2/0.025) = 1.8e-35 is still a normal fp32). Smaller temperatures take the max-subtracted path.
-SHIFT_MIN_TEMPERATURE = 0.025
-EPS = 1e-12  # as F.normalize
 DEFAULT_BLOCK_ROWS = 256
 DEFAULT_BLOCK_COLS = (
     1024  # a 256 x 1024 fp32 tile is 1 MiB: it stays in L2 through its elementwise passes
@@ -128,23 +128,20 @@ def rows_lse(
 
 
 def rows_grad(
-    z_hat: torch.Tensor,
-    cols: torch.Tensor,
-    lse: torch.Tensor,
-    lse_cols: torch.Tensor,
+    state: ForwardState,
     g_rows: torch.Tensor,
     g_cols: torch.Tensor,
     temperature: float,
-    offset: int,
-    n: int,
     block_rows: int,
     block_cols: int = DEFAULT_BLOCK_COLS,
 ) -> torch.Tensor:
     """dJ/dz_hat (A, D) for J = sum_r g_r L_r, from the symmetric form in the module docstring.
 
-    z_hat: (A, D) local rows; cols: (M, D) candidates with the local rows at cols[offset:offset+A]; lse: (A,); lse_cols: (M,);
-    g_rows: 0-d upstream gradient of this rank; g_cols: (M,) upstream gradient of the rank owning each column.
+    state: the forward's (stats = lse, with cols[offset:offset+A] the local rows); g_rows: 0-d upstream gradient of this
+    rank; g_cols: (M,) upstream gradient of the rank owning each column.
     """
+    z_hat, cols, offset = state.zhat, state.cols, state.offset
+    lse, lse_cols = state.stats, state.stats_cols
     inv_t = 1.0 / temperature
     a, m = z_hat.shape[0], cols.shape[0]
     rows_scaled = z_hat * inv_t
@@ -168,7 +165,7 @@ def rows_grad(
         if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
             weight[diag] = 0.0
         grad[r0:r1].addmm_(weight, cols[c0:c1])
-    pos = offset + (torch.arange(a, device=z_hat.device) + n) % a
+    pos = offset + (torch.arange(a, device=z_hat.device) + a // 2) % a
     grad.sub_(cols[pos] * (2.0 * g_rows))
     return grad.mul_(1.0 / (a * temperature))
 
@@ -177,51 +174,57 @@ def tiled_forward(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
     temperature: float,
+    *,
+    group=None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     block_cols: int = DEFAULT_BLOCK_COLS,
-    group=None,
-):
-    """Loss and the O(A*D) state backward needs: (loss 0-d in z_a's dtype, z_hat (A, D), norm (A,), cols (M, D),
-    lse (A,), lse_cols (M,), offset). Without ``group`` the columns are the local rows (cols is z_hat, offset 0)."""
+) -> tuple[torch.Tensor, ForwardState]:
+    """(loss 0-d in z_a's dtype, the O(A*D) state backward needs, with stats = lse (A,)).
+
+    Without ``group`` the columns are the local rows (cols is zhat, offset 0).
+    """
     n = z_a.shape[0]
     z_hat, norm = normalize_rows(torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype)))
-    cols, offset = z_hat, 0
-    if group is not None:
-        cols, offset = dist_utils.all_gather_rows(z_hat, group)
+    cols, offset = all_gather_rows(z_hat, group)
     lse = rows_lse(z_hat, cols, temperature, offset, block_rows, block_cols)
     pos = offset + (torch.arange(2 * n, device=z_hat.device) + n) % (2 * n)
     pos_logit = (z_hat * cols[pos]).sum(dim=1) / temperature
-    lse_cols = lse if group is None else dist_utils.all_gather_rows(lse, group)[0]
+    lse_cols, _ = all_gather_rows(lse, group)
     loss = (lse - pos_logit).mean().to(z_a.dtype)
-    return loss, z_hat, norm, cols, lse, lse_cols, offset
+    state = ForwardState(
+        zhat=z_hat, norm=norm, stats=lse, cols=cols, stats_cols=lse_cols, offset=offset
+    )
+    return loss, state
 
 
 def tiled_backward(
     grad_out: torch.Tensor,
-    dtype: torch.dtype,
-    z_hat: torch.Tensor,
-    norm: torch.Tensor,
-    cols: torch.Tensor,
-    lse: torch.Tensor,
-    lse_cols: torch.Tensor,
+    state: ForwardState,
     temperature: float,
-    offset: int,
+    *,
+    dtype: torch.dtype,
+    group=None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     block_cols: int = DEFAULT_BLOCK_COLS,
-    group=None,
-) -> torch.Tensor:
-    """dL/dz (A, D) in ``dtype`` for the upstream gradient ``grad_out`` (0-d), from ``tiled_forward``'s state."""
-    n = z_hat.shape[0] // 2
-    g = grad_out.to(z_hat.dtype)
-    if group is None:
-        g_cols = g.expand(cols.shape[0])
-    else:
-        # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
-        g_cols = dist_utils.all_gather_scalar(g, group).repeat_interleave(2 * n)
-    dz_hat = rows_grad(
-        z_hat, cols, lse, lse_cols, g, g_cols, temperature, offset, n, block_rows, block_cols
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz_a, dz_b), each (N, D) in ``dtype`` and views of one (A, D) buffer, for the upstream gradient ``grad_out``
+    (0-d) and ``tiled_forward``'s state."""
+    a = state.zhat.shape[0]
+    g = grad_out.to(state.zhat.dtype)
+    # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
+    g_cols = all_gather_scalar(g, group).repeat_interleave(a)
+    dz_hat = rows_grad(state, g, g_cols, temperature, block_rows, block_cols)
+    dz = normalize_backward(dz_hat, state.zhat, state.norm).to(dtype)
+    return dz[: a // 2], dz[a // 2 :]
+
+
+def empty_state(z_a: torch.Tensor) -> ForwardState:
+    """The single-process state ``tiled_forward`` returns for z_a (N, D), as empty tensors (the custom op's fake)."""
+    a, d = 2 * z_a.shape[0], z_a.shape[1]
+    work = dict(dtype=compute_dtype(z_a.dtype), device=z_a.device)
+    return ForwardState.local(
+        torch.empty((a, d), **work), torch.empty(a, **work), torch.empty(a, **work)
     )
-    return normalize_backward(dz_hat, z_hat, norm).to(dtype)
 
 
 class NTXentTiledFunction(torch.autograd.Function):
@@ -229,21 +232,20 @@ class NTXentTiledFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_a, z_b, temperature, block_rows, block_cols, group):
-        loss, z_hat, norm, cols, lse, lse_cols, offset = tiled_forward(
-            z_a, z_b, temperature, block_rows, block_cols, group
-        )
-        ctx.save_for_backward(z_hat, norm, cols, lse, lse_cols)
-        ctx.meta = (temperature, offset, block_rows, block_cols, group, z_a.dtype)
+        options = dict(group=group, block_rows=block_rows, block_cols=block_cols)
+        loss, state = tiled_forward(z_a, z_b, temperature, **options)
+        ctx.save_for_backward(*state.tensors())
+        ctx.offset, ctx.temperature, ctx.dtype = state.offset, temperature, z_a.dtype
+        ctx.options = options
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        temperature, offset, block_rows, block_cols, group, dtype = ctx.meta
-        dz = tiled_backward(
-            grad_out, dtype, *ctx.saved_tensors, temperature, offset, block_rows, block_cols, group
+        state = ForwardState(*ctx.saved_tensors, offset=ctx.offset)
+        dz_a, dz_b = tiled_backward(
+            grad_out, state, ctx.temperature, dtype=ctx.dtype, **ctx.options
         )
-        n = dz.shape[0] // 2
-        return dz[:n], dz[n:], None, None, None, None
+        return dz_a, dz_b, None, None, None, None
 
 
 def nt_xent_tiled(
@@ -255,10 +257,9 @@ def nt_xent_tiled(
     block_cols: int = DEFAULT_BLOCK_COLS,
     group=None,
 ) -> torch.Tensor:
-    """Tiled NT-Xent (no input checks; see ``fastclr.nt_xent``). z_a, z_b: (N, D). Returns the scalar loss."""
+    """Tiled NT-Xent with autograd. z_a, z_b: (N, D), checked by the caller (see ``fastclr.nt_xent``); only the tile
+    sizes, which nothing else takes, are checked here. Returns the scalar loss."""
     for name, value in (("block_rows", block_rows), ("block_cols", block_cols)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
     return NTXentTiledFunction.apply(z_a, z_b, float(temperature), block_rows, block_cols, group)

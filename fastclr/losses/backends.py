@@ -1,0 +1,93 @@
+"""The one place an impl name becomes code: ``resolve_impl`` turns "auto" into a concrete path, ``backend`` gives a
+fast path's functions, with one signature per job whichever path it is, so that callers need no branch of their own:
+
+    check(z_a)                                     what the path needs beyond ``check_embeddings`` (dtype, device)
+    loss(z_a, z_b, temperature, *, group)          the 0-d loss with autograd (negatives gathered from ``group``)
+    forward(z_a, z_b, temperature)                 (0-d loss, ForwardState), one process
+    backward(grad, z_a, z_b, state, temperature)   (dz_a, dz_b), (N, D) each, two tensors that share no memory
+    empty_state(z_a)                               forward's state as empty tensors (the custom op's fake)
+
+None of them checks its inputs: ``fastclr.nt_xent`` has. "triton" is imported here, and only when asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from fastclr.losses import tiled
+from fastclr.nt_xent_spec import ForwardState, check_impl
+
+PATHS = ("torch", "triton")  # the impls with a forward and a backward ("reference" is autograd's)
+
+
+class Backend(NamedTuple):
+    """A fast path's functions (signatures in the module docstring)."""
+
+    check: Callable[[torch.Tensor], None]
+    loss: Callable[..., torch.Tensor]
+    forward: Callable[..., tuple[torch.Tensor, ForwardState]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    empty_state: Callable[[torch.Tensor], ForwardState]
+
+
+def triton_available() -> bool:
+    """True when triton imports (it ships with CUDA builds of torch)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_path(impl: str, device: torch.device) -> str:
+    """A checked ``impl`` as a concrete path. "auto": triton for CUDA tensors when triton imports, else the tiled torch
+    path."""
+    if impl != "auto":
+        return impl
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``pick_path`` for an unchecked ``impl`` (a ValueError unless it is one of IMPLS)."""
+    return pick_path(check_impl(impl), device)
+
+
+def _takes_any_float(z: torch.Tensor) -> None:
+    """The tiled path runs on any floating dtype and device: nothing to add to ``check_embeddings``."""
+
+
+def _tiled_backward(grad, z_a, z_b, state, temperature):
+    dz_a, dz_b = tiled.tiled_backward(grad, state, temperature, dtype=z_a.dtype)
+    # Two views of one (A, D) buffer: copies, since the custom op's outputs may not alias each other.
+    return dz_a.clone(), dz_b.clone()
+
+
+_TILED = Backend(
+    check=_takes_any_float,
+    loss=tiled.nt_xent_tiled,
+    forward=tiled.tiled_forward,
+    backward=_tiled_backward,
+    empty_state=tiled.empty_state,
+)
+
+
+def backend(impl: str, precision: str = "tf32") -> Backend:
+    """The functions of path ``impl`` ("torch" | "triton"). ``precision`` ("tf32" | "ieee") reaches the kernel's fp32
+    dot products only."""
+    if impl == "torch":
+        return _TILED
+    if impl == "triton":
+        from fastclr.kernels import nt_xent as kernel
+
+        return Backend(
+            check=partial(kernel.check_supported, precision=precision),
+            loss=partial(kernel.nt_xent_triton, precision=precision),
+            forward=partial(kernel.nt_xent_forward, precision=precision),
+            backward=partial(kernel.nt_xent_backward, precision=precision),
+            empty_state=kernel.empty_state,
+        )
+    raise ValueError(f"impl must be one of {PATHS} for a fast path, got {impl!r}")

@@ -1,0 +1,193 @@
+"""The Triton NT-Xent kernel's real launch path, without a GPU: every public entry point on CPU tensors through
+``fastclr.kernels.stub_driver`` (Triton's autotuner and its pruning, the JIT's specialisation on the real arguments,
+compilation for sm_90 and sm_80; launches recorded, never run).
+
+Under TRITON_INTERPRET=1 (set for the test process by conftest) ``_launch`` takes the heuristic branch and no kernel is
+compiled, so the cases run in a child process: this file as a script, ``python tests/test_nt_xent_launch.py 90``, which
+prints one JSON record per launch. One child per architecture, shared by the tests below; Triton's cache lives in the
+session's temporary directory. ``-m slow`` adds the wide-D cases (the D loop and the chunked backward).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Entry point, dtype, precision, N, D, tau (>= 0.025 takes the fixed shift, below the running max), distributed.
+# Batches of 2N <= 64 keep the autotuner's candidates to 64-row tiles, which compile fastest; the report compiles the
+# large-batch defaults (tests/test_kernel_report.py).
+CASES = {
+    "nt_xent-bf16-D128-shift": ("nt_xent", "bfloat16", "tf32", 32, 128, 0.5, False),
+    "nt_xent-fp32-tf32-D100-shift": ("nt_xent", "float32", "tf32", 32, 100, 0.5, False),
+    "gather-fp16-D100-max": ("nt_xent_gather", "float16", "tf32", 24, 100, 0.01, True),
+    "triton-fp32-ieee-D128-max": ("nt_xent_triton", "float32", "ieee", 24, 128, 0.01, False),
+}
+# CI compiles every case for sm_90 and these for sm_80 (the quick report covers fp32 there); -m slow all of them.
+SM80_CASES = ("nt_xent-bf16-D128-shift", "gather-fp16-D100-max")
+SLOW_CASES = {
+    "triton-bf16-D300-shift": ("nt_xent_triton", "bfloat16", "tf32", 40, 300, 0.5, False),
+    "gather-fp32-D256-max": ("nt_xent_gather", "float32", "tf32", 40, 256, 0.01, True),
+}
+KERNEL_ORDER = [
+    "_nt_xent_norm_fwd_kernel",
+    "_nt_xent_fwd_kernel",
+    "_nt_xent_bwd_kernel",
+    "_nt_xent_norm_bwd_kernel",
+]
+WORLD, RANK = 2, 1  # the distributed cases run as rank 1 of a fake two-rank group
+
+
+def run_case(entry, dtype, precision, n, d, tau, distributed) -> None:
+    """Forward and backward of one case on CPU tensors (the active driver is the stub)."""
+    import torch
+
+    import fastclr
+    from fastclr.kernels import nt_xent as K
+
+    dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    z_a = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
+    z_b = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
+    if entry == "nt_xent":
+        loss = fastclr.nt_xent(z_a, z_b, tau, impl="triton")
+    elif entry == "nt_xent_gather":
+        loss = fastclr.NTXentLoss(tau, impl="triton", gather_distributed=True)(z_a, z_b)
+    else:
+        loss = K.nt_xent_triton(z_a, z_b, tau, precision=precision)
+    loss.backward()
+
+
+def child(arch: int, cases: dict) -> list[dict]:
+    """Run the cases under the stub driver for sm_{arch}; one record per launch."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fastclr.kernels.stub_driver import stub_driver
+
+    # A two-rank group whose all_gather copies the local tensor: the gathered path, M = 2A columns at OFFSET = A.
+    dist.init_process_group("fake", rank=RANK, world_size=WORLD, store=FakeStore())
+    records = []
+    for name, case in cases.items():
+        with stub_driver(arch) as drv:
+            run_case(*case)
+        for launch in drv.launches:
+            meta = launch.metadata
+            records.append(
+                dict(
+                    case=name, kernel=launch.name, grid=launch.grid, arch=meta.target.arch,
+                    constexprs={k: str(v) for k, v in launch.constexprs.items()},
+                    attrs=sorted(launch.attrs), signature=dict(launch.src.signature),
+                    scalars=launch.scalars, num_warps=meta.num_warps, num_stages=meta.num_stages, shared=meta.shared, hash=meta.hash,
+                )
+            )  # fmt: skip
+    return records
+
+
+@pytest.fixture(scope="session")
+def triton_cache(tmp_path_factory) -> str:
+    """One Triton cache per test session (tests/test_kernel_report.py compiles the same kernels)."""
+    return str(tmp_path_factory.getbasetemp() / "triton-cache")
+
+
+def launches(arch: int, cache: str, names) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = cache
+    proc = subprocess.run(
+        [sys.executable, __file__, str(arch), *names],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout)
+
+
+CI_CASES = {90: tuple(CASES), 80: SM80_CASES}
+
+
+@pytest.fixture(scope="session", params=[90, 80], ids=["sm90", "sm80"])
+def arch_launches(request, triton_cache) -> tuple[int, list[dict]]:
+    arch = request.param
+    return arch, launches(arch, triton_cache, CI_CASES[arch])
+
+
+def by_case(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["case"], []).append(r)
+    return out
+
+
+def test_every_entry_point_compiles_and_launches(arch_launches):
+    arch, records = arch_launches
+    cases = by_case(records)
+    assert set(cases) == set(CI_CASES[arch])
+    for name, rs in cases.items():
+        assert [r["kernel"] for r in rs] == KERNEL_ORDER, name
+        assert all(r["arch"] == arch for r in rs), name
+
+
+def test_autotuner_prunes_and_keeps_the_best_guess(arch_launches):
+    from fastclr.kernels import nt_xent as K
+
+    _, records = arch_launches
+    for name, rs in by_case(records).items():
+        _, dtype, precision, n, d, _, _ = CASES[name]
+        itemsize = 4 if dtype == "float32" else 2
+        for r, kernel in ((rs[1], "fwd"), (rs[2], "bwd")):
+            want = K.candidate_configs(kernel, 2 * n, d, itemsize, precision)[0]
+            got = (
+                int(r["constexprs"]["BLOCK_M"]),
+                int(r["constexprs"]["BLOCK_N"]),
+                r["num_warps"],
+                r["num_stages"],
+            )
+            assert got == (want.block_m, want.block_n, want.num_warps, want.num_stages), (
+                name,
+                kernel,
+                got,
+            )
+
+
+def test_launch_specialises_on_the_arguments(arch_launches):
+    _, records = arch_launches
+    cases = by_case(records)
+    for name, rs in cases.items():
+        entry, dtype, precision, n, d, tau, distributed = CASES[name]
+        fwd, bwd = rs[1], rs[2]
+        for r in (fwd, bwd):
+            assert r["constexprs"]["SHIFT"] == str(tau >= 0.025), name
+            want = precision if dtype == "float32" else "ieee"
+            assert r["constexprs"]["INPUT_PRECISION"] == want, name
+            # Pointers from torch are 16-byte aligned; D gets tt.divisibility only when it is a multiple of 16.
+            assert {"zhat_ptr", "cols_ptr"} <= set(r["attrs"]), (name, r["attrs"])
+            assert ("D" in r["attrs"]) == (d % 16 == 0), (name, r["attrs"])
+        # Rank 1 of 2: the columns are both ranks' rows, this rank's start at OFFSET = A.
+        a = 2 * n
+        want_m, want_offset = (WORLD * a, RANK * a) if distributed else (a, 0)
+        for r in (fwd, bwd):
+            assert (r["scalars"]["A"], r["scalars"]["M"], r["scalars"]["OFFSET"]) == (
+                a,
+                want_m,
+                want_offset,
+            ), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_case_compiles_and_launches(arch, triton_cache):
+    cases = by_case(launches(arch, triton_cache, ALL_CASES))
+    assert set(cases) == set(ALL_CASES)
+    for name, rs in cases.items():
+        assert [r["kernel"] for r in rs] == KERNEL_ORDER, name
+
+
+ALL_CASES = {**CASES, **SLOW_CASES}
+
+if __name__ == "__main__":
+    print(json.dumps(child(int(sys.argv[1]), {name: ALL_CASES[name] for name in sys.argv[2:]})))
