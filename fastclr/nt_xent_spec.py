@@ -20,6 +20,20 @@ EPS = 1e-12  # the normalisation clamp, as F.normalize: z_hat = z / max(||z||, E
 SHIFT_MIN_TEMPERATURE = 0.025
 
 
+def fp32_dot_precision() -> str:
+    """The fused kernel's precision for fp32 inputs, chosen by PyTorch's own switch for fp32 matrix products.
+
+    "tf32" (TF32 tensor cores, inputs rounded to nearest: ~2^-11 relative error per operand) when PyTorch allows TF32
+    for CUDA matmuls (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``torch.set_float32_matmul_precision
+    ("high")`` or ``torch.backends.cuda.matmul.allow_tf32 = True``); "ieee" (exact fp32 products on FMA units, several
+    times slower) otherwise, which is PyTorch's default. bf16/fp16 inputs always use their own tensor-core dots.
+    """
+    mode = torch.backends.cuda.matmul.fp32_precision
+    if mode == "none":  # inherits the global setting
+        mode = torch.backends.fp32_precision
+    return "tf32" if mode == "tf32" else "ieee"
+
+
 def check_temperature(temperature) -> float:
     """tau as a float. TypeError unless a real number, ValueError unless finite and > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):

@@ -388,3 +388,44 @@ def test_candidates_cover_every_d_and_small_batches():
     # Tiny batches get the smallest listed tiles, large ones the first (preferred) entry.
     assert K.candidate_configs("fwd", 2, 128)[0].block_m == 64
     assert K.candidate_configs("fwd", 1 << 20, 128)[0].name == "BM128_BN64_W8_S3"
+
+
+@pytest.fixture
+def allow_tf32():
+    """PyTorch's switch for TF32 matmuls turned on for one test, then restored."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
+def _loss_and_grads(fn, z_a, z_b):
+    z_a, z_b = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+    loss = fn(z_a, z_b)
+    loss.backward()
+    return loss.detach(), z_a.grad, z_b.grad
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["nt_xent", "NTXentLoss"])
+def test_fp32_precision_follows_torch_tf32_switch(module, request):
+    """fp32 inputs: exact (ieee) dots under PyTorch's default, tf32 once torch.backends.cuda.matmul allows TF32."""
+    z_a, z_b = torch.randn(24, 40, generator=torch.Generator().manual_seed(3)).chunk(2)
+    public = fastclr.NTXentLoss(0.1, impl="triton") if module else None
+
+    def call(a, b):
+        return public(a, b) if module else fastclr.nt_xent(a, b, 0.1, impl="triton")
+
+    def kernel(precision):
+        return _loss_and_grads(
+            lambda a, b: K.nt_xent_triton(a, b, 0.1, precision=precision), z_a, z_b
+        )
+
+    ieee, tf32 = kernel("ieee"), kernel("tf32")
+    assert not torch.equal(ieee[1], tf32[1]), (
+        "the two precisions must differ for this test to mean anything"
+    )
+    for got, want in zip(_loss_and_grads(call, z_a, z_b), ieee, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    request.getfixturevalue("allow_tf32")
+    for got, want in zip(_loss_and_grads(call, z_a, z_b), tf32, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

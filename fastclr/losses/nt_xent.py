@@ -9,7 +9,13 @@ from fastclr.losses import distributed as dist_utils
 from fastclr.losses.backends import backend, pick_path, resolve_impl, triton_available
 from fastclr.losses.custom_op import nt_xent_op
 from fastclr.losses.reference import nt_xent_reference
-from fastclr.nt_xent_spec import IMPLS, check_embeddings, check_impl, check_temperature
+from fastclr.nt_xent_spec import (
+    IMPLS,
+    check_embeddings,
+    check_impl,
+    check_temperature,
+    fp32_dot_precision,
+)
 
 __all__ = ["IMPLS", "NTXentLoss", "nt_xent", "resolve_impl", "triton_available"]
 
@@ -33,6 +39,8 @@ def nt_xent(
         z_b: (N, D) embeddings of the second views; row i of z_a and row i of z_b are a positive pair.
         temperature: tau > 0 (0.5 for CIFAR-size recipes, 0.1 for ImageNet's).
         impl: "auto" (triton on CUDA, else torch), "triton" (fused kernel), "torch" (tiled, any device), "reference".
+            For fp32 inputs the fused kernel follows PyTorch's TF32 switch for matmuls (exact by default; TF32 after
+            ``torch.backends.cuda.matmul.fp32_precision = "tf32"``); see ``fastclr.nt_xent_spec.fp32_dot_precision``.
         gather_distributed: use the embeddings of every rank of the process group as negatives (exact gradients).
         group: process group for gather_distributed (default: the world).
 
@@ -61,7 +69,8 @@ def _checked_nt_xent(
     """``nt_xent`` once temperature, impl and torch.distributed are checked: checks the embeddings, routes them."""
     check_embeddings(z_a, z_b)
     path = pick_path(impl, z_a.device)
-    fast = None if path == "reference" else backend(path)
+    precision = fp32_dot_precision()
+    fast = None if path == "reference" else backend(path, precision)
     if fast is not None:
         fast.check(z_a)
     dist_group = dist_utils.resolve_group(gather_distributed, group)
@@ -71,7 +80,7 @@ def _checked_nt_xent(
         return nt_xent_reference(z_a, z_b, temperature, group=dist_group)
     if dist_group is None:
         # One opaque custom op with registered autograd: torch.compile(fullgraph=True) traces through without a break.
-        return nt_xent_op(z_a, z_b, temperature, impl=path)
+        return nt_xent_op(z_a, z_b, temperature, impl=path, precision=precision)
     return fast.loss(z_a, z_b, temperature, group=dist_group)
 
 
