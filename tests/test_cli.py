@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_trainer import make_image_folder
 
+import fastclr.device
 from fastclr.cli import main
-from fastclr.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fastclr.train.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.train.config import PretrainConfig
 
 TINY = [
@@ -94,32 +95,7 @@ def test_pretrain_knn_linear_export(trained, data, tmp_path, capsys):
     assert all(torch.equal(exported[k], v) for k, v in trained_backbone.items())
 
 
-def test_export_loads_into_torchvision_resnet(tmp_path, capsys):
-    import torchvision
-
-    from fastclr.models import SimCLRModel
-
-    cfg = PretrainConfig()
-    cfg.model.arch = "resnet18"
-    model = SimCLRModel("resnet18")
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "model": model.state_dict(),
-        "config": cfg.to_dict(),
-    }
-    ckpt = save_checkpoint(state, tmp_path)
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "r18.pt")]) == 0
-    resnet = torchvision.models.resnet18(weights=None)
-    result = resnet.load_state_dict(
-        torch.load(tmp_path / "r18.pt", weights_only=True), strict=False
-    )
-    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
-    assert torch.equal(resnet.conv1.weight, model.backbone.conv1.weight)
-
-
-def test_pretrain_without_data_runs_the_digits_demo(tmp_path, monkeypatch, capsys):
+def test_pretrain_without_data_runs_the_shapes_demo(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTCLR_CACHE", str(tmp_path / "cache"))
     code = main(
         [
@@ -136,9 +112,10 @@ def test_pretrain_without_data_runs_the_digits_demo(tmp_path, monkeypatch, capsy
     assert code == 0
     printed = capsys.readouterr().out
     # the embedded data and the cpu-demo preset
-    assert "digits-32px/train" in printed and 'arch = "cnn7"' in printed
+    assert "shapes-32px-" in printed and 'arch = "cnn7"' in printed
     assert re.search(r"kNN top-1 \(k=\d+\): random init \d+\.\d\d% -> trained \d+\.\d\d%", printed)
-    assert len(list((tmp_path / "cache" / "digits-32px" / "train").glob("*/*.jpg"))) > 1000
+    (demo,) = (tmp_path / "cache").glob("shapes-32px-*")
+    assert len(list((demo / "train").glob("*/*.jpg"))) == 3000
 
 
 def test_info_explains_the_auto_choices(capsys):
@@ -154,6 +131,28 @@ def test_info_explains_the_auto_choices(capsys):
         "--compile: torch.compile of the model, except under multi-GPU DDP",
     ):
         assert expected in printed
+
+
+@pytest.mark.parametrize(
+    ("native", "cpu_line", "precision_line"),
+    [
+        (
+            True,
+            "bf16 native",
+            "precision 'auto' -> bf16 autocast (this CPU computes bf16 natively: ",
+        ),
+        (False, "bf16 emulated", "precision 'auto' -> fp32 (a CPU without native bf16"),
+    ],
+)
+def test_info_shows_the_cpu_precision_choice_and_why(
+    monkeypatch, capsys, native, cpu_line, precision_line
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fastclr.device, "native_cpu_bf16", lambda: native)
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("CPU: ") and cpu_line in line for line in lines), lines
+    assert any(line.startswith(precision_line) for line in lines), lines
 
 
 def test_bench_dispatches_to_the_benchmark_module(monkeypatch):
@@ -270,28 +269,47 @@ def test_demo_reruns_go_to_a_fresh_run_directory(tmp_path):
     assert _unused_run_dir(out) == out + "-3"
 
 
-def test_digits_demo_data_set(tmp_path):
+def test_shapes_demo_data_set(tmp_path):
+    import numpy as np
     from PIL import Image
 
-    from fastclr.train.demo_data import DONE_MARKER, digits_dataset
+    from fastclr.train.demo_data import DONE_MARKER, SHAPES, shapes_dataset
 
-    train, test = digits_dataset(size=16, root=tmp_path / "digits")
-    n_train, n_test = len(list(train.glob("*/*.jpg"))), len(list(test.glob("*/*.jpg")))
-    assert n_train + n_test == 1797 and 0.18 < n_test / 1797 < 0.22
+    train, test = shapes_dataset(
+        size=16, root=tmp_path / "shapes", train_per_class=4, test_per_class=2
+    )
     assert (
         sorted(p.name for p in train.iterdir())
         == sorted(p.name for p in test.iterdir())
-        == [str(d) for d in range(10)]
+        == sorted(SHAPES)
     )
-    with Image.open(next(train.glob("3/*.jpg"))) as im:
-        assert im.size == (16, 16) and im.mode == "RGB"
-    (train / "3").rename(train / "x")  # a cached copy (marker present) is reused as is, not rebuilt
-    assert (tmp_path / "digits" / DONE_MARKER).exists() and digits_dataset(
-        size=16, root=tmp_path / "digits"
-    ) == (train, test)
+    assert len(list(train.glob("*/*.jpg"))) == 40 and len(list(test.glob("*/*.jpg"))) == 20
+    images = [np.asarray(Image.open(p)) for p in sorted(train.glob("circle/*.jpg"))]
+    assert all(im.shape == (16, 16, 3) for im in images)
+    # Colour is a nuisance: two circles never share their background colour (the corner pixel).
+    assert len({tuple(im[0, 0] // 16) for im in images}) == len(images)
+    # The same arguments draw the same images on every machine; the test split is not a copy of the training one.
+    again, _ = shapes_dataset(size=16, root=tmp_path / "again", train_per_class=4, test_per_class=2)
+    assert all(
+        np.array_equal(
+            np.asarray(Image.open(p)), np.asarray(Image.open(again / p.relative_to(train)))
+        )
+        for p in train.glob("*/*.jpg")
+    )
+    assert not np.array_equal(np.asarray(Image.open(test / "circle" / "00000.jpg")), images[0])
+    (train / "ring").rename(
+        train / "x"
+    )  # a cached copy (marker present) is reused as is, not rebuilt
+    assert (tmp_path / "shapes" / DONE_MARKER).exists()
+    assert shapes_dataset(
+        size=16, root=tmp_path / "shapes", train_per_class=4, test_per_class=2
+    ) == (
+        train,
+        test,
+    )
     assert (train / "x").exists()
-    with pytest.raises(ValueError, match="at least 8 px"):
-        digits_dataset(size=4, root=tmp_path / "small")
+    with pytest.raises(ValueError, match="at least 16 px"):
+        shapes_dataset(size=8, root=tmp_path / "small")
 
 
 def test_test_data_with_other_classes(data, tmp_path, capsys):
@@ -312,3 +330,92 @@ def test_test_data_with_other_classes(data, tmp_path, capsys):
         r"--test-data .*other: its classes .* differ from the training classes",
         error_line(capsys, code),
     )
+
+
+@pytest.fixture(scope="module")
+def flat(data, tmp_path_factory):
+    """The training images in one flat folder (no class folders): pretraining data, unlabelled."""
+    root = tmp_path_factory.mktemp("flat") / "images"
+    root.mkdir()
+    for i, path in enumerate(sorted(data[0].glob("*/*.jpg"))):
+        (root / f"{i:03d}.jpg").write_bytes(path.read_bytes())
+    return root
+
+
+def test_flat_data_with_test_data_stops_before_training(data, flat, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        ["pretrain", "--data", str(flat), "--test-data", str(data[1]), *TINY, "--out", str(out)]
+    )
+    line = error_line(capsys, code)
+    assert f"--test-data {data[1]} asks for the kNN monitor" in line
+    assert f"--data {flat} is a flat folder of unlabelled images: pass a labelled --data" in line
+    assert not list_checkpoints(out / "checkpoints")
+
+
+@pytest.mark.parametrize("command", ["knn", "linear"])
+def test_evaluation_of_a_flat_folder_says_to_pass_labelled_data(
+    trained, data, flat, capsys, command
+):
+    ckpt, _ = trained
+    argv = [command, "--ckpt", str(ckpt), "--workers", "1", "--size", "16"]
+    line = error_line(capsys, main([*argv, "--data", str(flat)]))
+    what = {"knn": "kNN", "linear": "linear"}[command]
+    assert line == (
+        f"fastclr: error: {what} evaluation needs labelled images, but --data {flat} is a flat folder of unlabelled "
+        "images: pass a labelled --data, an ImageFolder root/<class>/<img>"
+    )
+    line = error_line(capsys, main([*argv, "--test-data", str(flat)]))
+    assert (
+        f"--test-data {flat} is a flat folder of unlabelled images: pass a labelled --test-data"
+        in line
+    )
+
+
+def test_tensorboard_without_the_package_is_one_error_line_at_start(
+    data, tmp_path, capsys, monkeypatch
+):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a),
+    )
+    out = tmp_path / "run"
+    code = main(["pretrain", "--data", str(data[0]), *TINY, "--tensorboard", "--out", str(out)])
+    assert "pip install 'fastclr[tensorboard]'" in error_line(capsys, code)
+    assert not out.exists()
+
+
+def test_bench_returns_the_exit_status_of_gpu_check(monkeypatch):
+    fake = types.ModuleType("fastclr.bench.gpu_check")
+    fake.main = lambda argv: 2 if argv == ["--dry-run"] else 0
+    monkeypatch.setitem(sys.modules, "fastclr.bench.gpu_check", fake)
+    assert main(["bench", "gpu", "--dry-run"]) == 2
+    assert main(["bench", "gpu"]) == 0
+    seen = {}
+    dist = types.ModuleType("fastclr.bench.bench_dist")
+    dist.main = lambda argv: seen.setdefault("argv", argv) and [{"rows": 1}]
+    monkeypatch.setitem(sys.modules, "fastclr.bench.bench_dist", dist)
+    assert main(["bench", "dist", "--world-size", "2"]) == 0 and seen["argv"] == [
+        "--world-size",
+        "2",
+    ]
+
+
+def test_device_flags_take_the_package_vocabulary():
+    from fastclr.device import DEVICE_CHOICES
+    from fastclr.train.config import RunConfig
+
+    cfg = PretrainConfig()
+    cfg.run.device = "gpu"
+    cfg.validate()  # a synonym of cuda, as everywhere in the package
+    assert dataclasses_field(RunConfig, "device").metadata["choices"] == DEVICE_CHOICES
+
+
+def dataclasses_field(cls, name):
+    import dataclasses
+
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
