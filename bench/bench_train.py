@@ -112,7 +112,7 @@ def time_steps(cfg, loader, steps: int, warmup: int) -> dict[str, list[float]]:
         start = time.perf_counter()
         # the data phase: waiting for the batch, then copying it to the device
         view_a, view_b = next(batches)
-        trainer.train_step(view_a, view_b, stop_requested=False)
+        trainer.train_step(view_a, view_b)
         if step >= warmup:
             for phase in PHASES:
                 times[phase].append(ends[phase] - start)
@@ -276,16 +276,10 @@ def knn_top1(args: argparse.Namespace, backbone: torch.nn.Module, device: torch.
 
 def initial_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The plain loop's model: the same initial weights as fastclr's ``build_model`` with the same seed."""
-    from fastclr.models import SimCLRModel
+    from fastclr.train.build import simclr_model
 
     torch.manual_seed(args.seed)
-    return SimCLRModel(
-        args.arch,
-        cifar_stem=args.cifar_stem,
-        width=args.width,
-        proj_layers=args.proj_layers,
-        proj_dim=args.proj_dim,
-    ).to(device)
+    return simclr_model(make_config(args, Path(".")).model).to(device)
 
 
 def run_baseline(args: argparse.Namespace, emit) -> list[dict]:

@@ -3,8 +3,8 @@
     fastclr pretrain [--data DIR] [--test-data DIR] [--preset NAME | --config FILE] [flags]   # see --help
     fastclr knn --ckpt CKPT [--data DIR --test-data DIR]
     fastclr linear --ckpt CKPT [--data DIR --test-data DIR] [--epochs 10 --lr 0.1]
-    fastclr export --ckpt CKPT --out FILE
-    fastclr bench loss|pipeline|cpu_augment|train [benchmark flags]
+    fastclr export --ckpt CKPT --out FILE [--format pt|safetensors]
+    fastclr bench loss|pipeline|cpu_augment|train|dist|gpu [benchmark flags]   # gpu: bench/gpu_check.py
     fastclr info
 
 Bad input (missing data, impossible settings, unreadable checkpoints) ends with one ``fastclr: error: ...`` line on
@@ -20,11 +20,20 @@ import platform
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("loss", "pipeline", "cpu_augment", "train")
+# command name -> module in fastclr.bench (bench/)
+BENCHMARKS = {
+    "loss": "bench_loss",
+    "pipeline": "bench_pipeline",
+    "cpu_augment": "bench_cpu_augment",
+    "train": "bench_train",
+    "dist": "bench_dist",
+    "gpu": "gpu_check",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     from fastclr import __version__
+    from fastclr.device import DEVICE_CHOICES
     from fastclr.train.config import add_config_flags
 
     parser = argparse.ArgumentParser(
@@ -35,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser(
         "pretrain",
-        help="SimCLR pretraining (no --data: the embedded digits demo)",
-        description="SimCLR pretraining. Without --data it trains on the embedded digits data set with the cpu-demo "
+        help="SimCLR pretraining (no --data: the embedded shapes demo)",
+        description="SimCLR pretraining. Without --data it trains on the embedded shapes data set with the cpu-demo "
         "preset. Flags override the preset/config file, which overrides the defaults. Under torchrun the same "
         "command trains with DDP.",
     )
@@ -64,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--device",
-            choices=("auto", "cuda", "cpu"),
+            choices=DEVICE_CHOICES,
             default="auto",
             help="compute device (default: auto)",
         )
@@ -97,11 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     exp = sub.add_parser(
-        "export", help="write a checkpoint's backbone as a plain torchvision state_dict"
+        "export",
+        help="write a checkpoint's backbone as a plain state_dict (torch.save or safetensors)",
     )
     exp.add_argument("--ckpt", required=True, help="checkpoint written by fastclr pretrain")
     exp.add_argument(
-        "--out", required=True, help="output file (torch.save of the backbone's state_dict)"
+        "--out",
+        required=True,
+        help="output file: the backbone's state_dict, and OUT.json with the line that loads it",
+    )
+    exp.add_argument(
+        "--format",
+        choices=("pt", "safetensors"),
+        help="torch.save (pt) or safetensors (default: safetensors for a .safetensors OUT, else pt)",
     )
 
     bench = sub.add_parser(
@@ -122,7 +139,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     demo = getattr(args, "data", None) is None
     if demo and args.preset is None and args.config is None:
-        # The demo: the embedded digits want the small CPU recipe, not the ImageNet defaults.
+        # The demo: the embedded shapes want the small CPU recipe, not the ImageNet defaults.
         args.preset = "cpu-demo"
     cfg = config_from_args(args)
     if demo and "out" not in vars(args) and cfg.run.resume is None:
@@ -189,17 +206,20 @@ def _linear(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fastclr.train.evaluate import export_backbone
 
-    r = export_backbone(args.ckpt, args.out)
+    r = export_backbone(args.ckpt, args.out, args.format)
     print(
-        f"wrote {r['out']}: {r['arch']} backbone, {r['tensors']} tensors, {r['feat_dim']}-d features"
+        f"wrote {r['out']} ({r['format']}): {r['arch']} backbone, {r['tensors']} tensors, {r['feat_dim']}-d features"
     )
+    print(f"load it with (also in {r['info']}):")
+    print(r["load"])
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"fastclr.bench.bench_{args.benchmark}")
-    module.main(args.args)
-    return 0
+    module = importlib.import_module(f"fastclr.bench.{BENCHMARKS[args.benchmark]}")
+    result = module.main(args.args)
+    # gpu_check returns its exit status; the others return their rows
+    return result if isinstance(result, int) else 0
 
 
 def info_lines() -> list[str]:
@@ -209,9 +229,11 @@ def info_lines() -> list[str]:
     import torchvision
 
     from fastclr import __version__
+    from fastclr.device import native_cpu_bf16
     from fastclr.losses.nt_xent import resolve_impl, triton_available
     from fastclr.pipelines import dali_available
     from fastclr.pipelines.dali import resolve_augment_impl
+    from fastclr.train.build import describe_precision
 
     def version(module: str) -> str:
         try:
@@ -224,7 +246,8 @@ def info_lines() -> list[str]:
         f"fastclr {__version__}, python {platform.python_version()} ({platform.platform()})",
         f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}), torchvision {torchvision.__version__}, numpy {numpy.__version__}",
         f"triton {version('triton')}, nvidia-dali {version('nvidia.dali')}, numba {version('numba')}",
-        f"CPU: {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads",
+        f"CPU: {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads, "
+        f"bf16 {'native (AVX512-BF16 or AMX)' if native_cpu_bf16() else 'emulated (no AVX512-BF16 or AMX)'}",
     ]
     if cuda:
         for i in range(torch.cuda.device_count()):
@@ -257,41 +280,12 @@ def info_lines() -> list[str]:
     lines.append(
         f"pipeline augment_impl 'auto' -> {augment} ({'one numba-compiled op per view' if augment == 'numba' else 'DALI operators'})"
     )
-    lines.append(f"precision 'auto' -> {auto_precision(device)}")
+    lines.append(f"precision 'auto' -> {describe_precision('auto', device)}")
     lines.append(
         "--compile: torch.compile of the model, except under multi-GPU DDP, where it is skipped with a notice "
         f"(SyncBatchNorm layers, at each of which torch {torch.__version__}'s dynamo breaks the graph)"
     )
-    if not cuda and native_cpu_bf16():
-        lines.append(
-            "  this CPU computes bf16 natively (AVX512-BF16/AMX): --precision bf16 runs a cnn7 training step "
-            "about 2.5x faster than fp32 (bench/bench_train.py --precision bf16 measures it here)"
-        )
     return lines
-
-
-def auto_precision(device) -> str:
-    """What ``--precision auto`` resolves to on ``device``, and why."""
-    import torch
-
-    from fastclr.train.build import resolve_precision
-
-    dtype, _ = resolve_precision("auto", device)
-    if dtype is None:
-        return "fp32 (CPU run)"
-    if dtype == torch.bfloat16:
-        return "bf16 autocast (GPU of compute capability >= 8.0: native bf16)"
-    return (
-        "fp16 autocast + GradScaler (GPU of compute capability < 8.0, where bf16 would be emulated)"
-    )
-
-
-def native_cpu_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), so bf16 autocast pays off."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _info(args: argparse.Namespace) -> int:

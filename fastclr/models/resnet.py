@@ -115,6 +115,11 @@ def _resnet(arch: str, cifar_stem: bool, width: int) -> tuple[ResNet, int]:
     return model, 8 * width * block.expansion
 
 
+def standard_width(arch: str) -> int:
+    """The base width ``build_backbone(arch, width=None)`` uses: 64 for the ResNets, 32 for cnn7."""
+    return _DEFAULT_WIDTH[arch]
+
+
 def build_backbone(
     arch: str = "resnet18", cifar_stem: bool = False, width: int | None = None
 ) -> tuple[nn.Module, int]:
@@ -136,7 +141,7 @@ def build_backbone(
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if width is None:
-        width = _DEFAULT_WIDTH[arch]
+        width = standard_width(arch)
     if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
         raise ValueError(f"width must be a positive int, got {width!r}")
     if arch == "cnn7":

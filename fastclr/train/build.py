@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastclr import device as fastclr_device
 from fastclr.train import dist
 from fastclr.train.config import ConfigError, ModelConfig, PretrainConfig
 
@@ -24,15 +25,30 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None for fp32, use a GradScaler)``.
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """``(precision, why)``: what ``--precision auto`` picks on ``device``, and the reason in a few words.
 
-    auto = bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs, fp32 on CPUs.
+    bf16 autocast where the hardware computes bf16 (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX), fp16 with a
+    GradScaler on older GPUs, fp32 on other CPUs (where bf16 would be emulated, slower than fp32).
     """
-    if precision == "auto" and device.type != "cuda":
-        precision = "fp32"
-    elif precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp16"
+    if device.type == "cuda":
+        if native_bf16(device):
+            return "bf16", "GPU of compute capability >= 8.0: native bf16"
+        return "fp16", "GPU of compute capability < 8.0, where bf16 would be emulated"
+    if device.type == "cpu" and fastclr_device.native_cpu_bf16():
+        return "bf16", "this CPU computes bf16 natively: AVX512-BF16 or AMX"
+    if device.type == "cpu":
+        return (
+            "fp32",
+            "a CPU without native bf16 (no AVX512-BF16 or AMX), where bf16 would be emulated",
+        )
+    return "fp32", f"{device.type} device"
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None for fp32, use a GradScaler)``; ``auto`` as :func:`auto_precision` decides."""
+    if precision == "auto":
+        precision, _ = auto_precision(device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             "precision fp16 needs a GPU (its GradScaler is CUDA-only); use bf16 or fp32 on CPU"
@@ -41,22 +57,32 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     return dtype, precision == "fp16"
 
 
+def describe_precision(precision: str, device: torch.device) -> str:
+    """What ``precision`` resolves to on ``device`` and why, for logs: ``"bf16 autocast (this CPU computes bf16 ...)"``."""
+    dtype, scaler = resolve_precision(precision, device)
+    name = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}[dtype]
+    if scaler:
+        name += " + GradScaler"
+    why = auto_precision(device)[1] if precision == "auto" else "as given"
+    return f"{name} ({why})"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 
 
 def prepare_demo_data(cfg: PretrainConfig, info: dist.DistInfo) -> None:
-    """Without ``--data``: point the config at the embedded digits data set (written once by rank 0)."""
+    """Without ``--data``: point the config at the embedded shapes data set (drawn once by rank 0)."""
     if cfg.data.data is not None:
         return
     if cfg.data.test_data is not None:
         raise ConfigError("--test-data was given without --data")
-    from fastclr.train.demo_data import digits_dataset
+    from fastclr.train.demo_data import shapes_dataset
 
     if info.is_main:
-        digits_dataset(size=cfg.data.size)
+        shapes_dataset(size=cfg.data.size)
     dist.barrier(info)
-    train, test = digits_dataset(size=cfg.data.size)
+    train, test = shapes_dataset(size=cfg.data.size)
     cfg.data.data, cfg.data.test_data = str(train), str(test)
 
 
@@ -90,11 +116,15 @@ def _loader_placement(cfg: PretrainConfig, info: dist.DistInfo) -> dict:
 
 
 def build_train_loader(cfg: PretrainConfig, info: dist.DistInfo, dtype: torch.dtype):
-    """This rank's shard of the two-view SimCLR loader (DALI or the torchvision twin)."""
+    """This rank's shard of the two-view SimCLR loader (DALI or the torchvision twin).
+
+    ``--data`` may be a flat folder of unlabelled images, unless ``--test-data`` asks for the kNN monitor, whose memory
+    bank is ``--data`` with its labels: that combination is a :class:`ConfigError`, raised before any training.
+    """
     from fastclr.pipelines import make_loader
 
     d = cfg.data
-    return make_loader(
+    loader = make_loader(
         backend=d.backend,
         eval=False,
         root=d.data,
@@ -109,6 +139,13 @@ def build_train_loader(cfg: PretrainConfig, info: dist.DistInfo, dtype: torch.dt
         crop_scale=(d.min_scale, 1.0),
         **_loader_placement(cfg, info),
     )
+    if d.test_data is not None and not loader.labelled:
+        loader.close()
+        raise ConfigError(
+            f"--test-data {d.test_data} asks for the kNN monitor, whose memory bank is --data with its labels, but "
+            f"{unlabelled_data_hint('--data', d.data)}; or leave out --test-data to pretrain without the monitor"
+        )
+    return loader
 
 
 def build_eval_loader(cfg: PretrainConfig, info: dist.DistInfo, root: str):
@@ -121,6 +158,14 @@ def build_eval_loader(cfg: PretrainConfig, info: dist.DistInfo, root: str):
         root=root,
         batch_size=256,
         **_loader_placement(cfg, info),
+    )
+
+
+def unlabelled_data_hint(flag: str, root: str) -> str:
+    """The shared half of every "this needs labels" error: what ``root`` is and what to pass instead."""
+    return (
+        f"{flag} {root} is a flat folder of unlabelled images: pass a labelled {flag}, an ImageFolder "
+        "root/<class>/<img>"
     )
 
 

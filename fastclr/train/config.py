@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import tomllib
@@ -23,9 +24,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fastclr.device import DEVICE_CHOICES
+
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the key and the value."""
+
+
+TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package, which is not installed: pip install 'fastclr[tensorboard]'"
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -36,7 +42,8 @@ def _opt(default, help: str, choices: tuple | None = None):
 class DataConfig:
     data: str | None = _opt(
         None,
-        "training images: ImageFolder dir (root/<class>/<img>) or a file list; none = embedded digits demo",
+        "training images: ImageFolder dir (root/<class>/<img>), a flat folder of unlabelled images (root/<img>; "
+        "no kNN monitor then) or a file list; none = embedded shapes demo",
     )
     test_data: str | None = _opt(
         None, "held-out images for the kNN monitor (ImageFolder dir); none = no kNN monitor"
@@ -124,14 +131,19 @@ class RunConfig:
     out: str = _opt("runs/simclr", "run directory: checkpoints, metrics, resolved config and plots")
     seed: int = _opt(0, "random seed (offset by rank for per-process randomness)")
     device: str = _opt(
-        "auto", "compute device: cuda when available (auto), cuda or cpu", ("auto", "cuda", "cpu")
+        "auto", "compute device: cuda when available (auto), cuda (or gpu) or cpu", DEVICE_CHOICES
     )
     precision: str = _opt(
         "auto",
-        "autocast precision: auto = bf16 on GPU, fp32 on CPU; fp16 adds a GradScaler",
+        "autocast precision: auto = bf16 where the hardware computes it (GPUs from Ampere on, CPUs with "
+        "AVX512-BF16 or AMX), fp16 on older GPUs, fp32 on other CPUs; fp16 adds a GradScaler",
         ("auto", "bf16", "fp16", "fp32"),
     )
     compile: bool = _opt(False, "torch.compile the model")
+    tensorboard: bool = _opt(
+        False,
+        "also write the metrics as TensorBoard scalars to OUT/tensorboard (pip install fastclr[tensorboard])",
+    )
     ckpt_every: int = _opt(0, "also checkpoint every N steps (0 = only at the end of each epoch)")
     keep: int = _opt(3, "number of most recent checkpoints kept")
     resume: str | None = _opt(
@@ -150,7 +162,12 @@ class RunConfig:
         False, "skip steps whose loss is NaN/inf and count them, instead of stopping"
     )
     progress: bool = _opt(True, "show a progress bar")
-    log_every: int = _opt(1, "write a metrics row every N steps")
+    log_every: int = _opt(
+        20,
+        "read the losses back from the device (a host sync), check for non-finite steps and write a "
+        "metrics row every N steps (checkpoints, epoch ends and stops read too; under torchrun a "
+        "stop signal is acted on at the next read)",
+    )
     dist_timeout: float = _opt(
         60.0,
         "minutes a rank waits in a collective (e.g. while rank 0 alone runs the kNN monitor) before failing",
@@ -176,6 +193,7 @@ RESUME_FREE_KEYS = frozenset(
         "run.out",
         "run.device",
         "run.compile",
+        "run.tensorboard",
         "run.ckpt_every",
         "run.keep",
         "run.resume",
@@ -289,6 +307,8 @@ class PretrainConfig:
             raise ConfigError(f"blur_p must be in [0, 1], got {d.blur_p}")
         if m.proj_layers < 1:
             raise ConfigError(f"proj_layers must be at least 1, got {m.proj_layers}")
+        if r.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(TENSORBOARD_MISSING)
         if o.batch_size % world_size:
             raise ConfigError(
                 f"batch_size {o.batch_size} is not divisible by the world size {world_size}"

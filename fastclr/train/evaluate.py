@@ -2,7 +2,8 @@
 
     fastclr knn --ckpt runs/cpu-demo/checkpoints/ckpt-000000090.pt
     fastclr linear --ckpt CKPT --data cifar10/train --test-data cifar10/test --epochs 10
-    fastclr export --ckpt CKPT --out resnet50-simclr.pt   # torchvision.models.resnet50().load_state_dict(..., strict=False)
+    fastclr export --ckpt CKPT --out resnet50-simclr.pt   # prints (and writes to resnet50-simclr.pt.json) how to load it
+    fastclr export --ckpt CKPT --out resnet50-simclr.safetensors
 
 ``--data``/``--test-data`` default to the folders the checkpoint was trained and monitored on.
 """
@@ -15,9 +16,9 @@ from typing import Any
 import torch
 
 from fastclr.device import resolve_device
-from fastclr.train.build import simclr_model
+from fastclr.train.build import simclr_model, unlabelled_data_hint
 from fastclr.train.checkpoint import TrainCheckpoint, atomic_save
-from fastclr.train.config import PretrainConfig
+from fastclr.train.config import ConfigError, PretrainConfig
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu"):
@@ -29,16 +30,27 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device, memory_format=torch.channels_last).eval(), ckpt.config
 
 
-def _data_paths(cfg: PretrainConfig, data: str | None, test_data: str | None) -> tuple[str, str]:
+def _data_paths(
+    cfg: PretrainConfig, data: str | None, test_data: str | None, evaluation: str
+) -> tuple[str, str]:
+    """The labelled ``(--data, --test-data)`` folders to evaluate on; a clear error for a missing or flat one."""
+    from fastclr.pipelines.data import scan_images
+
     train = data or cfg.data.data
     test = test_data or cfg.data.test_data
     if train is None or test is None:
         raise ValueError(
             "no data: give --data and --test-data (the checkpoint does not name its folders)"
         )
-    for flag, p in (("--data", train), ("--test-data", test)):
+    for flag, p, given in (("--data", train, data), ("--test-data", test, test_data)):
         if not Path(p).exists():
             raise FileNotFoundError(f"{flag} {p}: no such file or directory")
+        # A run may pretrain on a flat folder; evaluation needs its labels (a listing with header checks, no decoding).
+        if not scan_images(p, on_corrupt="skip").labelled:
+            default = "" if given else " (the checkpoint's; it was pretrained on unlabelled images)"
+            raise ConfigError(
+                f"{evaluation} evaluation needs labelled images, but {unlabelled_data_hint(flag, p)}{default}"
+            )
     return train, test
 
 
@@ -86,7 +98,7 @@ def run_knn(
 
     dev = resolve_device(device)
     model, cfg = load_model(ckpt, dev)
-    train, test = _data_paths(cfg, data, test_data)
+    train, test = _data_paths(cfg, data, test_data, "kNN")
     opts = dict(batch_size=batch_size, size=size, workers=workers, backend=backend)
     with (
         _eval_loader(train, cfg, dev, **opts) as bank,
@@ -136,7 +148,7 @@ def run_linear(
         raise ValueError(f"epochs and lr must be positive, got epochs={epochs}, lr={lr}")
     dev = resolve_device(device)
     model, cfg = load_model(ckpt, dev)
-    train, test = _data_paths(cfg, data, test_data)
+    train, test = _data_paths(cfg, data, test_data, "linear")
     opts = dict(batch_size=batch_size, size=size, workers=workers, backend=backend)
     with (
         _eval_loader(train, cfg, dev, augment=True, **opts) as train_loader,
@@ -155,14 +167,65 @@ def run_linear(
     return {**result, "train": train, "test": test}
 
 
-def export_backbone(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the backbone of a checkpoint as a plain ``state_dict`` (torchvision key names, contiguous tensors)."""
+EXPORT_FORMATS = ("pt", "safetensors")
+
+
+def export_format(out: str | Path, format: str | None = None) -> str:
+    """``format``, or the one ``out``'s suffix names (``.safetensors``; anything else is a ``torch.save`` file)."""
+    if format is None:
+        return "safetensors" if Path(out).suffix == ".safetensors" else "pt"
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    return format
+
+
+def load_line(path: Path, format: str, arch: str, cifar_stem: bool, width: int) -> str:
+    """One line of Python that rebuilds the backbone and loads an exported file into it, strictly."""
+    read = (
+        f"safetensors.torch.load_file({str(path)!r})"
+        if format == "safetensors"
+        else f"torch.load({str(path)!r}, weights_only=True)"
+    )
+    imports = "import safetensors.torch" if format == "safetensors" else "import torch"
+    return (
+        f"{imports}; from fastclr.models import build_backbone; "
+        f"backbone, feat_dim = build_backbone({arch!r}, cifar_stem={cifar_stem}, width={width}); "
+        f"backbone.load_state_dict({read})"
+    )
+
+
+def export_backbone(ckpt: str | Path, out: str | Path, format: str | None = None) -> dict[str, Any]:
+    """Write the backbone of a checkpoint as a plain ``state_dict`` and, beside it, ``<out>.json`` saying how to load it.
+
+    The tensors keep torchvision's key names (contiguous, no ``fc``). ``format`` is ``"pt"`` (``torch.save``) or
+    ``"safetensors"``; None picks by the suffix of ``out``. A standard-width ResNet without the CIFAR stem also loads
+    into torchvision's model with ``strict=False``, which forgives only the missing ``fc`` keys: a CIFAR stem, another
+    width or cnn7 has other shapes, which no ``load_state_dict`` forgives, so ``load`` (also in the JSON) rebuilds the
+    backbone with :func:`fastclr.models.build_backbone` first.
+    """
+    import json
+
+    from fastclr.models import standard_width
+
+    format = export_format(out, format)
     model, cfg = load_model(ckpt)
+    m = cfg.model
+    width = m.width or standard_width(m.arch)
     state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
-    path = atomic_save(state, out)
-    return {
-        "out": str(path),
-        "arch": cfg.model.arch,
-        "tensors": len(state),
-        "feat_dim": model.feat_dim,
-    }
+    meta = {"arch": m.arch, "width": width, "cifar_stem": m.cifar_stem, "feat_dim": model.feat_dim}
+    if format == "safetensors":
+        import safetensors.torch
+
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(state, path, metadata={k: str(v) for k, v in meta.items()})
+    else:
+        path = atomic_save(state, out)
+    path = path.resolve()
+    meta["format"] = format
+    meta["load"] = load_line(path, format, m.arch, m.cifar_stem, width)
+    if m.arch != "cnn7" and not m.cifar_stem and width == standard_width(m.arch):
+        meta["torchvision"] = f"torchvision.models.{m.arch}().load_state_dict(..., strict=False)"
+    info = Path(f"{path}.json")
+    info.write_text(json.dumps(meta, indent=2) + "\n")
+    return {**meta, "out": str(path), "info": str(info), "tensors": len(state)}

@@ -1,11 +1,12 @@
-"""Run metrics: CSV + JSONL files (and TensorBoard when installed) on the main rank, and the end-of-run PNG.
+"""Run metrics: CSV + JSONL files (and TensorBoard scalars with ``--tensorboard``) on the main rank, and the end-of-run PNG.
 
 Files under the run directory:
     metrics.csv    one row per logged training step (step, epoch, loss, lr, contrastive top-1, images/s, timings)
     knn.csv        one row per kNN evaluation (step, epoch, knn_top1)
     metrics.jsonl  every record of both kinds, with a "kind" field
     curves.png     loss and kNN top-1 curves (written by :func:`plot_curves`)
-    tb/            TensorBoard event files, only when ``torch.utils.tensorboard`` imports
+    tensorboard/   TensorBoard event files (``--tensorboard``): train/loss, train/lr, train/images_per_s,
+                   train/contrastive_top1 and knn/knn_top1 against the step
 A resumed run appends; the plot keeps the last value logged for each step.
 """
 
@@ -16,6 +17,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from fastclr.train.config import TENSORBOARD_MISSING
 
 TRAIN_FIELDS = (
     "step",
@@ -29,12 +32,23 @@ TRAIN_FIELDS = (
     "elapsed_s",
 )
 KNN_FIELDS = ("step", "epoch", "knn_top1")
+# what --tensorboard plots; the timings stay in the CSV
+TENSORBOARD_SCALARS = {
+    "train": ("loss", "lr", "images_per_s", "contrastive_top1"),
+    "knn": ("knn_top1",),
+}
 
 
 class MetricsLog:
-    """Append-only metric files; a disabled log (non-main ranks) accepts calls and writes nothing."""
+    """Append-only metric files; a disabled log (non-main ranks) accepts calls and writes nothing.
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    ``tensorboard=True`` also writes the rows as TensorBoard scalars to ``out_dir/tensorboard``; it needs the optional
+    ``tensorboard`` package (``pip install 'fastclr[tensorboard]'``), and without it raises ImportError saying so.
+    """
+
+    def __init__(
+        self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = False
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._tb = None
@@ -44,10 +58,9 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                pass
-            else:
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:
+                raise ImportError(TENSORBOARD_MISSING) from None
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     def log(self, kind: str, row: dict[str, Any]) -> None:
         """Record ``row`` as a ``"train"`` or ``"knn"`` metric."""
@@ -64,9 +77,10 @@ class MetricsLog:
         with (self.out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"kind": kind, **row}) + "\n")
         if self._tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch") and isinstance(value, int | float):
-                    self._tb.add_scalar(f"{kind}/{key}", value, row["step"])
+            for key in TENSORBOARD_SCALARS[kind]:
+                if row.get(key) is not None:
+                    self._tb.add_scalar(f"{kind}/{key}", row[key], row["step"])
+            self._tb.flush()  # a killed run keeps its scalars up to its last row
 
     def close(self) -> None:
         if self._tb is not None:
