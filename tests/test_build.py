@@ -101,12 +101,10 @@ def test_compile_skips_a_sync_batchnorm_model_with_a_one_line_notice(compiled):
     class Loader(list):
         num_samples = 64
 
-    printed = describe(cfg, CPU, Loader([None] * 4), None, model).splitlines()
+    printed = describe(cfg, CPU, Loader([None] * 4), model).splitlines()
     assert notice in printed
     plain = build_model(cfg, CPU)
-    assert not any(
-        "--compile" in line for line in describe(cfg, CPU, Loader(), None, plain).splitlines()
-    )
+    assert not any("--compile" in line for line in describe(cfg, CPU, Loader(), plain).splitlines())
 
 
 def test_train_loader_refuses_a_flat_folder_only_when_the_knn_monitor_needs_labels(tmp_path):

@@ -161,7 +161,9 @@ def kill_loop(data: Path, out: Path, kills: int, seed: int) -> dict[str, int]:
     stats = {"kills": 0, "mid_write": 0, "resumes": 0, "steps_lost": 0}
     last = 0
     for i in range(kills):
-        args = tiny_flags(data, out, "--resume", "auto", "--ckpt-every", "1", "--keep", "2")
+        args = tiny_flags(
+            data, out, "--resume", "auto", "--ckpt-every", "1", "--keep", "2", "--log-every", "1"
+        )
         with Child(args, out.parent / f"kill{i}.log") as child:
             # Under way: this run has written a checkpoint of its own.
             wait_for(
@@ -225,7 +227,8 @@ def test_kill_9_loop(data, tmp_path, capsys):
 def test_sigterm_during_a_checkpoint_write_saves_and_exits_0(data, tmp_path, capsys):
     out = tmp_path / "run"
     ckpt_dir = out / "checkpoints"
-    with Child(tiny_flags(data, out, "--ckpt-every", "1"), tmp_path / "term.log") as child:
+    flags = tiny_flags(data, out, "--ckpt-every", "1", "--log-every", "1")
+    with Child(flags, tmp_path / "term.log") as child:
         wait_for(lambda: newest_step(ckpt_dir) >= 2, 240, child, "two checkpoints")
         wait_for(lambda: temp_files(ckpt_dir), 60, child, "a checkpoint write")
         child.proc.send_signal(signal.SIGTERM)
@@ -366,6 +369,37 @@ def test_skip_nonfinite_skips_counts_and_never_updates_on_nan(data, tmp_path, ca
         load_checkpoint(out / "checkpoints" / "ckpt-000000007.pt")["extra"]["nonfinite_skipped"]
         == 6
     )
+
+
+def test_non_finite_gradients_with_a_finite_loss_stop_before_any_checkpoint(data, tmp_path, capsys):
+    """At tau = 1e-10 the tiled loss stays finite (~1e9) while its gradients overflow: the step is non-finite all
+    the same, and no checkpoint holding what it did is written."""
+    from fastclr.cli import main
+
+    out = tmp_path / "run"
+    assert main(tiny_flags(data, out, "--temperature", "1e-10", "--ckpt-every", "1")) == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        r"non-finite gradients or updated weights \(loss \d+\.\d+\) at step 0 \(epoch 0, batch 0\); "
+        r"last good checkpoint: none yet",
+        err,
+    ), err
+    for path in list_checkpoints(out / "checkpoints"):
+        assert finite_state(load_checkpoint(path)), path.name
+
+
+def test_skip_nonfinite_skips_non_finite_gradients(data, tmp_path, capsys):
+    from fastclr.cli import main
+
+    out = tmp_path / "run"
+    flags = tiny_flags(data, out, "--temperature", "1e-10", "--ckpt-every", "1", "--skip-nonfinite")
+    assert main([*flags, "--max-steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped non-finite step(s) 0 (first: non-finite gradients" in printed, printed
+    paths = list_checkpoints(out / "checkpoints")
+    assert paths and all(finite_state(load_checkpoint(p)) for p in paths)
+    final = load_checkpoint(paths[-1])
+    assert final["step"] == 6 and final["extra"]["nonfinite_skipped"] >= 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

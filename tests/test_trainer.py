@@ -65,7 +65,7 @@ def tiny_config(data, out, **run) -> PretrainConfig:
 
 
 def test_loss_decreases_and_run_artifacts_are_written(data, tmp_path, capsys):
-    cfg = tiny_config(data, tmp_path / "run")
+    cfg = tiny_config(data, tmp_path / "run", log_every=5)
     cfg.data.test_data, cfg.optim.epochs = str(data[1]), 5
     r = pretrain(cfg)
     losses = r["losses"]
@@ -79,7 +79,8 @@ def test_loss_decreases_and_run_artifacts_are_written(data, tmp_path, capsys):
     assert PretrainConfig.from_dict(ckpt["config"]) == cfg
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
     out = tmp_path / "run"
-    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 20
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [5, 10, 15, 20]  # every log_every steps
     assert (out / "curves.png").stat().st_size > 0 and (out / "metrics.jsonl").exists()
     assert (
         PretrainConfig.from_dict(__import__("tomllib").loads((out / "config.toml").read_text()))
@@ -147,6 +148,39 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(data, tmp_path, nan_af
     ]
 
 
+def test_non_finite_loss_between_reads_is_reported_with_its_own_step(data, tmp_path, nan_after):
+    """Steps are read back every log_every steps: a NaN at step 5 is found at the read after step 8 (the epoch end),
+    named as step 5, and the checkpoint of step 8 is never written."""
+    nan_after["from"] = 5
+    with pytest.raises(TrainingError, match=r"at step 5 \(epoch 1, batch 1\)"):
+        pretrain(tiny_config(data, tmp_path / "run", log_every=7, ckpt_every=3))
+    # step 6 is a --ckpt-every step after the NaN: its read stops the run first
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "ckpt-000000003.pt",
+        "ckpt-000000004.pt",
+    ]
+
+
+def test_save_refuses_non_finite_weights(data, tmp_path):
+    """The backstop on the save path: whatever let them through, NaN weights are never written."""
+    cfg = tiny_config(data, tmp_path / "run")
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer.setup()
+    trainer.loader.close()
+    trainer.state.step = 3
+    trainer.save()
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("inf"))
+    trainer.state.step = 4
+    with pytest.raises(
+        TrainingError, match=r"non-finite weights .* at step 4 .*ckpt-000000003\.pt"
+    ):
+        trainer.save()
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "ckpt-000000003.pt"
+    ]
+
+
 def test_skip_nonfinite_counts_and_keeps_weights(data, tmp_path, nan_after):
     nan_after["from"] = 10
     r = pretrain(tiny_config(data, tmp_path / "run", skip_nonfinite=True))
@@ -196,7 +230,7 @@ def _run(cmd, timeout, **kwargs):
 
 def test_sigterm_mid_epoch_saves_a_loadable_checkpoint_and_exits_0(data, tmp_path):
     out = tmp_path / "run"
-    cmd = _cli(*_tiny_flags(data, out), "--epochs", "100")
+    cmd = _cli(*_tiny_flags(data, out), "--epochs", "100", "--log-every", "1")
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -262,7 +296,7 @@ def test_torchrun_two_processes_keep_parameters_identical(data, tmp_path):
 
 def test_bf16_autocast_on_cpu_keeps_fp32_weights(data, tmp_path):
     r = pretrain(tiny_config(data, tmp_path / "run", precision="bf16", max_steps=2))
-    fp32 = pretrain(tiny_config(data, tmp_path / "fp32", max_steps=2))
+    fp32 = pretrain(tiny_config(data, tmp_path / "fp32", precision="fp32", max_steps=2))
     assert r["status"] == "max_steps" and all(np.isfinite(r["losses"]))
     # the forward really ran in bf16: before any update, close to the fp32 loss but not bit-identical
     assert r["losses"][0] != fp32["losses"][0] and abs(r["losses"][0] - fp32["losses"][0]) < 0.05
@@ -360,3 +394,22 @@ def test_ranks_waiting_for_rank_0_give_up_after_the_configured_timeout():
     assert len(waiting) == 2 and waiting[1].startswith("error: "), outcomes
     assert re.search("time ?d? ?out", waiting[1], re.I), waiting[1]
     assert time.monotonic() - start < 60
+
+
+def test_first_line_says_what_precision_auto_chose_and_why(data, tmp_path, capsys, monkeypatch):
+    import fastclr.device
+
+    monkeypatch.setattr(fastclr.device, "native_cpu_bf16", lambda: True)
+    pretrain(tiny_config(data, tmp_path / "run", precision="auto", max_steps=1))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "precision auto -> bf16 autocast (this CPU" in first, first
+
+
+def test_tensorboard_flag_writes_the_run_scalars(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(tiny_config(data, tmp_path / "run", tensorboard=True, log_every=2, max_steps=4))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]

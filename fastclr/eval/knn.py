@@ -123,15 +123,38 @@ def knn_accuracy(
 
 
 @torch.no_grad()
-def contrastive_top1(z_a: torch.Tensor, z_b: torch.Tensor) -> float:
+def contrastive_accuracy(
+    z_a: torch.Tensor, z_b: torch.Tensor, block_rows: int = 1024
+) -> torch.Tensor:
+    """:func:`contrastive_top1` left on the device (a 0-d float32 tensor): no host sync, for a training loop.
+
+    The (2N)^2 similarity matrix is never built: ``block_rows`` anchors at a time are compared with all 2N
+    embeddings, so memory is ``block_rows * 2N`` floats.
+    """
+    n = len(z_a)
+    z = F.normalize(torch.cat([z_a, z_b]).detach().float(), dim=1)
+    positive = torch.arange(2 * n, device=z.device).roll(n)
+    hits = torch.zeros((), dtype=torch.long, device=z.device)
+    for start in range(0, 2 * n, block_rows):
+        rows = torch.arange(start, min(start + block_rows, 2 * n), device=z.device)
+        sim = z[start : start + block_rows] @ z.T  # (block_rows, 2N)
+        sim[torch.arange(len(rows), device=z.device), rows] = float("-inf")  # not its own candidate
+        hits += (sim.argmax(dim=1) == positive[rows]).sum()
+    return hits.float() / (2 * n)
+
+
+@torch.no_grad()
+def contrastive_top1(z_a: torch.Tensor, z_b: torch.Tensor, block_rows: int = 1024) -> float:
     """Fraction of the 2N anchors whose most cosine-similar other embedding is their positive.
 
     Anchor ``i`` of view a has positive ``i`` of view b and vice versa; the candidates are the other
-    ``2N - 1`` embeddings, the same set NT-Xent normalises over.
+    ``2N - 1`` embeddings, the same set NT-Xent normalises over. Computed in row blocks (see
+    :func:`contrastive_accuracy`), never as the full (2N)^2 matrix.
 
     Args:
         z_a: ``(N, D)`` embeddings of the first views.
         z_b: ``(N, D)`` embeddings of the second views.
+        block_rows: anchors per similarity block.
 
     Returns:
         Accuracy in ``[0, 1]``.
@@ -140,9 +163,6 @@ def contrastive_top1(z_a: torch.Tensor, z_b: torch.Tensor) -> float:
         raise ValueError(
             f"z_a and z_b must both be (N, D); got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
         )
-    n = len(z_a)
-    z = F.normalize(torch.cat([z_a, z_b]).detach().float(), dim=1)
-    sim = z @ z.T
-    sim.fill_diagonal_(float("-inf"))
-    positive = torch.arange(2 * n, device=z.device).roll(n)
-    return (sim.argmax(dim=1) == positive).float().mean().item()
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows!r}")
+    return contrastive_accuracy(z_a, z_b, block_rows).item()  # the host sync

@@ -9,6 +9,8 @@ themselves (the symmetric form, see ``tiled.py``): the only extra communication 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastclr.nt_xent_spec import all_gather_rows
@@ -38,10 +40,31 @@ def resolve_group(gather_distributed: bool, group=None):
     return group if dist.get_world_size(group) > 1 else None
 
 
+_checked_once: set | None = None  # (group, n, d) already checked inside check_batches_once(); None outside it
+
+
+@contextlib.contextmanager
+def check_batches_once():
+    """Inside this block each (group, N, D) is checked by :func:`check_equal_batches` on its first call only.
+
+    The check is an all_gather and a host read: a sync per step. A loop whose ranks all feed one fixed batch shape
+    for the whole block (the trainer's equal drop-last shards) needs it once; a rank that changed shape alone inside
+    the block would check alone and hang the group, so only such loops may use it.
+    """
+    global _checked_once
+    outer, _checked_once = _checked_once, set()
+    try:
+        yield
+    finally:
+        _checked_once = outer
+
+
 def check_equal_batches(n: int, d: int, device: torch.device, group) -> None:
     """Raise the same ValueError on every rank unless all ranks hold (n, d) embeddings (all_gather needs equal shapes)."""
     import torch.distributed as dist
 
+    if _checked_once is not None and (group, n, d) in _checked_once:
+        return
     world = dist.get_world_size(group)
     mine = torch.tensor([n, d], dtype=torch.int64, device=device)
     shapes = [torch.empty_like(mine) for _ in range(world)]
@@ -52,6 +75,8 @@ def check_equal_batches(n: int, d: int, device: torch.device, group) -> None:
             "gather_distributed needs the same per-rank batch on every rank; got (N, D) per rank: "
             + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
         )
+    if _checked_once is not None:
+        _checked_once.add((group, n, d))
 
 
 class _AllGatherRows(torch.autograd.Function):

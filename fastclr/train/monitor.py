@@ -1,7 +1,7 @@
 """Watching a run without changing it: console lines, the progress bar, per-step metric rows and the kNN monitor.
 
 Everything here runs or prints on the main rank only (callers check ``info.is_main``, or pass ``enabled``); nothing here
-synchronises with the device except the kNN evaluation itself.
+synchronises with the device except the kNN evaluation itself: the losses it shows were read back by the trainer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from fastclr.train import dist
-from fastclr.train.build import build_eval_loader, compile_skip_reason, peak_lr
+from fastclr.train.build import (
+    build_eval_loader,
+    compile_skip_reason,
+    describe_precision,
+    peak_lr,
+)
 from fastclr.train.checkpoint import RunState
 from fastclr.train.config import PretrainConfig
 from fastclr.train.metrics import MetricsLog
@@ -29,16 +34,14 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def describe(
-    cfg: PretrainConfig, info: dist.DistInfo, loader, autocast_dtype, model: nn.Module
-) -> str:
+def describe(cfg: PretrainConfig, info: dist.DistInfo, loader, model: nn.Module) -> str:
     """The resolved run, printed at start: devices, data, schedule, a skipped --compile, and the full config."""
     from fastclr.losses.nt_xent import resolve_impl
 
     steps_per_epoch = len(loader)
     lines = [
         f"fastclr pretrain: {info.world_size} process(es) on {info.device.type}, loss impl {resolve_impl(cfg.loss.loss_impl, info.device)}, "
-        f"precision {cfg.run.precision} -> {autocast_dtype or torch.float32}",
+        f"precision {cfg.run.precision} -> {describe_precision(cfg.run.precision, info.device)}",
         f"data {cfg.data.data}: {loader.num_samples} images/rank, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs "
         f"= {steps_per_epoch * cfg.optim.epochs} steps, loader {type(loader).__name__}",
         f"peak lr {peak_lr(cfg):.4g} ({cfg.optim.lr_scaling} scaling, global batch {cfg.optim.batch_size})",
@@ -58,7 +61,7 @@ def say_summary(r: dict[str, Any], loader, knn_k: int) -> None:
         else f"{r['status']} at step {r['step']}"
     )
     if r["nonfinite_skipped"]:
-        say(f"skipped {r['nonfinite_skipped']} step(s) with a non-finite loss")
+        say(f"skipped {r['nonfinite_skipped']} step(s) with a non-finite loss, gradient or update")
     if loader.num_skipped:
         path, reason = loader.skipped[0]
         say(
@@ -76,7 +79,9 @@ class StepMeter:
     """Per-step reporting of the training loop: the progress bar, a metrics row per logged step, epoch summaries.
 
     Use as a context manager (it closes the bar) and iterate the loader through :meth:`timed`, which measures the wait
-    for each batch (``data_s``) and the whole step that follows it (``step_s``).
+    for each batch (``data_s``). Steps are queued on the device and read back only now and then, so speed is measured
+    between reads (:meth:`read_done`), where the host has waited for the device: a step's own wall time would
+    count only its kernel launches.
     """
 
     def __init__(
@@ -95,9 +100,9 @@ class StepMeter:
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        self.ips_avg: float | None = None
         self.epoch_losses: list[float] = []
         self.t_epoch = self.t_data = self.data_s = 0.0
+        self.t_read = time.perf_counter()
 
     def __enter__(self) -> StepMeter:
         return self
@@ -118,32 +123,37 @@ class StepMeter:
             self.data_s = time.perf_counter() - self.t_data
             yield batch
 
-    def step_done(self, s: RunState, loss: float, lr: float, top1: float | None) -> None:
-        """After step ``s.step``: advance the bar, and write a metrics row when the step computed its top-1."""
-        step_s = time.perf_counter() - self.t_data
+    def step_done(self) -> None:
+        """A step is queued: advance the bar."""
+        self.bar.update(1)
+
+    def read_done(self, s: RunState, losses: list[float], lr: float, top1: float | None) -> None:
+        """The losses of the steps up to ``s.step`` were read back: the bar's numbers, and a metrics row when the
+        step computed its top-1 (a logged step)."""
+        now = time.perf_counter()
+        step_s = (now - self.t_read) / len(losses)  # the mean over the steps since the last read
         ips = self.cfg.optim.batch_size / step_s
-        self.ips_avg = ips if self.ips_avg is None else 0.9 * self.ips_avg + 0.1 * ips
-        self.epoch_losses.append(loss)
+        self.t_read = now
+        self.epoch_losses += losses
         if top1 is not None:
             row = {
                 "step": s.step,
                 "epoch": s.epoch,
-                "loss": loss,
+                "loss": losses[-1],
                 "lr": lr,
                 "contrastive_top1": top1,
                 "images_per_s": ips,
                 "data_s": self.data_s,
                 "step_s": step_s,
-                "elapsed_s": time.perf_counter() - self.t_start,
+                "elapsed_s": now - self.t_start,
             }
             self.log.log("train", row)
-        self.bar.update(1)
         self.bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{self.ips_avg:.0f}", refresh=False
+            loss=f"{losses[-1]:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}", refresh=False
         )
 
     def epoch_done(self, epoch: int, lr: float) -> None:
-        """One summary line for the epoch that just ended (``epoch`` epochs are now complete)."""
+        """One summary line for the epoch that just ended (``epoch`` epochs are now complete; its losses are read)."""
         if not self.log.enabled:
             return
         n, elapsed = len(self.epoch_losses), time.perf_counter() - self.t_epoch

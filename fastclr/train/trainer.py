@@ -2,7 +2,7 @@
 
 Run it:
 
-    # one process, CPU or one GPU; without --data it trains on the embedded digits demo in a few minutes
+    # one process, CPU or one GPU; without --data it trains on the embedded shapes demo in a few minutes
     fastclr pretrain
     python -m fastclr pretrain --preset cifar10-r18 --data cifar10/train --test-data cifar10/test
 
@@ -19,20 +19,26 @@ Run it:
 
 Under torchrun each rank trains on its own shard of every epoch, the loss gathers the negatives of all ranks,
 gradients are averaged by DDP, and only rank 0 logs, evaluates and writes checkpoints.
+
+Steps are queued on the device without reading anything back: the loss, a non-finite flag and the stop votes of each
+step wait there until the host reads them all at once, every ``--log-every`` steps and before every checkpoint, epoch
+end and stop (:meth:`Trainer.read_back`, the loop's one host sync).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as torch_dist
 
+from fastclr.eval.knn import contrastive_accuracy
+from fastclr.losses.distributed import check_batches_once
 from fastclr.train import dist
 from fastclr.train.build import (
     build_model,
@@ -54,7 +60,7 @@ from fastclr.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from fastclr.train.config import RESUME_FREE_KEYS, PretrainConfig
+from fastclr.train.config import RESUME_FREE_KEYS, ConfigError, PretrainConfig
 from fastclr.train.metrics import MetricsLog, plot_curves
 from fastclr.train.monitor import KnnMonitor, StepMeter, describe, say, say_summary
 from fastclr.train.signals import GracefulStop
@@ -66,6 +72,76 @@ class TrainingError(RuntimeError):
 
 def _no_timing(phase: str) -> None:
     pass
+
+
+def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device: does any tensor hold a NaN or inf? (The max-abs norm overflows for no finite value.)"""
+    return (
+        torch.stack(torch._foreach_norm(list(tensors), float("inf"))).isfinite().all().logical_not()
+    )
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors of an optimiser's per-parameter state (LARS: the momentum buffers)."""
+    return [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+class PendingStep(NamedTuple):
+    """A step queued on the device and not yet read back: its data position and its device-side results."""
+
+    step: int  # optimiser steps taken before it
+    epoch: int
+    batch: int
+    loss: torch.Tensor  # 0-d float32, this rank's loss
+    nonfinite: torch.Tensor  # 0-d bool: the loss, the gradients or the updated weights were NaN/inf
+    top1: torch.Tensor | None  # 0-d float32 contrastive top-1, on logged steps only
+
+
+class ReadBack(NamedTuple):
+    """What :meth:`Trainer.read_back` read: the losses of the steps since the last read (averaged over ranks), the
+    contrastive top-1 of a logged step among them (averaged over ranks), and whether any rank asked to stop."""
+
+    losses: list[float]
+    top1: float | None
+    stop: bool
+
+
+class UpdateGuard:
+    """Undoes a step on the device when a device flag says so, with no host read (as a GradScaler skips a step).
+
+    Before each step :meth:`save` copies the weights, the optimiser state and the buffers (BatchNorm running
+    statistics, which the forward updates) into preallocated tensors, in place; after it :meth:`undo_if` puts them
+    back with ``torch.where``. Optimiser state the step created (momentum on the first step) is zeroed, which is
+    how LARS starts it.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.saved: list[torch.Tensor] = []
+        self.copies: list[torch.Tensor] = []
+
+    def _live(self) -> list[torch.Tensor]:
+        state = optimizer_tensors(self.optimizer)
+        return [*self.model.parameters(), *self.model.buffers(), *state]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        live = self._live()
+        if [t.shape for t in live] != [t.shape for t in self.copies]:
+            self.copies = [
+                torch.empty_like(t) for t in live
+            ]  # once, and when the optimiser adds state
+        torch._foreach_copy_(self.copies, live)
+        self.saved = live
+
+    @torch.no_grad()
+    def undo_if(self, flag: torch.Tensor) -> None:
+        for t, copy in zip(self.saved, self.copies, strict=True):
+            torch.where(flag, copy, t, out=t)
+        saved = {id(t) for t in self.saved}
+        for t in self._live():
+            if id(t) not in saved:
+                torch.where(flag, torch.zeros((), dtype=t.dtype, device=t.device), t, out=t)
 
 
 class Trainer:
@@ -81,7 +157,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.state = RunState()
         self.last_ckpt: Path | None = None
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # every step's loss, appended as they are read back
+        self.pending: list[PendingStep] = []
         self.on_phase = _no_timing
 
     # -- set-up ------------------------------------------------------------------------------------------------------
@@ -96,6 +173,8 @@ class Trainer:
             loader_dtype = torch.float16 if self.autocast_dtype == torch.float16 else torch.float32
             try:
                 loader = build_train_loader(cfg, info, loader_dtype)
+            except ConfigError:  # already names the flags it is about
+                raise
             except ValueError as e:  # e.g. fewer images than one batch, a corrupt file: say which settings met which data
                 raise ValueError(
                     f"--data {cfg.data.data}, --batch-size {cfg.optim.batch_size}: {e}"
@@ -119,6 +198,13 @@ class Trainer:
             # Rank 0 evaluates; open (and so validate) its data now, so a bad --test-data stops every rank at once.
             dist.run_on_main(self.knn.prepare, info)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        # fp16's overflowing steps are undone as non-finite ones are with --skip-nonfinite; without either, a
+        # non-finite step stops the run at the next read, before anything is saved, so it need not be undone.
+        self.guard = (
+            UpdateGuard(self.model, self.optimizer)
+            if cfg.run.skip_nonfinite or self.scaler is not None
+            else None
+        )
         # Per-process randomness differs by rank; the data order/augmentation is seeded by the loader itself.
         torch.manual_seed(cfg.run.seed + info.rank)
 
@@ -177,6 +263,9 @@ class Trainer:
         path = checkpoint_path(self.ckpt_dir, self.state.step)
         if self.last_ckpt is not None and self.last_ckpt.name == path.name:
             return  # this step is saved already (e.g. an epoch end that is also a --ckpt-every step)
+        if self.pending:
+            raise RuntimeError(f"save() at step {self.state.step} before its steps were read back")
+        self.check_finite_state()
         rngs = dist.all_gather_object(rng_state(), self.info)
         if self.info.is_main:
             ckpt = TrainCheckpoint(
@@ -205,6 +294,19 @@ class Trainer:
         dist.barrier(self.info)
         return top1
 
+    def check_finite_state(self) -> None:
+        """Refuse to checkpoint NaN/inf weights or optimiser state (a backstop: read_back stops or undoes
+        non-finite steps first). Every rank checks its identical copy, so every rank raises together."""
+        s = self.state
+        state = optimizer_tensors(self.optimizer)
+        tensors = [t for t in (*self.model.state_dict().values(), *state) if t.is_floating_point()]
+        if any_nonfinite(tensors).item():  # host sync, on checkpoint steps only
+            where = self.last_ckpt if self.last_ckpt is not None else "none yet"
+            raise TrainingError(
+                f"non-finite weights or optimiser state at step {s.step} (epoch {s.epoch}, batch {s.batch}): "
+                f"not saved; last good checkpoint: {where}"
+            )
+
     def check_ranks_in_sync(self) -> None:
         """Compare every parameter with rank 0's copy, bit for bit; raise if DDP let any rank drift."""
         if not self.info.distributed:
@@ -223,20 +325,21 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------------------------------
 
     def train_step(
-        self, view_a: torch.Tensor, view_b: torch.Tensor, stop_requested: bool
-    ) -> tuple[float, float | None, bool]:
-        """One optimisation step on a batch of view pairs; returns (loss averaged over ranks, contrastive top-1, stop)."""
-        from fastclr.eval import contrastive_top1
+        self, view_a: torch.Tensor, view_b: torch.Tensor, with_top1: bool = False
+    ) -> None:
+        """One optimisation step on a batch of view pairs, queued on the device: nothing is read back.
 
-        cfg, dev = self.cfg, self.info.device
-        # A skipped step must leave the model as it was, but the forward folds the batch's
-        # (non-finite) statistics into the BatchNorm running buffers: keep a copy to put back.
-        saved_buffers = None
-        if cfg.run.skip_nonfinite:
-            saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+        Its loss, whether the loss, the gradients or the updated weights were non-finite, and (``with_top1``) its
+        contrastive top-1 wait in :attr:`pending` for :meth:`read_back`. With --skip-nonfinite (and under fp16, for
+        overflowing gradients) a non-finite step is also undone on the device, BatchNorm statistics included.
+        """
+        s = self.state
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.guard is not None:
+            self.guard.save()
         x = (
             torch.cat([view_a, view_b])
-            .to(dev, non_blocking=True)
+            .to(self.info.device, non_blocking=True)
             .contiguous(memory_format=torch.channels_last)
         )
         self.on_phase("data")
@@ -248,46 +351,86 @@ class Trainer:
 
         z_a, z_b = z.float().chunk(2)
         loss = self.loss_fn(z_a, z_b)
-        # The one host-device sync of a step: the loss value (for logging and the non-finite check) and the stop
-        # flag, summed over ranks so that every rank takes the same decision.
-        flags = torch.stack([loss.detach(), torch.tensor(float(stop_requested), device=dev)])
-        loss_value, stop_votes = dist.all_reduce_sum(flags, self.info).tolist()
-        loss_value /= self.info.world_size
-        top1 = None
-        if self.state.step % cfg.run.log_every == 0:
-            top1 = contrastive_top1(z_a.detach(), z_b.detach())
+        top1 = contrastive_accuracy(z_a.detach(), z_b.detach()) if with_top1 else None
         self.on_phase("loss")
 
+        # A non-finite loss on this rank makes its gradients NaN, and DDP's gradient all-reduce spreads them: every
+        # rank then sees non-finite gradients at the same step and undoes it, with no collective of our own.
+        loss_bad = loss.detach().isfinite().logical_not()
+        loss_or_nan = loss * torch.where(loss_bad, float("nan"), 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss_value):
-            self.skip_step(loss_value, saved_buffers)
-        elif self.scaler is None:
-            loss.backward()
-            self.on_phase("backward")
-            self.optimizer.step()
-        else:  # fp16: backward through the scaled loss; the scaler unscales and skips overflowing steps
-            self.scaler.scale(loss).backward()
-            self.on_phase("backward")
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self.scaler is None:
+            loss_or_nan.backward()
+        else:  # fp16: backward through the scaled loss, then unscale (the scaler records overflows on the device)
+            self.scaler.scale(loss_or_nan).backward()
+            self.scaler.unscale_(self.optimizer)
+        self.on_phase("backward")
+
+        grads_bad = any_nonfinite(p.grad for p in params if p.grad is not None)
+        self.optimizer.step()
+        nonfinite = loss_bad | any_nonfinite(params)
+        if self.scaler is None:
+            nonfinite |= grads_bad
+        else:
+            self.scaler.update()  # non-finite fp16 gradients are overflows: skipped and the scale lowered
+        if self.guard is not None:
+            self.guard.undo_if(nonfinite | grads_bad)
         self.scheduler.step()
         self.on_phase("optimiser")
-        return loss_value, top1, stop_votes > 0
+        self.pending.append(PendingStep(s.step, s.epoch, s.batch, loss.detach(), nonfinite, top1))
 
-    def skip_step(self, loss_value: float, saved_buffers: list[torch.Tensor] | None) -> None:
-        """A non-finite loss: stop, naming the step and the last good checkpoint; or, with --skip-nonfinite, count
-        the step and put the BatchNorm buffers back as they were before it."""
-        s = self.state
+    def read_back(self, stop_requested: bool) -> ReadBack:
+        """Read the pending steps' results and every rank's stop vote: one all-reduce, one host sync.
+
+        A non-finite step among them stops the run (TrainingError naming it), or with --skip-nonfinite is counted:
+        it was undone on the device already.
+        """
+        steps, self.pending = self.pending, []
+        world = self.info.world_size
+        top1s = [p.top1 for p in steps if p.top1 is not None]
+        vote = torch.full((1,), float(stop_requested), device=self.info.device)
+        packed = torch.cat(
+            [
+                torch.stack([p.loss for p in steps]),
+                torch.stack([p.nonfinite for p in steps]).float(),
+                torch.stack(top1s[-1:]) if top1s else vote[:0],
+                vote,
+            ]
+        )
+        # The host sync, summed over ranks so that every rank takes the same decisions.
+        values = dist.all_reduce_sum(packed, self.info).tolist()
+        n = len(steps)
+        losses = [v / world for v in values[:n]]
+        self.losses += losses
+        bad = [
+            (p, loss)
+            for p, loss, flag in zip(steps, losses, values[n : 2 * n], strict=True)
+            if flag
+        ]
+        if bad:
+            self.nonfinite_steps(bad)
+        top1 = values[2 * n] / world if top1s else None
+        return ReadBack(losses, top1, values[-1] > 0)
+
+    def nonfinite_steps(self, bad: list[tuple[PendingStep, float]]) -> None:
+        """Non-finite steps just read back: stop, naming the first and the last good checkpoint; or, with
+        --skip-nonfinite, count them (they were undone on the device)."""
+        first, loss = bad[0]
+        what = (
+            f"non-finite loss ({loss})"
+            if loss != loss or abs(loss) == float("inf")
+            else f"non-finite gradients or updated weights (loss {loss:.4f})"
+        )
         if not self.cfg.run.skip_nonfinite:
             where = self.last_ckpt if self.last_ckpt is not None else "none yet"
             raise TrainingError(
-                f"non-finite loss ({loss_value}) at step {s.step} (epoch {s.epoch}, batch {s.batch}); "
+                f"{what} at step {first.step} (epoch {first.epoch}, batch {first.batch}); "
                 f"last good checkpoint: {where}. Lower --lr, try --precision fp32, or pass --skip-nonfinite"
             )
-        s.nonfinite_skipped += 1
-        with torch.no_grad():
-            for buffer, saved in zip(self.model.buffers(), saved_buffers, strict=True):
-                buffer.copy_(saved)
+        self.state.nonfinite_skipped += len(bad)
+        if self.info.is_main:
+            steps = ", ".join(str(p.step) for p, _ in bad)
+            say(f"skipped non-finite step(s) {steps} (first: {what})")
 
     def run_steps(self, limit: int, stop: GracefulStop, log: MetricsLog, meter: StepMeter) -> str:
         """The epoch/batch loop up to step ``limit``; returns "completed" or "stopped" (by a signal)."""
@@ -296,21 +439,29 @@ class Trainer:
             self.loader.set_epoch(s.epoch, skip_batches=s.batch)
             for view_a, view_b in meter.timed(self.loader):
                 lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
-                loss, top1, stop_now = self.train_step(view_a, view_b, stop.signal_name is not None)
-                self.losses.append(loss)
+                logged = (s.step + 1) % cfg.run.log_every == 0
+                self.train_step(view_a, view_b, with_top1=logged)
                 s.step, s.batch = s.step + 1, s.batch + 1
-                meter.step_done(s, loss, lr, top1)
+                meter.step_done()
                 epoch_ended = s.batch == self.steps_per_epoch
+                ckpt_due = epoch_ended or (cfg.run.ckpt_every and s.step % cfg.run.ckpt_every == 0)
+                # one process can act on its own signal at once; under torchrun the ranks vote at the next read
+                signalled = stop.signal_name is not None and not self.info.distributed
+                stop_now = False
+                if logged or ckpt_due or s.step >= limit or signalled:
+                    read = self.read_back(stop.signal_name is not None)  # the host sync
+                    meter.read_done(s, read.losses, lr, read.top1)
+                    stop_now = read.stop
                 if epoch_ended:
                     s.epoch, s.batch = s.epoch + 1, 0
                     meter.epoch_done(s.epoch, lr)
 
-                # every rank decided to stop together (train_step summed the votes)
+                # every rank decided to stop together (read_back summed the votes)
                 if stop_now:
                     return "stopped"
                 if s.step >= limit:
                     return "completed"
-                if epoch_ended or (cfg.run.ckpt_every and s.step % cfg.run.ckpt_every == 0):
+                if ckpt_due:
                     self.save()
                 if epoch_ended and cfg.run.knn_every and s.epoch % cfg.run.knn_every == 0:
                     self.evaluate_knn(log)
@@ -319,14 +470,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current state to the end (or ``max_steps``, or a signal); returns the run summary."""
         cfg, s = self.cfg, self.state
-        log = MetricsLog(self.out, enabled=self.info.is_main)
+        log = MetricsLog(self.out, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard)
         limit = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         start_step, t_start = s.step, time.perf_counter()
         if s.step == 0 and self.knn.enabled:
             s.knn_init = self.evaluate_knn(log)
 
         meter = StepMeter(cfg, log, start=s.step, limit=limit, t_start=t_start)
-        with GracefulStop() as stop, meter:
+        # every rank feeds the same fixed batch shape all run: the loss checks it once, not every step
+        with GracefulStop() as stop, meter, check_batches_once():
             status = self.run_steps(limit, stop, log, meter)
         if status == "completed" and s.step < self.total_steps:
             status = "max_steps"
@@ -389,7 +541,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         if path is not None:
             trainer.restore(path)
         if info.is_main:
-            say(describe(cfg, info, trainer.loader, trainer.autocast_dtype, trainer.model))
+            say(describe(cfg, info, trainer.loader, trainer.model))
             trainer.out.mkdir(parents=True, exist_ok=True)
             (trainer.out / "config.toml").write_text(cfg.to_toml())
         try:
