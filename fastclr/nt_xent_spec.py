@@ -34,6 +34,18 @@ def fp32_dot_precision() -> str:
     return "tf32" if mode == "tf32" else "ieee"
 
 
+def row_norms(z: torch.Tensor) -> torch.Tensor:
+    """max(||z_i||, EPS) of every row of z (A, D): (A,) in z's dtype, overflow- and underflow-free.
+
+    Each row is divided by its largest |z_ij| before squaring, ||z|| = s ||z / s||: squared, fp32 rows of norm >= ~1e19
+    overflow to inf (they became zero vectors, z / inf) and tiny rows underflow. The scale s is a constant for
+    autograd: the norm is homogeneous, so its gradient is z / ||z|| either way. A NaN or inf entry still gives NaN.
+    """
+    scale = z.detach().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: 0 / 1, not 0 / 0
+    return (torch.linalg.vector_norm(z / scale, dim=1) * scale[:, 0]).clamp_min(EPS)
+
+
 def check_temperature(temperature) -> float:
     """tau as a float. TypeError unless a real number, ValueError unless finite and > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):

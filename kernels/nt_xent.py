@@ -14,7 +14,9 @@ The trick that makes it cheap: S is symmetric, so the row block i of S alone yie
 (2N)x(2N)xD GEMMs (S forward, S again and W @ cols backward). The (2N)x(2N) matrix never exists in memory.
 
 Launches (two each way):
-    forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,)
+    forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,); z_hat rows
+                                          are zero-padded to a multiple of 16 elements, which the GEMM kernels read
+                                          whole (aligned, unmasked: vector loads at any D, see ``padded_width``)
                _nt_xent_fwd_kernel        row blocks x all column blocks: online logsumexp in fp32 -> per-row stats
                                           (m_i, log l_i), the positive picked from the same S tiles, and the mean loss,
                                           reduced in a fixed order by the last program to finish (no host sync)
@@ -29,6 +31,13 @@ cosines times QK_SCALE, never a difference of two numbers of size 1/tau (see _nt
 For D up to MAX_BLOCK_D the whole row fits one block and forward + backward execute exactly three GEMMs (plus padding);
 above it the forward loops over D, and the backward splits the output D into chunks of CHUNK_BLOCK_DO and recomputes S
 per chunk, (D / CHUNK_BLOCK_DO + 2) GEMMs in all (see ``executed_macs``).
+Exact fp32 (precision="ieee") multiplies on the FMA units instead of the tensor cores. Triton's FMA dot keeps a thread's
+operand slices for the whole K extent in registers, so one block of D = 128 or 256 spills at any tile worth running; the
+exact path loops over D in EXACT_BLOCK_D = 32 steps at every D > 32, with backward output chunks of up to EXACT_BLOCK_DO =
+256 (three GEMMs up to D = 256, D / 256 + 2 above) and its own candidates (``_EXACT_FP32_CANDIDATES``). What it costs
+against tf32: the FMA peak is 1/7.4 of the dense tf32 tensor-core peak on an H100 SXM (66.9 vs 494.7 TFLOP/s; 1/8 on an
+A100), so ieee is at least ~7x slower on the GEMMs; 16 outputs per thread (the backward's logits tile: 4) leave it bound
+by shared-memory operand loads below even that peak (an estimate from the compiled code, not a measurement).
 Under TRITON_INTERPRET=1 the INTERPRETER constexpr upcasts dot operands to fp32 (the interpreter's bf16 dot returns
 garbage, its fp32 dot is exact) and rounds fp32 -> bf16 to nearest even by hand (its cast truncates).
 """
@@ -60,6 +69,10 @@ MAX_BLOCK_D = 256
 # D > MAX_BLOCK_D: D step of the logits loop, and the backward output chunk (256 would spill next to that loop).
 CHUNK_BLOCK_D = 64
 CHUNK_BLOCK_DO = 128
+# Exact fp32 (precision="ieee") multiplies on the FMA units, whose tl.dot holds both operands' whole K extent in
+# registers: every D above EXACT_BLOCK_D loops over D in steps of it, with backward output chunks of up to EXACT_BLOCK_DO.
+EXACT_BLOCK_D = 32
+EXACT_BLOCK_DO = 256
 # The two memory-bound normalisation kernels: 16 x 64 tiles keep the six live tiles of the chain rule in registers.
 ELEMENTWISE_BLOCK_R = 16
 ELEMENTWISE_BLOCK_D = 64
@@ -164,6 +177,18 @@ def _logits_tile(
 
 
 @triton.jit
+def _sumsq_step(ss, mx, x):
+    """One (BLOCK_R, BLOCK_D) block of row-wise sums of squares kept relative to the running max |x| (ss * mx^2 is the
+    sum so far): squared, fp32 values above ~1.8e19 overflow (the row became a zero vector, z / inf). Returns the new
+    (ss, mx); a NaN or inf entry makes ss NaN."""
+    new = tl.maximum(mx, tl.max(tl.abs(x), 1))
+    scale = tl.where(new > 0, new, 1.0)  # all-zero so far: 0 / 1, not 0 / 0
+    ratio = mx / scale
+    xs = x / scale[:, None]
+    return ss * ratio * ratio + tl.sum(xs * xs, 1), new
+
+
+@triton.jit
 def _nt_xent_norm_fwd_kernel(
     za_ptr,
     zb_ptr,
@@ -174,6 +199,7 @@ def _nt_xent_norm_fwd_kernel(
     D,
     stride_a,
     stride_b,
+    stride_zhat,
     EPS_: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -181,7 +207,8 @@ def _nt_xent_norm_fwd_kernel(
     INTERPRETER: tl.constexpr,
 ):
     """Rows r of z_a and of z_b -> z_hat rows r and N + r (input dtype; tf32 values for tf32 dots, so the GEMMs read
-    them rounded to nearest, see _round_operand) and their norms max(||z||, eps) (fp32)."""
+    them rounded to nearest, see _round_operand) and their norms max(||z||, eps) (fp32). z_hat rows are stride_zhat
+    >= D wide (see ``padded_width``): columns D.. are written as zeros, so the GEMM kernels read whole rows unmasked."""
     pid = tl.program_id(0)
     if pid == 0:
         # The forward kernel's arrival counter starts at zero (stream order puts this store before that launch).
@@ -192,21 +219,28 @@ def _nt_xent_norm_fwd_kernel(
     rb = zb_ptr + r[:, None].to(tl.int64) * stride_b
     ssa = tl.zeros((BLOCK_R,), dtype=tl.float32)
     ssb = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    mxa = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    mxb = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         m = ok[:, None] & (offs[None, :] < D)
         a = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32)
         b = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        ssa += tl.sum(a * a, 1)
-        ssb += tl.sum(b * b, 1)
-    # F.normalize semantics: divide by max(||z||, eps), so zero rows stay zero.
-    na = tl.maximum(tl.sqrt(ssa), EPS_)
-    nb = tl.maximum(tl.sqrt(ssb), EPS_)
-    out_a = zhat_ptr + r[:, None].to(tl.int64) * D
-    out_b = zhat_ptr + (N + r[:, None]).to(tl.int64) * D
-    for d0 in range(0, D, BLOCK_D):
+        ssa, mxa = _sumsq_step(ssa, mxa, a)
+        ssb, mxb = _sumsq_step(ssb, mxb, b)
+    # F.normalize semantics: divide by max(||z||, eps), so zero rows stay zero. ||z|| = mx * sqrt(ss); NaN propagates
+    # (the GPU's max would otherwise return eps for a NaN norm).
+    na = tl.where(mxa > 0, mxa, 1.0) * tl.sqrt(ssa)
+    nb = tl.where(mxb > 0, mxb, 1.0) * tl.sqrt(ssb)
+    na = tl.maximum(na, EPS_, propagate_nan=tl.PropagateNan.ALL)
+    nb = tl.maximum(nb, EPS_, propagate_nan=tl.PropagateNan.ALL)
+    out_a = zhat_ptr + r[:, None].to(tl.int64) * stride_zhat
+    out_b = zhat_ptr + (N + r[:, None]).to(tl.int64) * stride_zhat
+    for d0 in range(0, stride_zhat, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         m = ok[:, None] & (offs[None, :] < D)
+        # The padding columns get the zeros of the masked loads.
+        out_m = ok[:, None] & (offs[None, :] < stride_zhat)
         a = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32)
         b = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(
@@ -214,14 +248,14 @@ def _nt_xent_norm_fwd_kernel(
             _round_operand(
                 a / na[:, None], zhat_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER
             ),
-            mask=m,
+            mask=out_m,
         )
         tl.store(
             out_b + offs[None, :],
             _round_operand(
                 b / nb[:, None], zhat_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER
             ),
-            mask=m,
+            mask=out_m,
         )
     tl.store(norm_ptr + r, na, mask=ok)
     tl.store(norm_ptr + N + r, nb, mask=ok)
@@ -460,6 +494,7 @@ def _nt_xent_norm_bwd_kernel(
     D,
     stride_a,
     stride_b,
+    stride_acc,
     grad_scale,
     EPS_: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -477,8 +512,8 @@ def _nt_xent_norm_bwd_kernel(
     nb = tl.load(norm_ptr + N + r, mask=ok, other=1.0)
     ra = za_ptr + r[:, None].to(tl.int64) * stride_a
     rb = zb_ptr + r[:, None].to(tl.int64) * stride_b
-    acc_a = acc_ptr + r[:, None].to(tl.int64) * D
-    acc_b = acc_ptr + (N + r[:, None]).to(tl.int64) * D
+    acc_a = acc_ptr + r[:, None].to(tl.int64) * stride_acc
+    acc_b = acc_ptr + (N + r[:, None]).to(tl.int64) * stride_acc
     rad_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
     rad_b = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -546,6 +581,7 @@ CONFIGS = {
         KernelConfig(64, 64, 8, 2),
         KernelConfig(64, 32, 8, 2),
         KernelConfig(64, 32, 8, 1),
+        KernelConfig(32, 32, 8, 2),
     )
 }
 KERNELS = ("fwd", "bwd")
@@ -557,9 +593,8 @@ KERNELS = ("fwd", "bwd")
 # BLOCK_M x BLOCK_DO fp32 accumulator next to the logits tile, which leaves no registers for 128-row blocks and at
 # BLOCK_DO = 256 needs 8 warps to share it. fp32 tiles take twice the shared memory per pipeline stage.
 _CANDIDATES = {
-    ("fwd", 0, 2): (
-        "BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W4_S3", "BM64_BN128_W4_S3", "BM64_BN32_W4_S2",
-    ),
+    # BM128_BN128_W8_S2 spills on sm_80 at unaligned D (D = 100: 255 registers + 168 B of stack): tier 1 only.
+    ("fwd", 0, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN128_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("bwd", 0, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
@@ -572,8 +607,18 @@ _CANDIDATES = {
     ("bwd", 1, 4): ("BM64_BN32_W8_S2",),
     ("bwd", 2, 4): ("BM64_BN32_W8_S1",),
 }  # fmt: skip
-# fp32 with precision="ieee": tl.dot runs on the FMA units with both operand tiles in registers.
-_EXACT_FP32_CANDIDATES = {key: names for key, names in _CANDIDATES.items() if key[2] == 4}
+# fp32 with precision="ieee": tl.dot runs on the FMA units, and Triton's FMA dot keeps both operands' K slices in
+# registers (the register blocking of a thread's m x n outputs costs (m + n) K registers). At one block of D = 128 or 256
+# only 1-4 outputs per thread compile spill-free, and which ones does not follow a pattern; in EXACT_BLOCK_D = 32 steps
+# (``d_tiling``) every D compiles the same loop body, the forward keeps 16 outputs per thread (BM64_BN64_W8) and the
+# backward's W @ cols GEMM 16-32; the backward's logits tile stays at 32 x 32, the largest that is clean on sm_80.
+_EXACT_FP32_FWD = ("BM64_BN64_W8_S3", "BM64_BN32_W8_S2")
+_EXACT_FP32_BWD = ("BM32_BN32_W8_S2",)
+_EXACT_FP32_CANDIDATES = {
+    (kernel, tier, 4): _EXACT_FP32_FWD if kernel == "fwd" else _EXACT_FP32_BWD
+    for kernel in ("fwd", "bwd")
+    for tier in (0, 1, 2)
+}
 
 
 def list_configs() -> list[str]:
@@ -589,19 +634,28 @@ class BlockD(NamedTuple):
     block_do: int
 
 
-def d_tiling(d: int) -> BlockD:
+def d_tiling(d: int, exact: bool = False) -> BlockD:
     """D <= MAX_BLOCK_D: one power-of-two block (>= 16, tl.dot's minimum). Larger D: a loop of CHUNK_BLOCK_D steps and
-    backward output chunks of CHUNK_BLOCK_DO."""
+    backward output chunks of CHUNK_BLOCK_DO. exact (fp32 with precision="ieee", FMA dots): D > EXACT_BLOCK_D loops in
+    EXACT_BLOCK_D steps, the backward in output chunks of up to EXACT_BLOCK_DO."""
+    block = max(16, triton.next_power_of_2(d))
+    if exact and d > EXACT_BLOCK_D:
+        return BlockD(EXACT_BLOCK_D, triton.cdiv(d, EXACT_BLOCK_D), min(block, EXACT_BLOCK_DO))
     if d <= MAX_BLOCK_D:
-        block = max(16, triton.next_power_of_2(d))
         return BlockD(block, 1, block)
     return BlockD(CHUNK_BLOCK_D, triton.cdiv(d, CHUNK_BLOCK_D), CHUNK_BLOCK_DO)
 
 
 def d_tier(d: int) -> int:
-    """0: one block of D <= 128, 1: one block of 256, 2: the D loop (D > MAX_BLOCK_D)."""
+    """0: one block of D <= 128, 1: one block of 256, 2: the D loop (D > MAX_BLOCK_D). Exact fp32 keys its candidates on
+    the same D ranges (its tiling is its own, see ``d_tiling``)."""
     tiling = d_tiling(d)
     return 2 if tiling.d_blocks > 1 else int(tiling.block_d > 128)
+
+
+def _exact_fp32(itemsize: int, precision: str) -> bool:
+    """fp32 inputs with precision="ieee": the FMA-unit dots, their own tiling and candidates."""
+    return itemsize == 4 and precision == "ieee"
 
 
 def candidate_configs(
@@ -616,7 +670,7 @@ def candidate_configs(
         raise ValueError(f"itemsize must be 2 (bf16/fp16) or 4 (fp32), got {itemsize!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    table = _EXACT_FP32_CANDIDATES if itemsize == 4 and precision == "ieee" else _CANDIDATES
+    table = _EXACT_FP32_CANDIDATES if _exact_fp32(itemsize, precision) else _CANDIDATES
     listed = [CONFIGS[name] for name in table[(kernel, d_tier(d), itemsize)]]
     a_pad = max(64, triton.next_power_of_2(a))
     fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
@@ -635,18 +689,24 @@ def resolve_config(
 
 
 def executed_macs(
-    a: int, d: int, config: str | None = None, m: int | None = None, itemsize: int = 2
+    a: int,
+    d: int,
+    config: str | None = None,
+    m: int | None = None,
+    itemsize: int = 2,
+    precision: str = "tf32",
 ) -> dict[str, int]:
-    """Multiply-accumulates the tensor cores execute (padding included), counted from grid x loop trips.
+    """Multiply-accumulates the GEMM kernels execute (padding included; tensor cores, or FMA units for exact fp32),
+    counted from grid x loop trips.
 
     a = 2N local rows, m = candidate columns (a unless negatives are gathered). Returns {"fwd", "bwd", "total", "ideal",
     "ratio"} with ideal = 3 m a d (the three-GEMM floor) and ratio = total / ideal.
     """
     m = a if m is None else m
-    tiling = d_tiling(d)
+    tiling = d_tiling(d, _exact_fp32(itemsize, precision))
     out = {}
     for kernel in KERNELS:
-        cfg = resolve_config(kernel, a, d, config, itemsize)
+        cfg = resolve_config(kernel, a, d, config, itemsize, precision)
         rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
         cols = triton.cdiv(m, cfg.block_n) * cfg.block_n
         logits = rows * cols * tiling.d_blocks * tiling.block_d
@@ -741,14 +801,30 @@ def empty_state(z_a: torch.Tensor) -> ForwardState:
     zhat in the input dtype, norm (A,) fp32, stats (A, 2) fp32 = (m_i, log l_i), lse_i = m_i / tau + log l_i."""
     a, d = 2 * z_a.shape[0], z_a.shape[1]
     f32 = dict(dtype=torch.float32, device=z_a.device)
-    return ForwardState.local(
-        z_a.new_empty((a, d)), torch.empty(a, **f32), torch.empty((a, 2), **f32)
-    )
+    # The same strides as the forward's z_hat: (A, D) columns of rows padded to padded_width(D).
+    zhat = z_a.new_empty((a, padded_width(d)))[:, :d]
+    return ForwardState.local(zhat, torch.empty(a, **f32), torch.empty((a, 2), **f32))
 
 
 def _unit_stride(z: torch.Tensor) -> torch.Tensor:
     """Rows may be strided, elements within a row must be contiguous for vector loads."""
     return z if z.stride(1) == 1 else z.contiguous()
+
+
+def padded_width(d: int) -> int:
+    """The row stride of z_hat: D rounded up to a multiple of 16 elements. Triton specialises an integer argument
+    divisible by 16 (tt.divisibility), so the GEMM kernels, which read whole padded rows (the padding is zeros, adding
+    nothing to S or acc), get 16-byte-aligned rows and unmasked columns: vector loads and cp.async at any D."""
+    return triton.cdiv(d, 16) * 16
+
+
+def _gemm_operands(state: ForwardState, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """z_hat and the candidate columns as the GEMM kernels read them, and their row width: the forward's rows, padded
+    with zeros to ``padded_width(D)``; a state laid out otherwise (e.g. copied) as contiguous rows of width D."""
+    w = padded_width(d)
+    if state.zhat.stride() == (w, 1) and state.cols.stride() == (w, 1):
+        return state.zhat, state.cols, w
+    return state.zhat.contiguous(), state.cols.contiguous(), d
 
 
 def _dot_precision(dtype: torch.dtype, precision: str) -> str:
@@ -774,32 +850,36 @@ def nt_xent_forward(
     n, d = z_a.shape
     a = 2 * n
     dev = z_a.device
-    zhat = torch.empty((a, d), dtype=z_a.dtype, device=dev)
+    w = padded_width(d)
+    zhat = torch.empty((a, w), dtype=z_a.dtype, device=dev)  # zero-padded rows, see padded_width
     norm = torch.empty(a, dtype=torch.float32, device=dev)
     count = torch.empty(1, dtype=torch.int32, device=dev)
     block_d = min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D)
     _nt_xent_norm_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
         za_ptr=z_a, zb_ptr=z_b, zhat_ptr=zhat, norm_ptr=norm, count_ptr=count, N=n, D=d,
-        stride_a=z_a.stride(0), stride_b=z_b.stride(0), EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=block_d,
-        INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
+        stride_a=z_a.stride(0), stride_b=z_b.stride(0), stride_zhat=w, EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R,
+        BLOCK_D=block_d, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
     )  # fmt: skip
-    cols, offset = all_gather_rows(zhat, group)
+    cols, offset = all_gather_rows(zhat, group)  # padded rows of every rank
     m = cols.shape[0]
     stats = torch.empty((a, 2), dtype=torch.float32, device=dev)
     max_programs = triton.cdiv(a, min(c.block_m for c in CONFIGS.values()))
     partial = torch.empty(max_programs, dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=z_a.dtype, device=dev)
-    tiling = d_tiling(d)
+    # The GEMM kernels work on the padded width (the same tiling as D's: every block is a multiple of 16).
+    tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
     _launch(
-        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]),), a, d, z_a.element_size(), config,
+        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]),), a, w, z_a.element_size(), config,
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, partial_ptr=partial, count_ptr=count, loss_ptr=loss,
-        A=a, M=m, D=d, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
+        A=a, M=m, D=w, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
         INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=REDUCE_BLOCK,
     )  # fmt: skip
     stats_cols, _ = all_gather_rows(stats, group)
+    zhat_d = zhat[:, :d]
+    cols_d = zhat_d if cols is zhat else cols[:, :d]
     return loss, ForwardState(
-        zhat=zhat, norm=norm, stats=stats, cols=cols, stats_cols=stats_cols, offset=offset
+        zhat=zhat_d, norm=norm, stats=stats, cols=cols_d, stats_cols=stats_cols, offset=offset
     )
 
 
@@ -829,14 +909,15 @@ def nt_xent_backward(
         # gradient is exactly 0. The kernels would return their rounding residue of P - 1 instead, which the /eps chain
         # of an all-zero row blows up to inf.
         return torch.zeros_like(z_a), torch.zeros_like(z_b)
-    acc = torch.empty((a, d), dtype=torch.float32, device=z_a.device)
-    tiling = d_tiling(d)
-    chunks = triton.cdiv(d, tiling.block_do)
+    zhat, cols, w = _gemm_operands(state, d)
+    acc = torch.empty((a, w), dtype=torch.float32, device=z_a.device)
+    tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
+    chunks = triton.cdiv(w, tiling.block_do)
     _launch(
-        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks), a, d,
+        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks), a, w,
         z_a.element_size(), config,
-        zhat_ptr=state.zhat, cols_ptr=state.cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
-        g_cols_ptr=g_cols, acc_ptr=acc, A=a, M=m, D=d, OFFSET=state.offset, QK_SCALE=LOG2E / temperature,
+        zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
+        g_cols_ptr=g_cols, acc_ptr=acc, A=a, M=m, D=w, OFFSET=state.offset, QK_SCALE=LOG2E / temperature,
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
         BLOCK_DO=tiling.block_do, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
     )  # fmt: skip
@@ -844,7 +925,7 @@ def nt_xent_backward(
     dz_b = torch.empty_like(dz_a)
     _nt_xent_norm_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
         za_ptr=z_a, zb_ptr=z_b, norm_ptr=state.norm, acc_ptr=acc, dza_ptr=dz_a, dzb_ptr=dz_b,
-        N=n, D=d, stride_a=z_a.stride(0), stride_b=z_b.stride(0), grad_scale=1.0 / (a * temperature),
+        N=n, D=d, stride_a=z_a.stride(0), stride_b=z_b.stride(0), stride_acc=w, grad_scale=1.0 / (a * temperature),
         EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D),
         INTERPRETER=INTERPRET,
     )  # fmt: skip

@@ -12,6 +12,7 @@ augmentation (crop + flip only), and ``None`` the deterministic resize + centre 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Images at least this large get blur by default; SimCLR turns blur off for CIFAR (32 px).
@@ -30,7 +31,7 @@ def _check_range(name: str, r, low: float, high: float | None = None) -> tuple[f
         a, b = (float(v) for v in r)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a (min, max) pair, got {r!r}") from None
-    if not (low <= a <= b and (high is None or b <= high)):
+    if not (low <= a <= b and (b <= high if high is not None else math.isfinite(b))):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must satisfy min <= max within {bound}, got {r!r}")
     return a, b
@@ -80,11 +81,9 @@ class SimCLRAugment:
         set_("crop_scale", _check_range("crop_scale", self.crop_scale, 1e-6, 1.0))
         set_("crop_ratio", _check_range("crop_ratio", self.crop_ratio, 1e-6))
         set_("blur_sigma", _check_range("blur_sigma", self.blur_sigma, 1e-6))
-        if not isinstance(self.color_strength, int | float) or self.color_strength < 0:
-            raise ValueError(f"color_strength must be >= 0, got {self.color_strength!r}")
-        if self.color_strength > 2.5:
-            # hue = 0.2 s must stay within half a turn of the colour wheel.
-            raise ValueError(f"color_strength must be <= 2.5, got {self.color_strength!r}")
+        # hue = 0.2 s must stay within half a turn of the colour wheel; the comparison also refuses NaN.
+        if not isinstance(self.color_strength, int | float) or not 0 <= self.color_strength <= 2.5:
+            raise ValueError(f"color_strength must be in [0, 2.5], got {self.color_strength!r}")
         if self.blur_p is None:
             set_("blur_p", 0.5 if self.size >= BLUR_MIN_SIZE else 0.0)
         for name in ("flip_p", "color_p", "gray_p", "blur_p", "solarize_p"):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +34,20 @@ LAST_BATCH_POLICIES = ("drop", "pad", "keep")
 ON_CORRUPT_POLICIES = ("error", "skip")
 _LAYOUTS = "an ImageFolder root/<class>/<image> or a flat folder of images root/<image>"
 
-# Bytes read from each end of a file by the validity check: enough for the magic numbers at the
-# front and for an end-of-image marker followed by a little padding at the back.
-_HEAD_BYTES = 16
+# Bytes read from each end of a file by the validity check: enough for the magic numbers and the PNG header (bit
+# depth at byte 24) at the front, and for an end-of-image marker followed by a little padding at the back.
+_HEAD_BYTES = 32
 _TAIL_BYTES = 1024
+# A TIFF's first directory is read entry by entry up to this many entries (its sample tags come early: sorted by tag).
+_TIFF_MAX_ENTRIES = 256
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_FLOAT = 258, 339, 3
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class CorruptImageError(ValueError):
@@ -67,22 +79,41 @@ class ImageList:
     labelled: bool = True
 
 
-def check_image(path: str | os.PathLike) -> str | None:
-    """Cheap validity check of one image file (reads at most ~1 KiB).
+def not_regular_file(path: str | os.PathLike) -> str | None:
+    """None if ``path`` (after symlinks) is a regular file, else why not: reading a device such as /dev/zero or a FIFO
+    could block or never end. OSError if it cannot be stat'ed."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return f"is not a regular file (it is {kind}); only regular files are read"
 
-    Catches missing/unreadable files, empty files, non-image content and truncated JPEG/PNG files
-    (no end-of-image marker / IEND chunk). Corruption inside the compressed data is only found by
-    decoding; the loaders report such a file by name when the decoder fails on it.
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Cheap validity check of one image file (reads at most ~4 KiB, whatever the file).
+
+    Catches missing/unreadable files, files that are not regular files (devices, FIFOs: reading them may never end),
+    empty files, non-image content, truncated JPEG/PNG files (no end-of-image marker / IEND chunk) and PNG/TIFF images
+    with more than 8 bits or floating-point samples (the DALI and torchvision decoders convert those differently).
+    Corruption inside the compressed data is only found by decoding; the loaders report such a file by name when the
+    decoder fails on it.
 
     Returns:
         None if the file looks valid, else a short reason.
     """
     try:
-        with open(path, "rb") as f:
+        if reason := not_regular_file(path):
+            return reason
+        # O_NONBLOCK: should the path become a FIFO after the stat, the open returns at once instead of waiting.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if reason := not_regular_file(f.fileno()):
+                return reason
+            size = os.fstat(f.fileno()).st_size
             head = f.read(_HEAD_BYTES)
-            size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read()
+            tail = f.read(_TAIL_BYTES)
+            if head[:4] in (b"II*\x00", b"MM\x00*"):
+                return _tiff_depth_reason(f, head, size)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
     if size == 0:
@@ -91,12 +122,52 @@ def check_image(path: str | os.PathLike) -> str | None:
         # EOI marker; inside entropy-coded data 0xFF is always stuffed, so it cannot occur by chance.
         return None if b"\xff\xd9" in tail else "is truncated (no JPEG end-of-image marker)"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        if head[12:16] == b"IHDR" and head[24] > 8:
+            return _deep_samples_reason(head[24], floating=False, kind="PNG")
         return None if b"IEND" in tail else "is truncated (no PNG IEND chunk)"
     if head.startswith(b"BM") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return None
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return None
     return "is not a supported image (unrecognised header; expected JPEG, PNG, BMP, WebP or TIFF)"
+
+
+def _deep_samples_reason(bits: int, floating: bool, kind: str) -> str:
+    sample = f"{bits}-bit {'floating-point' if floating else 'integer'}"
+    return (
+        f"has {sample} samples ({kind}): DALI and torchvision decode such images differently, so only 8-bit "
+        "images are read; convert it to 8 bits per channel"
+    )
+
+
+def _tiff_depth_reason(f, head: bytes, size: int) -> str | None:
+    """Why a TIFF's first image cannot be read (samples wider than 8 bits or floating point, a directory outside the
+    file), or None. Reads the directory with bounded reads: at most _TIFF_MAX_ENTRIES entries."""
+    if len(head) < 8:
+        return "is truncated (incomplete TIFF header)"
+    order = "<" if head[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", head[4:8])
+    f.seek(ifd)
+    count = f.read(2)
+    if ifd < 8 or len(count) < 2:
+        return f"is not a valid TIFF (its first directory, at byte {ifd}, is outside the {size}-byte file)"
+    n = min(struct.unpack(order + "H", count)[0], _TIFF_MAX_ENTRIES)
+    entries = f.read(12 * n)
+    bits, floating = 1, False  # the TIFF defaults
+    for i in range(len(entries) // 12):
+        tag, typ, n_values, value = struct.unpack(order + "HHI4s", entries[12 * i : 12 * i + 12])
+        if tag in (_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT) and typ == 3:  # SHORT values
+            # The first sample's value: inline in the entry, or at the offset it holds when the values take > 4 bytes.
+            (first,) = struct.unpack(order + "H", value[:2])
+            if n_values > 2:
+                f.seek(struct.unpack(order + "I", value)[0])
+                raw = f.read(2)
+                first = struct.unpack(order + "H", raw)[0] if len(raw) == 2 else 0
+            if tag == _TIFF_BITS_PER_SAMPLE:
+                bits = first
+            else:
+                floating = first == _TIFF_FLOAT
+    if bits > 8 or floating:
+        return _deep_samples_reason(bits, floating, "TIFF")
+    return None
 
 
 def decode_error(path: str | os.PathLike) -> str | None:
@@ -120,6 +191,23 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _dir_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _first_visit(path: Path, seen: set[tuple[int, int]]) -> bool:
+    """True (and remember it) the first time the real folder behind ``path`` comes up; False after, or if it is gone."""
+    try:
+        key = _dir_key(path)
+    except OSError:
+        return False
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 def _scan_folder(root: Path) -> ImageList:
     """An ImageFolder (class = sub-folder, images found recursively) or a flat folder of images."""
     entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
@@ -137,9 +225,12 @@ def _scan_folder(root: Path) -> ImageList:
     if not classes:
         raise ValueError(f"no images and no class folders in {root}: expected {_LAYOUTS}")
     files, labels = [], []
+    # Symlinked folders are followed, but every real folder is listed once: a link back to an ancestor (a loop) or to
+    # another class would otherwise list the same images again, or without end.
+    seen = {_dir_key(root)} | {_dir_key(root / name) for name in classes}
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()
+            dirnames[:] = [d for d in sorted(dirnames) if _first_visit(Path(dirpath, d), seen)]
             for fname in sorted(filenames):
                 if _is_image_name(fname):
                     files.append(os.path.join(dirpath, fname))
@@ -154,6 +245,8 @@ def _scan_folder(root: Path) -> ImageList:
 
 def _scan_file_list(list_file: Path) -> ImageList:
     """Read ``path`` or ``path label`` lines; relative paths are relative to the list file."""
+    if reason := not_regular_file(list_file):
+        raise ValueError(f"data set {list_file} {reason}: expected a folder or a file list")
     base = list_file.parent
     entries: list[tuple[str, int | None]] = []
     with open(list_file, encoding="utf-8") as f:

@@ -341,3 +341,45 @@ def test_reference_fp16_zero_row():
 def test_triton_fp16_zero_row_single_pair():
     z_a, z_b = torch.zeros(1, 1, dtype=torch.float16), torch.full((1, 1), 0.3, dtype=torch.float16)
     check_against_truth("triton", z_a, z_b, 0.05, "N=1 D=1 zero row")
+
+
+def rows_at_norm(norm: float, dtype: torch.dtype, n: int = 6, d: int = 70, seed: int = 3):
+    """(z_a, z_b) whose row norms are spread within 10x around ``norm``, with an all-zero row, and rows whose largest
+    entries sit in the last columns (past the kernel's first 64-wide D block, so its running max must rescale)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2 * n, d, generator=g, dtype=torch.float64)
+    z[1::3, 64:] *= 1e3
+    z *= norm / torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    z *= 10 ** (torch.rand(2 * n, 1, generator=g, dtype=torch.float64) - 0.5)
+    z[n + 2] = 0.0
+    z = z.to(dtype)
+    assert torch.isfinite(z).all()
+    return z[:n], z[n:]
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+@pytest.mark.parametrize(
+    ("norm", "dtype"),
+    [
+        (1e19, torch.float32),  # squares overflow fp32 from ~1.8e19
+        (1e30, torch.float32),
+        (1e30, torch.bfloat16),
+        (1e-10, torch.float32),  # tiny but above the clamp: squares 1e-22 are still normal fp32
+        (
+            1e-30,
+            torch.float32,
+        ),  # below the clamp (EPS = 1e-12): z_hat = z / EPS; squares underflow fp32
+    ],
+)
+def test_huge_and_tiny_norms_match_float64(impl, norm, dtype):
+    """fp32 rows of norm >= 1e19 were normalised as zero vectors (their squares overflow: z / inf = 0), giving the
+    loss log(2N - 1) and a zero gradient in every impl. Rows are now scaled by their largest |z| before squaring."""
+    z_a, z_b = rows_at_norm(norm, dtype)
+    check_against_truth(impl, z_a, z_b, 0.2, f"norms ~{norm:g}, {dtype}")
+    if norm > 1:  # the loss is scale-invariant: the same directions at norm ~1 give the same loss
+        loss = fastclr.nt_xent(z_a, z_b, 0.2, impl=impl)
+        ref = fastclr.nt_xent(
+            (z_a.double() / norm).to(dtype), (z_b.double() / norm).to(dtype), 0.2, impl=impl
+        )
+        assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()), (loss.item(), ref.item())
+        assert abs(loss.item() - math.log(2 * z_a.shape[0] - 1)) > 1e-2  # not the zero-vector loss

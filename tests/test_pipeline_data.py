@@ -210,5 +210,88 @@ def test_augment_parameters_are_checked():
         SimCLRAugment(32, crop_scale=(0.9, 0.1))
     with pytest.raises(ValueError, match="size"):
         SimCLRAugment(0)
-    with pytest.raises(ValueError, match="color_strength"):
-        SimCLRAugment(32, color_strength=-1)
+    for bad in (-1, float("nan"), 3.0):
+        with pytest.raises(ValueError, match=r"color_strength must be in \[0, 2\.5\]"):
+            SimCLRAugment(32, color_strength=bad)
+    with pytest.raises(ValueError, match="crop_ratio"):
+        SimCLRAugment(32, crop_ratio=(0.5, float("inf")))
+
+
+# Hostile data sets: each of these once hung, exhausted memory or silently changed the data.
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_devices_and_fifos_are_refused_without_reading_them(tmp_path, on_corrupt):
+    """A .jpg linked to /dev/zero was read to the end (never) and a FIFO's open waited for a writer (forever)."""
+    write_image(tmp_path / "c" / "good.jpg")
+    os.symlink("/dev/zero", tmp_path / "c" / "zero.jpg")
+    os.mkfifo(tmp_path / "c" / "pipe.jpg")
+    assert "not a regular file (it is a character device)" in check_image(
+        tmp_path / "c" / "zero.jpg"
+    )
+    assert "not a regular file (it is a FIFO)" in check_image(tmp_path / "c" / "pipe.jpg")
+    if on_corrupt == "error":
+        with pytest.raises(CorruptImageError, match=r"c/pipe\.jpg is not a regular file"):
+            scan_images(tmp_path, on_corrupt)
+    else:
+        images = scan_images(tmp_path, on_corrupt)
+        assert [os.path.basename(p) for p in images.files] == ["good.jpg"]
+        assert sorted(os.path.basename(p) for p, _ in images.skipped) == ["pipe.jpg", "zero.jpg"]
+
+
+@pytest.mark.timeout(60)
+def test_a_file_list_that_is_a_device_or_fifo_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "list.txt")
+    with pytest.raises(ValueError, match=r"list\.txt is not a regular file \(it is a FIFO\)"):
+        list_images(tmp_path / "list.txt")
+    os.symlink("/dev/zero", tmp_path / "zero.txt")
+    with pytest.raises(ValueError, match="character device"):
+        list_images(tmp_path / "zero.txt")
+
+
+@pytest.mark.timeout(60)
+def test_symlinked_folders_are_listed_once(folder):
+    """A link back to an ancestor made os.walk(followlinks=True) list the class again and again (until ELOOP)."""
+    expected = list_images(folder)
+    os.symlink(folder, folder / "ant" / "nested" / "to-root")
+    os.symlink(folder / "ant", folder / "ant" / "nested" / "to-class")
+    os.symlink(folder / "zebra", folder / "ant" / "to-zebra")
+    assert list_images(folder) == expected
+    # A link to a folder outside the data set is still followed, once.
+    write_image(folder.parent / "extra" / "x.jpg")
+    os.symlink(folder.parent / "extra", folder / "zebra" / "extra")
+    os.symlink(folder.parent / "extra", folder / "zebra" / "extra-again")
+    files = list_images(folder)[0]
+    assert len(files) == len(expected[0]) + 1
+
+
+def _deep_images(root):
+    """Images whose samples DALI and torchvision convert to 8 bits differently, and 8-bit twins that are fine."""
+    root.mkdir(parents=True)
+    gray16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    Image.fromarray(gray16).save(root / "gray16.png")
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(root / "float.tif")
+    Image.fromarray(gray16.astype(np.int32)).save(root / "int32.tif")
+    write_image(root / "rgb8.tif")
+    write_image(root / "rgb8.png")
+    return root
+
+
+def test_deep_and_float_samples_are_refused_by_name(tmp_path):
+    root = _deep_images(tmp_path / "c")
+    assert "has 16-bit integer samples (PNG)" in check_image(root / "gray16.png")
+    assert "has 32-bit floating-point samples (TIFF)" in check_image(root / "float.tif")
+    assert "has 32-bit integer samples (TIFF)" in check_image(root / "int32.tif")
+    assert check_image(root / "rgb8.tif") is None and check_image(root / "rgb8.png") is None
+    with pytest.raises(CorruptImageError, match=r"c/float\.tif has 32-bit floating-point samples"):
+        list_images(tmp_path)
+    images = scan_images(tmp_path, on_corrupt="skip")
+    assert sorted(os.path.basename(p) for p in images.files) == ["rgb8.png", "rgb8.tif"]
+
+
+def test_tiff_with_a_directory_outside_the_file_is_refused(tmp_path):
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + (10**6).to_bytes(4, "little") + b"\x00" * 8)
+    assert "outside the 16-byte file" in check_image(tmp_path / "bad.tif")
+    (tmp_path / "short.tif").write_bytes(b"MM\x00*\x00")
+    assert "truncated" in check_image(tmp_path / "short.tif")

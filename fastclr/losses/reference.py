@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastclr.nt_xent_spec import row_norms
+
 
 def nt_xent_reference(
     z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *, group=None
@@ -27,8 +29,10 @@ def nt_xent_reference(
     """
     n = z_a.shape[0]
     z = torch.cat([z_a, z_b])
-    # fp16 cannot hold squared norms (overflow above 65504, eps 1e-12 rounds to 0): normalise in fp32.
-    z = F.normalize(z.float() if z.dtype == torch.float16 else z, dim=1).to(z_a.dtype)
+    # fp16 cannot hold eps (1e-12 rounds to 0): normalise in fp32. row_norms scales each row by its max |z| before
+    # squaring, so no dtype overflows there (fp32 squares did from norms ~1e19).
+    z = z.float() if z.dtype == torch.float16 else z
+    z = (z / row_norms(z)[:, None]).to(z_a.dtype)
     cols, offset = z, 0
     if group is not None:
         import torch.distributed as dist

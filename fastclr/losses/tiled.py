@@ -26,6 +26,7 @@ from fastclr.nt_xent_spec import (
     ForwardState,
     all_gather_rows,
     all_gather_scalar,
+    row_norms,
 )
 
 DEFAULT_BLOCK_ROWS = 256
@@ -41,7 +42,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def normalize_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """z (A, D) -> (z_hat (A, D), norm (A,) clamped at EPS) in z's dtype."""
-    norm = torch.linalg.vector_norm(z, dim=1).clamp_min(EPS)
+    norm = row_norms(z)
     return z / norm[:, None], norm
 
 

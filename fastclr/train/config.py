@@ -16,13 +16,14 @@ import dataclasses
 import importlib.util
 import json
 import math
+import reprlib
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastclr.device import DEVICE_CHOICES
 
@@ -32,6 +33,29 @@ class ConfigError(ValueError):
 
 
 TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package, which is not installed: pip install 'fastclr[tensorboard]'"
+
+
+COMMAND_LINE = "command line"
+# A config file is a few dozen settings: anything far larger is refused before its values are looked at.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = (
+    10_000  # tables, lists and scalars, counted after YAML aliases are expanded (billion laughs)
+)
+MAX_CONFIG_DEPTH = 32
+
+# Values shown in error messages are cut short: a value from a hostile file may be huge or deeply nested.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxdict, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxset = 2, 3, 3, 3, 3
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 40, 40, 40
+
+
+def _show(value: Any) -> str:
+    """repr(value), bounded in length and depth whatever the value."""
+    return _SHOW.repr(value)
+
+
+def _flag(key: str) -> str:
+    return "--" + str(key).replace("_", "-")
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -182,6 +206,58 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
 }
 
+
+class Range(NamedTuple):
+    """Allowed values of a numeric setting: finite and in [low, high] (or (low, high] with ``low_open``)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def describe(self, is_int: bool) -> str:
+        if self.high == math.inf and self.low == 0:
+            return f"a {'positive' if self.low_open else 'non-negative'} finite number"
+        kind = "an integer" if is_int else "a number"
+        return f"{kind} in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+
+
+_INT_MAX = 2**31 - 1
+# Every int and float setting (a test checks none is missing), checked in validate(). The upper bounds are far above
+# any real run; beyond them the libraries fail with messages that name none of these settings.
+RANGES: dict[str, Range] = {
+    "size": Range(1, 8192),
+    "workers": Range(0, 1024),
+    "color_strength": Range(
+        0, 2.5
+    ),  # the hue jitter 0.2 s stays within half a turn of the colour wheel
+    "blur_p": Range(0, 1),
+    "min_scale": Range(0, 1, low_open=True),
+    "width": Range(1, 1 << 16),
+    "proj_layers": Range(1, 64),
+    "proj_hidden": Range(1, 1 << 20),
+    "proj_dim": Range(1, 1 << 20),
+    "temperature": Range(0, math.inf, low_open=True),
+    "batch_size": Range(1, 1 << 24),
+    "epochs": Range(1, 10**6),
+    "warmup_epochs": Range(0, 10**6),
+    "lr": Range(0, math.inf, low_open=True),
+    "weight_decay": Range(0, math.inf),
+    "momentum": Range(0, 1),
+    "seed": Range(0, 2**32 - 1),
+    "ckpt_every": Range(0, _INT_MAX),
+    "keep": Range(1, _INT_MAX),
+    "knn_every": Range(0, _INT_MAX),
+    "knn_k": Range(1, _INT_MAX),
+    "knn_temperature": Range(0, math.inf, low_open=True),
+    "max_steps": Range(1, 2**62),
+    "log_every": Range(1, _INT_MAX),
+    "dist_timeout": Range(0, 7 * 24 * 60, low_open=True),  # minutes: at most a week
+}
+
 # Keys that may change between a run and its resumption: paths and run control, not the trajectory.
 RESUME_FREE_KEYS = frozenset(
     {
@@ -237,18 +313,20 @@ class PretrainConfig:
             # "data" is both a section and a key in it: a table means the section, anything else the key.
             if key in SECTIONS and (isinstance(value, dict) or key not in owner):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{source}: section [{key}] must be a table, got {value!r}")
+                    raise ConfigError(
+                        f"{source}: section [{key}] must be a table, got {_show(value)}"
+                    )
                 for sub, v in value.items():
                     if owner.get(sub) != key:
                         raise ConfigError(
-                            f"{source}: unknown key {key}.{sub} (known: {', '.join(f.name for f in dataclasses.fields(SECTIONS[key]))})"
+                            f"{source}: unknown key {key}.{_key_text(sub)} (known: {', '.join(f.name for f in dataclasses.fields(SECTIONS[key]))})"
                         )
                     self._set(key, sub, v, source)
             elif key in owner:
                 self._set(owner[key], key, value, source)
             else:
                 raise ConfigError(
-                    f"{source}: unknown key {key!r} (sections: {', '.join(SECTIONS)})"
+                    f"{source}: unknown key {_show(key)} (sections: {', '.join(SECTIONS)})"
                 )
 
     def _set(self, section: str, key: str, value: Any, source: str) -> None:
@@ -261,65 +339,35 @@ class PretrainConfig:
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError for values no run can use (independent of the data set)."""
         from fastclr.models import ARCHS
-        from fastclr.nt_xent_spec import check_temperature
 
-        m, o, lo, r, d = self.model, self.optim, self.loss, self.run, self.data
-        if m.arch not in ARCHS:
-            raise ConfigError(f"unknown arch {m.arch!r}; choose one of {', '.join(ARCHS)}")
-        try:
-            check_temperature(lo.temperature)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(str(err)) from None
-        if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
-            raise ConfigError(f"lr must be a positive finite number, got {o.lr}")
-        for name, value in (
-            ("batch_size", o.batch_size),
-            ("epochs", o.epochs),
-            ("size", d.size),
-            ("proj_dim", m.proj_dim),
-            ("keep", r.keep),
-            ("log_every", r.log_every),
-            ("knn_k", r.knn_k),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        if not (math.isfinite(r.dist_timeout) and 0 < r.dist_timeout <= 7 * 24 * 60):
+        if self.model.arch not in ARCHS:
             raise ConfigError(
-                f"dist_timeout must be a positive finite number of minutes (at most a week), got {r.dist_timeout}"
+                f"unknown arch {_show(self.model.arch)}; choose one of {', '.join(ARCHS)}"
             )
-        for name, value in (
-            ("warmup_epochs", o.warmup_epochs),
-            ("weight_decay", o.weight_decay),
-            ("momentum", o.momentum),
-            ("ckpt_every", r.ckpt_every),
-            ("knn_every", r.knn_every),
-            ("workers", d.workers),
-        ):
-            if value < 0:
-                raise ConfigError(f"{name} must be non-negative, got {value}")
-        if m.width is not None and m.width <= 0:
-            raise ConfigError(f"width must be positive, got {m.width}")
-        if r.max_steps is not None and r.max_steps <= 0:
-            raise ConfigError(f"max_steps must be positive, got {r.max_steps}")
-        if not 0 < d.min_scale <= 1:
-            raise ConfigError(f"min_scale must be in (0, 1], got {d.min_scale}")
-        if d.blur_p is not None and not 0 <= d.blur_p <= 1:
-            raise ConfigError(f"blur_p must be in [0, 1], got {d.blur_p}")
-        if m.proj_layers < 1:
-            raise ConfigError(f"proj_layers must be at least 1, got {m.proj_layers}")
-        if r.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        self._check_fields()
+        if self.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(TENSORBOARD_MISSING)
-        if o.batch_size % world_size:
+        if self.optim.batch_size % world_size:
             raise ConfigError(
-                f"batch_size {o.batch_size} is not divisible by the world size {world_size}"
+                f"batch_size {self.optim.batch_size} is not divisible by the world size {world_size}"
             )
+
+    def _check_fields(self) -> None:
+        """ConfigError naming the setting and its flag unless every value is one of its choices and every numeric
+        value is finite and within RANGES."""
         for section in SECTIONS:
             for f in dataclasses.fields(SECTIONS[section]):
                 choices = f.metadata.get("choices")
                 value = getattr(getattr(self, section), f.name)
                 if choices and value not in choices:
                     raise ConfigError(
-                        f"{f.name} must be one of {', '.join(choices)}, got {value!r}"
+                        f"{f.name} must be one of {', '.join(choices)}, got {_show(value)}"
+                    )
+                if f.name in RANGES and value is not None and value not in RANGES[f.name]:
+                    is_int = _field_type(section, f.name)[0] is int
+                    raise ConfigError(
+                        f"{f.name} must be {RANGES[f.name].describe(is_int)}, got {_show(value)} "
+                        f"({_flag(f.name)})"
                     )
 
     def to_toml(self) -> str:
@@ -358,14 +406,18 @@ def _field_type(section: str, key: str) -> tuple[type, bool]:
     return hint, False
 
 
+def _key_text(key: Any) -> str:
+    """A key as it reads in a message: itself when a short string, else its bounded repr."""
+    return key if isinstance(key, str) and len(key) <= 80 else _show(key)
+
+
 def _coerce(section: str, key: str, value: Any, source: str) -> Any:
     base, optional = _field_type(section, key)
-    if value is None or (
-        optional and isinstance(value, str) and value.lower() in ("none", "null", "")
-    ):
+    name = _flag(key) if source == COMMAND_LINE else key
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ConfigError(f"{source}: {key} cannot be empty")
+        raise ConfigError(f"{source}: {name} cannot be empty")
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -378,9 +430,17 @@ def _coerce(section: str, key: str, value: Any, source: str) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     elif base is str and isinstance(value, str):
+        # An empty path once meant "not given" and silently trained on the demo data (or wrote into the cwd).
+        if not value:
+            none = " (give none for the default)" if optional else ""
+            raise ConfigError(f"{source}: {name} cannot be an empty string{none}")
+        if "\x00" in value:
+            raise ConfigError(
+                f"{source}: {name} contains a NUL byte, which no path or name may hold"
+            )
         return value
     raise ConfigError(
-        f"{source}: {key} must be {base.__name__}{' or none' if optional else ''}, got {value!r}"
+        f"{source}: {name} must be {base.__name__}{' or none' if optional else ''}, got {_show(value)}"
     )
 
 
@@ -398,29 +458,72 @@ def list_presets() -> list[str]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML or (when PyYAML is installed) YAML file into a dict."""
+    """Parse a TOML or (when PyYAML is installed) YAML file into a dict.
+
+    ConfigError naming the file for anything that is not a small text file holding a table of settings: binary data,
+    more than MAX_CONFIG_BYTES, nesting deeper than MAX_CONFIG_DEPTH or more than MAX_CONFIG_VALUES values.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(
-                f"{path}: reading YAML needs PyYAML (pip install pyyaml); TOML works without it"
-            ) from None
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    else:
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "TOML"
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8): expected {kind} settings"
+        ) from None
+    try:
+        data = _parse_yaml(path, text) if kind == "YAML" else tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid {kind}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    _check_bounded(data, path)
     return data
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(
+            f"{path}: reading YAML needs PyYAML (pip install pyyaml); TOML works without it"
+        ) from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_show(str(e))}") from None
+
+
+def _check_bounded(data: Any, source: Path) -> None:
+    """ConfigError unless ``data`` nests at most MAX_CONFIG_DEPTH deep and holds at most MAX_CONFIG_VALUES values.
+
+    YAML aliases make a small file load as a small graph that expands to an enormous (or, with a cycle, endless) tree;
+    walking the tree stops at the limits, so this costs at most MAX_CONFIG_VALUES steps whatever the file.
+    """
+    stack, count = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{source}: more than {MAX_CONFIG_VALUES} values (YAML aliases expanded): not a config file"
+            )
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels: not a config file"
+            )
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list | tuple | set):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def load_config(path: str | Path) -> PretrainConfig:
@@ -498,5 +601,5 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         cfg = PretrainConfig()
     owner = _key_owner()
     given = {k: v for k, v in vars(args).items() if k in owner}
-    cfg.update(given, source="command line")
+    cfg.update(given, source=COMMAND_LINE)
     return cfg
