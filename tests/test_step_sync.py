@@ -120,11 +120,6 @@ def test_a_checkpoint_step_reads_before_saving(data, tmp_path, host_syncs):
     assert saved == ["ckpt-000000004.pt", "ckpt-000000008.pt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastclr/losses/tiled.py normalize_backward syncs once per backward (`if clamped.any():`); "
-    "a torch.where would not (for the owner of fastclr/losses)",
-)
 def test_the_loss_makes_no_host_sync(host_syncs):
     from fastclr import NTXentLoss
 

@@ -55,10 +55,8 @@ def normalize_backward(
     """
     radial = (z_hat * dz_hat).sum(dim=1, keepdim=True)
     dz = (dz_hat - z_hat * radial) / norm[:, None]
-    clamped = norm <= EPS
-    if clamped.any():
-        dz[clamped] = dz_hat[clamped] / EPS
-    return dz
+    clamped = (norm <= EPS)[:, None]  # chosen on the device: no host sync
+    return torch.where(clamped, dz_hat / EPS, dz)
 
 
 def _tiles(a: int, m: int, block_rows: int, block_cols: int):
