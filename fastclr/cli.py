@@ -34,7 +34,7 @@ BENCHMARKS = {
 def _parser() -> argparse.ArgumentParser:
     from fastclr import __version__
     from fastclr.device import DEVICE_CHOICES
-    from fastclr.train.config import add_config_flags
+    from fastclr.train.config_io import add_config_flags
 
     parser = argparse.ArgumentParser(
         prog="fastclr", description="Fast SimCLR pretraining and evaluation."
@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from fastclr.train.config import config_from_args
+    from fastclr.train.config_io import config_from_args
     from fastclr.train.trainer import pretrain
 
     demo = getattr(args, "data", None) is None

@@ -12,6 +12,8 @@ from fastclr.train.config import (
     ConfigError,
     PretrainConfig,
     _field_type,
+)
+from fastclr.train.config_io import (
     add_config_flags,
     config_from_args,
     list_presets,

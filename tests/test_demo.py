@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastclr.train.config import load_preset
+from fastclr.train.config_io import load_preset
 from fastclr.train.demo_data import shapes_dataset
 from fastclr.train.trainer import pretrain
 

@@ -29,7 +29,8 @@ from fastclr.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fastclr.train.config import ConfigError, PretrainConfig, config_from_args, load_config
+from fastclr.train.config import ConfigError, PretrainConfig
+from fastclr.train.config_io import config_from_args, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("fastclr", "kernels", "pipelines", "bench")
@@ -173,6 +174,7 @@ def test_cli_refuses_malicious_checkpoint(tmp_path, run_cli, command):
     args = [a.format(ckpt=ckpt, cwd=tmp_path / "data") for a in command]
     line = one_line_error(run_cli(*args))
     assert "evil.pt" in line and "checkpoint" in line, line
+    assert "weights_only" not in line, line  # never the advice to load it unsafely
     assert not marker.exists()
     assert not (tmp_path / "backbone.pt").exists()
 
@@ -235,7 +237,7 @@ def test_yaml_python_tags_are_rejected(tmp_path):
 def test_cli_flag_with_code_is_not_evaluated(tmp_path):
     import argparse
 
-    from fastclr.train.config import add_config_flags
+    from fastclr.train.config_io import add_config_flags
 
     marker = tmp_path / "pwned"
     parser = argparse.ArgumentParser(exit_on_error=False)

@@ -1,6 +1,6 @@
 """SimCLR pretraining: configuration, checkpoints, the training loop and the embedded demo data.
 
-Modules, each importing only those listed before it: ``config`` (typed settings, flags, presets), ``dist`` (process
+Modules, each importing only those listed before it: ``config`` (typed settings and their checks), ``config_io`` (files, presets, flags), ``dist`` (process
 group), ``checkpoint`` (the file format), ``build`` (precision, data, model, optimiser from a config), ``metrics`` and
 ``monitor`` (metric files, progress, kNN monitor), ``signals`` (SIGTERM/Ctrl-C), ``trainer`` (the loop and
 :func:`pretrain`), ``evaluate`` (kNN/linear evaluation and export of a checkpoint).
@@ -16,7 +16,8 @@ from fastclr.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fastclr.train.config import ConfigError, PretrainConfig, list_presets, load_config, load_preset
+from fastclr.train.config import ConfigError, PretrainConfig
+from fastclr.train.config_io import list_presets, load_config, load_preset
 
 __all__ = [
     "CheckpointError",
