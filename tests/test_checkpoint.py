@@ -1,6 +1,9 @@
 """Atomic checkpoints: naming, pruning, validation, config checks and RNG round-trips."""
 
+import errno
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -111,3 +114,93 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
         and np.array_equal(got[1], expected[1])
         and got[2] == expected[2]
     )
+
+
+def _names(directory) -> list[str]:
+    return [p.name for p in list_checkpoints(directory)]
+
+
+def test_pruning_never_counts_an_unloadable_checkpoint(tmp_path):
+    """A corrupt ckpt of a later step once made --keep 1 delete every checkpoint the run wrote."""
+    (tmp_path / "ckpt-000000099.pt").write_bytes(b"not a checkpoint")
+    for step in (1, 2, 3):
+        save_checkpoint(_state(step), tmp_path, keep=1)
+    assert _names(tmp_path) == ["ckpt-000000003.pt", "ckpt-000000099.pt"]  # later steps: untouched
+
+
+def test_pruning_keeps_loadable_checkpoints_past_an_unloadable_one(tmp_path):
+    save_checkpoint(_state(1), tmp_path, keep=2)
+    bad = save_checkpoint(_state(2), tmp_path, keep=2)
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    save_checkpoint(_state(3), tmp_path, keep=2)
+    assert _names(tmp_path) == [
+        f"ckpt-00000000{s}.pt" for s in (1, 2, 3)
+    ]  # 1 is the 2nd that loads
+    save_checkpoint(_state(4), tmp_path, keep=2)
+    assert _names(tmp_path) == ["ckpt-000000003.pt", "ckpt-000000004.pt"]
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_unreadable_checkpoint_messages_never_advise_disabling_weights_only(tmp_path):
+    import pickle
+
+    good = save_checkpoint(_state(1), tmp_path / "ok")
+    files = {
+        "junk": b"\x00garbage",
+        "truncated": good.read_bytes()[:200],
+        "legacy": pickle.dumps({"model": _Code()}, protocol=2),
+    }
+    for name, content in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(content)
+    torch.save({"model": _Code()}, tmp_path / "code.pt")
+    for name in [*files, "code"]:
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(tmp_path / f"{name}.pt")
+        message = str(info.value)
+        assert f"{name}.pt: not a fastclr checkpoint, or corrupt (" in message, message
+        assert "weights_only" not in message and "\n" not in message, message
+
+
+def _serialiser_failure(errno_in_context: int | None):
+    """A ``torch.save`` that fails as torch's zip writer does when the file's write fails (disk full): it swallows
+    the OSError and raises ``RuntimeError: [enforce fail at inline_container.cc:672] ...`` instead."""
+
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        try:
+            if errno_in_context is not None:
+                raise OSError(errno_in_context, os.strerror(errno_in_context))
+        finally:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+            )
+
+    return save
+
+
+@pytest.mark.parametrize(
+    ("in_context", "free", "expected"),
+    [(errno.ENOSPC, 10**9, errno.ENOSPC), (None, 0, errno.ENOSPC), (None, 10**9, errno.EIO)],
+    ids=["recorded", "disk-full", "unknown"],
+)
+def test_serialiser_errors_become_the_os_error_naming_the_file(
+    tmp_path, monkeypatch, in_context, free, expected
+):
+    from fastclr.train import checkpoint
+
+    save_checkpoint(_state(1), tmp_path)
+    monkeypatch.setattr(checkpoint.torch, "save", _serialiser_failure(in_context))
+    usage = shutil.disk_usage(tmp_path)._replace(free=free)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(_state(2), tmp_path)
+    assert info.value.errno == expected
+    assert (
+        str(info.value)
+        == f"[Errno {expected}] cannot write {tmp_path / 'ckpt-000000002.pt'}: {os.strerror(expected)}"
+    )
+    assert _names(tmp_path) == ["ckpt-000000001.pt"] and len(list(tmp_path.iterdir())) == 1

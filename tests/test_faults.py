@@ -263,7 +263,9 @@ def test_sigterm_during_a_checkpoint_write_saves_and_exits_0(data, tmp_path, cap
 
 
 def fail_second_save(monkeypatch, where: str) -> None:
-    """Make the second checkpoint save fail: ENOSPC half-way through writing, EIO in fsync, or EACCES on rename."""
+    """Make the second checkpoint save fail: ENOSPC half-way through writing (as an OSError, or as the RuntimeError
+    torch's zip writer raises when a write fails: ``[enforce fail at inline_container.cc:672] unexpected pos``),
+    EIO in fsync, or EACCES on rename."""
     calls = {"save": 0}
     real_save, real_fsync, real_replace = torch.save, os.fsync, os.replace
 
@@ -274,6 +276,14 @@ def fail_second_save(monkeypatch, where: str) -> None:
             real_save(obj, buffer, *args, **kwargs)
             f.write(buffer.getvalue()[: buffer.tell() // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if where == "serialiser" and calls["save"] == 2:
+            f.write(b"PK\x03\x04")
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError(
+                    "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+                ) from None  # the OSError stays its __context__, as in torch
         return real_save(obj, f, *args, **kwargs)
 
     def fsync(fd):
@@ -291,7 +301,7 @@ def fail_second_save(monkeypatch, where: str) -> None:
     monkeypatch.setattr(checkpoint.os, "replace", replace)
 
 
-@pytest.mark.parametrize("where", ["write", "fsync", "rename"])
+@pytest.mark.parametrize("where", ["write", "serialiser", "fsync", "rename"])
 def test_disk_failure_during_a_save_keeps_the_previous_checkpoint(
     data, tmp_path, monkeypatch, capsys, where
 ):
@@ -310,7 +320,11 @@ def test_disk_failure_during_a_save_keeps_the_previous_checkpoint(
         0
     ]  # names the file it failed on
     assert (
-        os.strerror({"write": errno.ENOSPC, "fsync": errno.EIO, "rename": errno.EACCES}[where])
+        os.strerror(
+            {"write": errno.ENOSPC, "serialiser": errno.ENOSPC, "fsync": errno.EIO}.get(
+                where, errno.EACCES
+            )
+        )
         in errors[0]
     )
     ckpt_dir = out / "checkpoints"
@@ -318,6 +332,80 @@ def test_disk_failure_during_a_save_keeps_the_previous_checkpoint(
         "ckpt-000000004.pt"
     ]  # no partial file left
     assert load_checkpoint(ckpt_dir / "ckpt-000000004.pt")["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# An unreadable newest checkpoint; two runs on one --out
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_auto_with_only_an_unreadable_checkpoint_refuses_naming_it(data, tmp_path, capsys):
+    """It once trained from scratch, pruning counted the corrupt file towards --keep 1 and deleted every new
+    checkpoint, and the run still reported one and exited 0."""
+    from fastclr.cli import main
+
+    out = tmp_path / "run"
+    bad = out / "checkpoints" / "ckpt-000000099.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x00 not a checkpoint")
+    flags = tiny_flags(
+        data, out, "--resume", "auto", "--keep", "1", "--ckpt-every", "1", "--max-steps", "8"
+    )
+    assert main(flags) == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        r"fastclr: error: --resume auto: no checkpoint in .* loads; .*ckpt-000000099\.pt", err
+    ), err
+    assert "weights_only" not in err
+    assert [p.name for p in bad.parent.iterdir()] == [bad.name]
+
+
+def test_resume_auto_falls_back_past_an_unreadable_checkpoint_and_says_so(data, tmp_path, capsys):
+    from fastclr.cli import main
+
+    out = tmp_path / "run"
+    flags = tiny_flags(data, out, "--keep", "1", "--ckpt-every", "1")
+    assert main([*flags, "--max-steps", "2"]) == 0
+    bad = out / "checkpoints" / "ckpt-000000099.pt"
+    bad.write_bytes(b"\x00 not a checkpoint")
+    capsys.readouterr()
+    assert main([*flags, "--resume", "auto", "--max-steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"skipping cannot read checkpoint .*ckpt-000000099\.pt", printed), printed
+    assert "falling back to the newest checkpoint that loads, ckpt-000000002.pt" in printed, printed
+    assert RESUMED.search(printed).group(2) == "2"
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
+        "ckpt-000000005.pt",
+        bad.name,
+    ]
+    assert load_checkpoint(out / "checkpoints" / "ckpt-000000005.pt")["step"] == 5
+
+
+def test_a_second_run_on_a_live_output_folder_stops_at_once(data, tmp_path, capsys):
+    """Two runs on one --out deleted each other's temporary files, pruned each other's checkpoints and mixed their
+    metric rows. The second now stops naming the first; a lock left by a killed run does not block."""
+    from fastclr.cli import main
+
+    out = tmp_path / "run"
+    first = tiny_flags(data, out, "--ckpt-every", "1", "--log-every", "1")
+    with Child(first, tmp_path / "first.log") as child:
+        wait_for(lambda: newest_step(out / "checkpoints") >= 1, 240, child, "a first checkpoint")
+        started = time.monotonic()
+        code = main(tiny_flags(data, out, "--seed", "4", "--resume", "auto", "--max-steps", "50"))
+        waited = time.monotonic() - started
+        err = capsys.readouterr().err
+        assert code == 1 and waited < 10, (code, waited, err)
+        host = socket.gethostname()
+        assert re.search(
+            rf"fastclr: error: {re.escape(str(out))} is in use by another fastclr run "
+            rf"\(pid {child.proc.pid} on {re.escape(host)}, started \d{{4}}-\d\d-\d\dT[\d:]+.*\)",
+            err,
+        ), err
+        assert child.alive()
+        child.kill()  # kill -9: the kernel drops its lock
+    step = newest_step(out / "checkpoints")
+    assert main(tiny_flags(data, out, "--resume", "auto", "--max-steps", str(step + 1))) == 0
+    assert newest_step(out / "checkpoints") == step + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Run metrics: the CSV/JSONL rows, and the same rows as TensorBoard scalars when ``--tensorboard`` asks for them."""
 
+import json
 import sys
 
 import pytest
@@ -80,3 +81,31 @@ def test_asking_for_tensorboard_without_the_package_is_an_error(tmp_path, monkey
         ConfigError, match=r"--tensorboard needs the tensorboard package.*fastclr\[tensorboard\]"
     ):
         cfg.validate()
+
+
+def _steps(path) -> list[int]:
+    lines = path.read_text().splitlines()
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["step"] for line in lines]
+    return [int(line.split(",")[0]) for line in lines[1:]]
+
+
+def test_a_resumed_run_drops_the_rows_it_trains_again(tmp_path):
+    """A run killed after logging steps 1-5 but checkpointing step 3 logged 4 and 5 twice once resumed."""
+    log = MetricsLog(tmp_path)
+    for step in range(1, 6):
+        log.log("train", {**ROWS[0], "step": step})
+    log.log("knn", {"step": 4, "epoch": 1, "knn_top1": 0.5})
+    with (tmp_path / "metrics.csv").open("a") as f:
+        f.write("6,1,4.1")  # a row cut short by kill -9
+    resumed = MetricsLog(tmp_path, start_step=3)
+    assert _steps(tmp_path / "metrics.csv") == [1, 2, 3]
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2, 3] and _steps(tmp_path / "knn.csv") == []
+    assert (tmp_path / "metrics.csv").read_bytes().count(
+        b"\r\n"
+    ) == 4  # the csv module's line ends, kept
+    resumed.log("train", {**ROWS[0], "step": 4})
+    assert _steps(tmp_path / "metrics.csv") == [1, 2, 3, 4]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    MetricsLog(tmp_path, start_step=0)  # from scratch: no row of an earlier attempt stays
+    assert _steps(tmp_path / "metrics.csv") == [] and _steps(tmp_path / "metrics.jsonl") == []

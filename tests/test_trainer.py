@@ -1,6 +1,8 @@
 """End-to-end pretraining on generated JPEGs: learning, checkpoints, exact resume, signals, non-finite losses, DDP."""
 
+import csv
 import datetime
+import json
 import os
 import re
 import signal
@@ -188,6 +190,47 @@ def test_skip_nonfinite_counts_and_keeps_weights(data, tmp_path, nan_after):
     assert all(np.isfinite(r["losses"][:10])) and not any(np.isfinite(r["losses"][10:]))
     model = load_checkpoint(r["checkpoint"])["model"]
     assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+def _logged(out: Path, column: str) -> list[tuple[int, float]]:
+    rows = list(csv.DictReader((out / "metrics.csv").open(newline="")))
+    return [(int(r["step"]), float(r[column])) for r in rows]
+
+
+def test_resume_keeps_one_metrics_row_per_step_and_the_elapsed_time(data, tmp_path):
+    """A run killed after logging steps 5 and 6 but before checkpointing step 6 logged them twice once resumed,
+    and its elapsed_s started again from zero."""
+    out = tmp_path / "run"
+    pretrain(tiny_config(data, out, max_steps=6, log_every=1))
+    (out / "checkpoints" / "ckpt-000000006.pt").unlink()  # as if killed before the final save
+    pretrain(tiny_config(data, out, max_steps=8, log_every=1, resume="auto"))
+    elapsed = _logged(out, "elapsed_s")
+    assert [step for step, _ in elapsed] == list(range(1, 9))
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in jsonl] == list(range(1, 9))
+    times = [t for _, t in elapsed]
+    assert times == sorted(times), times  # continues from the checkpoint's elapsed time
+    saved = load_checkpoint(out / "checkpoints" / "ckpt-000000008.pt")["extra"]["elapsed_s"]
+    assert times[-1] <= saved and times[3] <= times[4]
+
+
+def test_resume_with_a_smaller_data_set_is_refused(data, tmp_path):
+    """Step 8 is epoch 2 of 4 steps; half the images make 2-step epochs, and the run once "completed" at step 8
+    (past its 6 steps) without training and exit 0."""
+    import shutil
+
+    folder = shutil.copytree(data[0], tmp_path / "train")
+    out = tmp_path / "run"
+    pretrain(tiny_config((folder,), out, max_steps=8))
+    for image in sorted(folder.rglob("*.jpg"))[::2]:
+        image.unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"ckpt-000000008\.pt is at step 8 \(epoch 2, batch 0\) of a run with 4 steps per epoch, "
+        r"but --data .* now gives 2 \(32 images per rank, batch 16\): the data set changed",
+    ):
+        pretrain(tiny_config((folder,), out, resume="auto"))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "ckpt-000000008.pt"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,25 +5,31 @@ A checkpoint is a dict saved with ``torch.save`` under ``<dir>/ckpt-<step:09d>.p
     {"format": "fastclr-checkpoint", "version": 1, "step": int, "epoch": int, "batch": int, "world_size": int,
      "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
      "rng": [{...} per rank], "config": {section: {key: value}},
-     "extra": {"knn_init": ..., "knn_history": [[step, top1], ...], "nonfinite_skipped": int}}
+     "extra": {"knn_init": ..., "knn_history": [[step, top1], ...], "nonfinite_skipped": int, "elapsed_s": float}}
 
 ``epoch``/``batch`` is the data position: the next batch to train is batch ``batch`` of epoch ``epoch``.
 :class:`TrainCheckpoint` is that dict by name: the trainer packs and unpacks checkpoints only through it.
 Writes go to a temporary file in the same directory, which is fsync'ed, renamed over the final name and followed by an
 fsync of the directory, so a crash at any moment leaves either the old set of checkpoints or the new one, never a
 half-written file under a checkpoint name. Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+Pruning keeps the newest ``keep`` checkpoints that load: a file under a checkpoint name that does not load never
+counts towards ``keep``, so it can never cost a loadable one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import re
+import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -60,45 +66,116 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a fsync'ed temporary file and a rename; the directory is created if needed."""
+def _os_error(e: BaseException, directory: Path) -> OSError | None:
+    """The OS error behind a failed write: ``e`` itself, the OSError torch's zip writer swallowed (it re-raises
+    ``[enforce fail at inline_container.cc] unexpected pos ...``), or, with none recorded, ENOSPC on a full disk and
+    EIO otherwise. None when ``e`` is not an I/O failure (e.g. an object that cannot be pickled)."""
+    if isinstance(e, OSError):
+        return e
+    if not (
+        isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter", str(e))
+    ):
+        return None
+    cause = e.__cause__ or e.__context__
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    with_space = shutil.disk_usage(directory).free > 0
+    code = errno.EIO if with_space else errno.ENOSPC
+    return OSError(code, os.strerror(code))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """``write(f)`` to ``path`` through a fsync'ed temporary file and a rename; the directory is created if needed.
+
+    Raises:
+        OSError: the write failed (disk full, I/O error, permission denied); its message names ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         # Never leave a partial file behind, not even a temporary one (e.g. disk full, KeyboardInterrupt).
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        failure = _os_error(e, path.parent)
+        if failure is not None:
             # ENOSPC/EIO carry no file name: say which file could not be written.
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+            raise OSError(
+                failure.errno, f"cannot write {path}: {failure.strerror or failure}"
+            ) from e
         raise
     _fsync_dir(path.parent)
     return path
 
 
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def loads(path: Path) -> bool:
+    """Does ``path`` load as a checkpoint? Only the pickle is read; the tensors are memory-mapped, not copied."""
+    try:
+        load_checkpoint(path, mmap=True)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+def prune(directory: str | Path, newest: Path, keep: int) -> None:
+    """Delete the checkpoints older than the ``keep`` newest loadable ones up to ``newest`` (just written, so
+    loadable). Files of later steps (another run's, which this one replaces as it gets there) and files that do not
+    load are never counted, so no loadable checkpoint is removed to keep an unloadable one."""
+    step = int(_NAME.match(newest.name).group(1))
+    older = [p for p in list_checkpoints(directory) if int(_NAME.match(p.name).group(1)) < step]
+    kept = 1
+    while older and kept < keep:
+        kept += loads(older.pop())
+    for old in older:
+        old.unlink(missing_ok=True)
+
+
 def save_checkpoint(state: dict[str, Any], directory: str | Path, *, keep: int = 3) -> Path:
-    """Write ``state`` (must hold ``step``) atomically as ``ckpt-<step>.pt`` and delete all but the newest ``keep``."""
+    """Write ``state`` (must hold ``step``) atomically as ``ckpt-<step>.pt`` and keep the newest ``keep`` that load
+    (see :func:`prune`)."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     payload = {"format": FORMAT, "version": VERSION, **state}
     path = atomic_save(payload, checkpoint_path(directory, int(state["step"])))
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-    # Temporary files of writes killed before their rename (kill -9, power loss): one writer per directory,
-    # so any left now is garbage the size of a checkpoint.
+    prune(directory, path, keep)
+    # Temporary files of writes killed before their rename (kill -9, power loss): one writer per directory (the
+    # run holds the lock on its output folder), so any left now is garbage the size of a checkpoint.
     for stale in Path(directory).glob(".ckpt-*.tmp"):
         stale.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and sanity-check a checkpoint written by :func:`save_checkpoint`.
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    """One line for a file ``torch.load(weights_only=True)`` refused. torch's own text advises loading with
+    ``weights_only=False``, i.e. running whatever code the file holds: never passed on."""
+    if isinstance(e, pickle.UnpicklingError):
+        why = "it holds Python objects other than tensors and plain data, which fastclr never loads"
+    else:  # zip, EOF and stream errors: a truncated or damaged file; the first clause of torch's text says which
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = first.split(". ")[0].rstrip(".")
+        if "weights_only" in why:
+            why = type(e).__name__
+    return CheckpointError(
+        f"cannot read checkpoint {path}: not a fastclr checkpoint, or corrupt ({why})"
+    )
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint written by :func:`save_checkpoint` (``mmap``: map the tensors, not read them).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -108,12 +185,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (
         Exception
     ) as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...) for bad files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise _unreadable(path, e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fastclr checkpoint (no '{FORMAT}' marker)")
     if ckpt.get("version") != VERSION:
@@ -126,16 +202,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def find_latest_valid(directory: str | Path) -> Path | None:
-    """The newest checkpoint in ``directory`` that loads; unreadable ones are reported with a warning and skipped."""
+class Latest(NamedTuple):
+    """What :func:`latest_loadable` found: the newest checkpoint that loads (None if none does) and the errors of
+    the newer ones that do not, newest first."""
+
+    path: Path | None
+    unreadable: list[CheckpointError]
+
+
+def latest_loadable(directory: str | Path) -> Latest:
+    """The newest checkpoint in ``directory`` that loads, and why each newer one does not."""
+    unreadable = []
     for path in reversed(list_checkpoints(directory)):
         try:
             load_checkpoint(path)
         except CheckpointError as e:
-            warnings.warn(f"skipping {e}", stacklevel=2)
+            unreadable.append(e)
             continue
-        return path
-    return None
+        return Latest(path, unreadable)
+    return Latest(None, unreadable)
+
+
+def find_latest_valid(directory: str | Path) -> Path | None:
+    """The newest checkpoint in ``directory`` that loads; unreadable ones are reported with a warning and skipped."""
+    latest = latest_loadable(directory)
+    for e in latest.unreadable:
+        warnings.warn(f"skipping {e}", stacklevel=2)
+    return latest.path
 
 
 def check_config(
@@ -205,6 +298,7 @@ class RunState:
     knn_init: float | None = None
     knn_history: list[tuple[int, float]] = field(default_factory=list)
     nonfinite_skipped: int = 0
+    elapsed_s: float = 0.0  # training wall time up to this state, over every resume
 
 
 @dataclass
@@ -243,6 +337,7 @@ class TrainCheckpoint:
                     "knn_init": s.knn_init,
                     "knn_history": s.knn_history,
                     "nonfinite_skipped": s.nonfinite_skipped,
+                    "elapsed_s": s.elapsed_s,
                 },
             },
             directory,
@@ -265,6 +360,7 @@ class TrainCheckpoint:
             knn_init=extra.get("knn_init"),
             knn_history=[tuple(x) for x in extra.get("knn_history", [])],
             nonfinite_skipped=extra.get("nonfinite_skipped", 0),
+            elapsed_s=extra.get("elapsed_s", 0.0),
         )
         return cls(
             state=state,

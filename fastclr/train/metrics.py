@@ -7,7 +7,8 @@ Files under the run directory:
     curves.png     loss and kNN top-1 curves (written by :func:`plot_curves`)
     tensorboard/   TensorBoard event files (``--tensorboard``): train/loss, train/lr, train/images_per_s,
                    train/contrastive_top1 and knn/knn_top1 against the step
-A resumed run appends; the plot keeps the last value logged for each step.
+A run appends to them. At its start it first drops the rows of the steps it is about to train again (those after the
+checkpoint it resumed from; every row when it starts from scratch), so each step keeps one row.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastclr.train.checkpoint import atomic_write
 from fastclr.train.config import TENSORBOARD_MISSING
 
 TRAIN_FIELDS = (
@@ -42,12 +45,20 @@ TENSORBOARD_SCALARS = {
 class MetricsLog:
     """Append-only metric files; a disabled log (non-main ranks) accepts calls and writes nothing.
 
-    ``tensorboard=True`` also writes the rows as TensorBoard scalars to ``out_dir/tensorboard``; it needs the optional
-    ``tensorboard`` package (``pip install 'fastclr[tensorboard]'``), and without it raises ImportError saying so.
+    ``start_step``: the step the run starts from (0: from scratch); the rows after it, which the run will log again,
+    are removed first (:func:`truncate_after`), and TensorBoard purges its scalars after it. None leaves the files as
+    they are. ``tensorboard=True`` also writes the rows as TensorBoard scalars to ``out_dir/tensorboard``; it needs the
+    optional ``tensorboard`` package (``pip install 'fastclr[tensorboard]'``), and without it raises ImportError
+    saying so.
     """
 
     def __init__(
-        self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = False
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        *,
+        start_step: int | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
@@ -55,12 +66,17 @@ class MetricsLog:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # from scratch nothing is kept, not even step 0 (the kNN of the random init is measured again)
+        last_kept = None if start_step is None else (start_step if start_step > 0 else -1)
+        if last_kept is not None:
+            truncate_after(self.out_dir, last_kept)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ImportError(TENSORBOARD_MISSING) from None
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            purge = None if last_kept is None else last_kept + 1
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge)
 
     def log(self, kind: str, row: dict[str, Any]) -> None:
         """Record ``row`` as a ``"train"`` or ``"knn"`` metric."""
@@ -86,6 +102,42 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _rewrite(path: Path, keep: Callable[[str], bool], header: bool) -> None:
+    """Atomically replace ``path`` by its lines that ``keep`` accepts (and its first line when ``header``); a line
+    without its newline (a write cut short by kill -9) is dropped too."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:  # keep the csv module's \r\n
+        lines = f.read().splitlines(keepends=True)
+    head, body = (lines[:1], lines[1:]) if header else ([], lines)
+    kept = head + [line for line in body if line.endswith("\n") and keep(line)]
+    if kept == lines:
+        return
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def _step_at_most(last: int, read_step: Callable[[str], Any]) -> Callable[[str], bool]:
+    def keep(line: str) -> bool:
+        try:
+            return int(read_step(line)) <= last
+        except (ValueError, TypeError, KeyError, IndexError):
+            return False  # a damaged row
+
+    return keep
+
+
+def truncate_after(out_dir: Path, last: int) -> None:
+    """Remove the rows of steps after ``last`` from metrics.csv, knn.csv and metrics.jsonl, each atomically."""
+    csv_step = _step_at_most(last, lambda line: next(csv.reader([line]))[0])
+    for name in ("metrics.csv", "knn.csv"):
+        _rewrite(out_dir / name, csv_step, header=True)
+    _rewrite(
+        out_dir / "metrics.jsonl",
+        _step_at_most(last, lambda line: json.loads(line)["step"]),
+        header=False,
+    )
 
 
 def read_curve(path: Path, key: str) -> tuple[list[int], list[float]]:

@@ -55,7 +55,7 @@ from fastclr.train.checkpoint import (
     TrainCheckpoint,
     check_config,
     checkpoint_path,
-    find_latest_valid,
+    latest_loadable,
     list_checkpoints,
     rng_state,
     set_rng_state,
@@ -63,6 +63,7 @@ from fastclr.train.checkpoint import (
 from fastclr.train.config import RESUME_FREE_KEYS, ConfigError, PretrainConfig
 from fastclr.train.metrics import MetricsLog, plot_curves
 from fastclr.train.monitor import KnnMonitor, StepMeter, describe, say, say_summary
+from fastclr.train.runlock import OutputLock
 from fastclr.train.signals import GracefulStop
 
 
@@ -160,6 +161,8 @@ class Trainer:
         self.losses: list[float] = []  # every step's loss, appended as they are read back
         self.pending: list[PendingStep] = []
         self.on_phase = _no_timing
+        # perf_counter() at the run's start, moved back by the time it trained before resuming
+        self.t_origin: float | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
@@ -222,10 +225,22 @@ class Trainer:
     def _pick_checkpoint(self) -> Path | None:
         resume = self.cfg.run.resume
         if resume == "auto":
-            path = find_latest_valid(self.ckpt_dir)
-            if path is None:
+            latest = latest_loadable(self.ckpt_dir)
+            if latest.path is None and latest.unreadable:
+                # starting over would train on and, at that step, overwrite it: let the user decide
+                raise CheckpointError(
+                    f"--resume auto: no checkpoint in {self.ckpt_dir} loads; the newest: {latest.unreadable[0]}. "
+                    "Move the unreadable file(s) away to start from scratch, or pass --resume FILE"
+                )
+            for e in latest.unreadable:
+                say(f"--resume auto: skipping {e}")
+            if latest.unreadable:
+                say(
+                    f"--resume auto: falling back to the newest checkpoint that loads, {latest.path.name}"
+                )
+            if latest.path is None:
                 say(f"--resume auto: no checkpoint in {self.ckpt_dir}; starting from scratch")
-            return path
+            return latest.path
         if resume is not None:
             if not Path(resume).is_file():
                 raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
@@ -247,6 +262,7 @@ class Trainer:
                 f"{path} stopped mid-epoch with {ckpt.world_size} process(es); resume it with the same number "
                 f"(now {self.info.world_size})"
             )
+        self.check_position(ckpt.state, path)
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.scheduler)
@@ -258,6 +274,20 @@ class Trainer:
             s = self.state
             say(f"resumed from {path} at step {s.step} (epoch {s.epoch}, batch {s.batch})")
 
+    def check_position(self, s: RunState, path: Path) -> None:
+        """Refuse a checkpoint whose data position does not fit the data now (steps = epoch * steps/epoch + batch):
+        the data set changed size, and its schedule, epochs and position would silently mean something else."""
+        spe = self.steps_per_epoch
+        if s.step == s.epoch * spe + s.batch:
+            return
+        then = f"{(s.step - s.batch) // s.epoch}" if s.epoch else f"more than {s.batch}"
+        raise CheckpointError(
+            f"{path} is at step {s.step} (epoch {s.epoch}, batch {s.batch}) of a run with {then} steps per epoch, but "
+            f"--data {self.cfg.data.data} now gives {spe} ({self.loader.num_samples} images per rank, batch "
+            f"{self.cfg.optim.batch_size}): the data set changed. Resume with the data it was trained on, or start "
+            "a new run with another --out"
+        )
+
     def save(self) -> None:
         """Checkpoint the current step (every rank contributes its RNG state; rank 0 writes)."""
         path = checkpoint_path(self.ckpt_dir, self.state.step)
@@ -266,6 +296,8 @@ class Trainer:
         if self.pending:
             raise RuntimeError(f"save() at step {self.state.step} before its steps were read back")
         self.check_finite_state()
+        if self.t_origin is not None:
+            self.state.elapsed_s = time.perf_counter() - self.t_origin
         rngs = dist.all_gather_object(rng_state(), self.info)
         if self.info.is_main:
             ckpt = TrainCheckpoint(
@@ -470,13 +502,19 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current state to the end (or ``max_steps``, or a signal); returns the run summary."""
         cfg, s = self.cfg, self.state
-        log = MetricsLog(self.out, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard)
+        # the rows of the steps this run trains (again) go: one row per step, however often it resumed
+        log = MetricsLog(
+            self.out, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard, start_step=s.step
+        )
         limit = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         start_step, t_start = s.step, time.perf_counter()
+        self.t_origin = t_start - s.elapsed_s
+        if s.step >= limit and self.info.is_main:
+            say(f"nothing to train: the run is at step {s.step} of {limit} already")
         if s.step == 0 and self.knn.enabled:
             s.knn_init = self.evaluate_knn(log)
 
-        meter = StepMeter(cfg, log, start=s.step, limit=limit, t_start=t_start)
+        meter = StepMeter(cfg, log, start=s.step, limit=limit, t_start=self.t_origin)
         # every rank feeds the same fixed batch shape all run: the loss checks it once, not every step
         with GracefulStop() as stop, meter, check_batches_once():
             status = self.run_steps(limit, stop, log, meter)
@@ -530,7 +568,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     info = dist.init_distributed(
         cfg.run.device, timeout=datetime.timedelta(minutes=cfg.run.dist_timeout)
     )
+    lock = OutputLock(cfg.run.out)
     try:
+        # rank 0 writes every file, so it alone holds the folder; if another run does, every rank stops here
+        dist.run_on_main(lock.acquire, info)
         prepare_demo_data(cfg, info)
         check_data_dir(cfg.data.data, "--data")
         if cfg.data.test_data is not None:
@@ -549,6 +590,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         finally:
             trainer.loader.close()
     finally:
+        lock.release()
         dist.cleanup_distributed()
 
 
