@@ -25,7 +25,7 @@ A dry run keeps every code path at tiny sizes on the CPU: triton under TRITON_IN
 tiny model, and ``torch.compile`` with the "eager" backend (inductor's C++ build would take minutes).
 Output: a table per section, ``gpu_check.json`` (``gpu_check_dry_run.json``) and rows appended to
 ``gpu_check_<section>.csv`` in --out, with device, versions and date. Exit status: 0 all passed, 1 a mismatch or an
-error, 2 something was skipped for the time budget.
+error, 2 something was skipped for the time budget. The correctness and loss sections live in ``gpu_check_loss.py``.
 """
 
 from __future__ import annotations
@@ -43,37 +43,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fastclr.bench.gpu_check_loss import DTYPE_CASES, check_correctness, time_loss
 from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
 
 if TYPE_CHECKING:
     import torch
 
 SECTIONS = ("correctness", "loss", "pipeline", "train")
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    loss_rtol: float  # |loss - ref| <= loss_rtol * max(|ref|, 1)
-    grad_rtol: float  # max |grad - ref| <= grad_rtol * max |ref|
-
-
-# name: (dtype, fp32 dot precision, tolerance against float64 on the same rounded inputs). tf32 rounds S to ~1e-3; bf16
-# and fp16 also store z_hat and the gradients in their own precision (8 and 11 mantissa bits).
-DTYPE_CASES = {
-    "fp32-tf32": ("float32", "tf32", Tolerance(5e-3, 2e-2)),
-    "fp32-ieee": ("float32", "ieee", Tolerance(1e-4, 1e-3)),
-    "bf16": ("bfloat16", "tf32", Tolerance(2e-2, 5e-2)),
-    "fp16": ("float16", "tf32", Tolerance(5e-3, 2e-2)),
-}
-# Dense tensor-core TFLOP/s (no sparsity) by a substring of the CUDA device name, most specific first: (bf16, tf32).
-PEAK_TFLOPS = {
-    "H100 PCIe": (756.0, 378.0),
-    "H100 NVL": (835.0, 418.0),
-    "H200 NVL": (835.0, 418.0),
-    "H100": (989.4, 494.7),
-    "H200": (989.4, 494.7),
-    "A100": (312.0, 156.0),
-}
 
 
 @dataclass(frozen=True)
@@ -132,194 +108,6 @@ class Budget:
             return True
         self.skipped.append(f"{what} ({left:.0f} s left, needs ~{estimate_s:.0f} s)")
         return False
-
-
-def peak_tflops(device_name: str, dtype: str) -> float | None:
-    for key, (half, tf32) in PEAK_TFLOPS.items():
-        if key in device_name:
-            return tf32 if dtype == "float32" else half
-    return None
-
-
-def gemm_tflop(two_n: int, d: int) -> float:
-    """The three (2N x D) @ (D x 2N) GEMMs of forward + backward, in TFLOP."""
-    return 3 * two_n * two_n * d * 2 / 1e12
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# correctness
-
-
-def loss_and_grads(fn, z_a, z_b, upstream: float = 1.7):
-    """(loss, dz_a, dz_b) of ``fn`` with ``upstream`` as the loss's gradient."""
-    a, b = z_a.detach().requires_grad_(), z_b.detach().requires_grad_()
-    loss = fn(a, b)
-    (loss * upstream).backward()
-    return loss.detach(), a.grad, b.grad
-
-
-def compare(got, want, tol: Tolerance) -> dict:
-    """Errors of (loss, dz_a, dz_b) against the float64 ones, scaled as ``Tolerance`` says, and where the worst is."""
-    loss_err = abs(got[0].double().item() - want[0].item()) / max(abs(want[0].item()), 1.0)
-    grad_err, where = 0.0, "-"
-    for name, g, w in zip(("dz_a", "dz_b"), got[1:], want[1:], strict=True):
-        diff = (g.double() - w).abs()
-        err = diff.max().item() / max(w.abs().max().item(), 1e-12)
-        if err > grad_err:
-            row, col = divmod(int(diff.argmax()), diff.shape[1])
-            grad_err, where = (
-                err,
-                f"{name}[{row}, {col}]: {g[row, col].item():.4g} vs {w[row, col].item():.4g}",
-            )
-    ok = loss_err <= tol.loss_rtol and grad_err <= tol.grad_rtol
-    return {
-        "loss_err": loss_err,
-        "grad_err": grad_err,
-        "worst": where,
-        "status": "ok" if ok else "MISMATCH",
-    }
-
-
-def check_correctness(ctx) -> list[dict]:
-    import torch
-
-    from fastclr.kernels.nt_xent import nt_xent_triton
-    from fastclr.losses.reference import nt_xent_reference
-
-    rows = []
-    for case, (dtype, precision, tol) in DTYPE_CASES.items():
-        for d in ctx.sizes.correctness_d:
-            for two_n in ctx.sizes.correctness_two_n:
-                row = {
-                    "case": case,
-                    "two_n": two_n,
-                    "d": d,
-                    "loss_rtol": tol.loss_rtol,
-                    "grad_rtol": tol.grad_rtol,
-                }
-                if not ctx.budget.allows(f"correctness {case} 2N={two_n} D={d}", 3):
-                    rows.append(row | {"status": "skipped: time budget"})
-                    continue
-                gen = torch.Generator().manual_seed(two_n + d)
-                z = torch.randn(2, two_n // 2, d, generator=gen).to(
-                    ctx.device, getattr(torch, dtype)
-                )
-                try:
-                    got = loss_and_grads(
-                        lambda a, b, p=precision: nt_xent_triton(a, b, ctx.tau, precision=p), *z
-                    )
-                    want = loss_and_grads(
-                        lambda a, b: nt_xent_reference(a, b, ctx.tau), *z.double()
-                    )
-                    rows.append(row | compare(got, want, tol))
-                except RuntimeError as exc:  # a compile error, or no memory for the float64 logits
-                    rows.append(row | {"status": f"failed: {str(exc).splitlines()[0][:120]}"})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# loss timing
-
-
-def time_ms(step, cuda: bool) -> tuple[float, float, float]:
-    """(median, 20%, 80%) milliseconds of ``step`` after a warm-up (CPU, the dry run: median, min, max of two)."""
-    if cuda:
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], rep=200))
-    samples = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        step()
-        samples.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(samples), min(samples), max(samples)
-
-
-def loss_provider(impl: str, ctx):
-    """A callable (z_a, z_b) -> loss; RuntimeError('skipped: ...') where the provider cannot run."""
-    import torch
-
-    from fastclr.bench.bench_loss import make_loss_fn
-    from fastclr.kernels.nt_xent import nt_xent_triton
-    from fastclr.losses.reference import nt_xent_reference
-
-    if impl == "triton":
-        return lambda a, b: nt_xent_triton(a, b, ctx.tau)
-    if impl == "compile":
-        backend = "eager" if ctx.dry_run else "inductor"
-        return torch.compile(lambda a, b: nt_xent_reference(a, b, ctx.tau), backend=backend)
-    return make_loss_fn(impl, ctx.tau)  # reference, lightly
-
-
-def time_one(impl: str, z_a, z_b, ctx) -> dict:
-    import torch
-
-    fn = loss_provider(impl, ctx)
-
-    def step():
-        loss = fn(z_a, z_b)
-        loss.backward()
-        z_a.grad = z_b.grad = None
-        return loss
-
-    loss = step()  # warm-up: autotuning, compilation
-    row = {}
-    if ctx.cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-    row["ms"], row["ms_p20"], row["ms_p80"] = time_ms(step, ctx.cuda)
-    if impl == "triton" and z_a.shape[0] * 2 <= 32768:
-        # The autotuned kernel's loss against float64 (the correctness section runs the same configs per size).
-        ref = _reference_loss(z_a, z_b, ctx.tau)
-        row["loss_err"] = abs(loss.double().item() - ref) / max(abs(ref), 1.0)
-        tol = DTYPE_CASES["bf16" if z_a.dtype == torch.bfloat16 else "fp32-tf32"][2]
-        if row["loss_err"] > tol.loss_rtol:
-            row["status"] = "MISMATCH"
-    return row
-
-
-def _reference_loss(z_a, z_b, tau: float) -> float:
-    import torch
-
-    from fastclr.losses.reference import nt_xent_reference
-
-    with torch.no_grad():
-        return nt_xent_reference(z_a.double(), z_b.double(), tau).item()
-
-
-def time_loss(ctx) -> list[dict]:
-    import torch
-
-    rows = []
-    plan = [(dtype, two_n, impl) for dtype in ("bfloat16", "float32") for two_n in ctx.sizes.loss_two_n
-            for impl in ("triton", "reference", "compile", "lightly")]  # fmt: skip
-    plan += [(dtype, ctx.sizes.loss_big_two_n, "triton") for dtype in ("bfloat16", "float32")]
-    for dtype, two_n, impl in plan:
-        d = 128
-        row = {"impl": impl, "two_n": two_n, "d": d, "dtype": dtype}
-        if not ctx.budget.allows(
-            f"loss {impl} {dtype} 2N={two_n}", 45 if impl == "compile" else 15
-        ):
-            rows.append(row | {"status": "skipped: time budget"})
-            continue
-        gen = torch.Generator().manual_seed(two_n)
-        z = torch.randn(2, two_n // 2, d, generator=gen).to(ctx.device, getattr(torch, dtype))
-        z_a, z_b = (x.requires_grad_() for x in z)
-        try:
-            row |= {"status": "ok"} | time_one(impl, z_a, z_b, ctx)
-        except RuntimeError as exc:  # a skipped provider or (torch.cuda.OutOfMemoryError) no memory
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            row["status"] = message if message.startswith("skipped") else f"failed: {message[:120]}"
-        if row.get("ms"):
-            row["tflops"] = gemm_tflop(two_n, d) / (row["ms"] / 1e3)
-            peak = peak_tflops(ctx.device_name, dtype)
-            row["peak_fraction"] = row["tflops"] / peak if peak else None
-        rows.append(row)
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastclr.bench import gpu_check
+from fastclr.bench import gpu_check, gpu_check_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_dry_run_runs_every_section_and_writes_json_and_csv(tmp_path):
     sections = report["sections"]
     assert list(sections) == list(gpu_check.SECTIONS)
     # Every case of the correctness grid ran and passed.
-    assert len(sections["correctness"]) == len(gpu_check.DTYPE_CASES) * 2 * 3
+    assert len(sections["correctness"]) == len(gpu_check_loss.DTYPE_CASES) * 2 * 3
     assert {r["status"] for r in sections["correctness"]} == {"ok"}
     loss = sections["loss"]
     assert {r["impl"] for r in loss} == {"triton", "reference", "compile", "lightly"}
@@ -54,14 +54,14 @@ def _results(z, scale_a=1.0, loss=1.0):
 def test_compare_flags_a_mismatch_and_says_where():
     z = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = _results(z)
-    tol = gpu_check.Tolerance(loss_rtol=1e-3, grad_rtol=1e-2)
-    assert gpu_check.compare(_results(z, scale_a=1.001), want, tol)["status"] == "ok"
+    tol = gpu_check_loss.Tolerance(loss_rtol=1e-3, grad_rtol=1e-2)
+    assert gpu_check_loss.compare(_results(z, scale_a=1.001), want, tol)["status"] == "ok"
     bad = z.clone()
     bad[1, 2, 1] += 1.0
-    verdict = gpu_check.compare(_results(bad), want, tol)
+    verdict = gpu_check_loss.compare(_results(bad), want, tol)
     assert verdict["status"] == "MISMATCH" and verdict["worst"].startswith("dz_b[2, 1]")
     assert verdict["grad_err"] == pytest.approx(1.0 / z[1].abs().max().item())
-    assert gpu_check.compare(_results(z, loss=1.01), want, tol)["status"] == "MISMATCH"
+    assert gpu_check_loss.compare(_results(z, loss=1.01), want, tol)["status"] == "MISMATCH"
 
 
 @pytest.mark.parametrize(
@@ -81,13 +81,13 @@ def test_exit_status(statuses, skipped, code):
 
 
 def test_peak_table_by_device_name():
-    assert gpu_check.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
-    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert gpu_check_loss.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert gpu_check_loss.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
     assert (
-        gpu_check.peak_tflops("NVIDIA H200", "float32") == 494.7
+        gpu_check_loss.peak_tflops("NVIDIA H200", "float32") == 494.7
     )  # fp32 inputs run on tf32 tensor cores
-    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB", "float16") == 312.0
-    assert gpu_check.peak_tflops("AMD EPYC (2 cores)", "bfloat16") is None
+    assert gpu_check_loss.peak_tflops("NVIDIA A100-SXM4-80GB", "float16") == 312.0
+    assert gpu_check_loss.peak_tflops("AMD EPYC (2 cores)", "bfloat16") is None
 
 
 def test_budget_refuses_an_item_that_would_not_fit():

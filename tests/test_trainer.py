@@ -456,3 +456,56 @@ def test_tensorboard_flag_writes_the_run_scalars(data, tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+
+
+def test_the_last_lines_say_what_happened_and_what_to_run_next(data, tmp_path, capsys):
+    cfg = tiny_config(data, tmp_path / "run", max_steps=2)
+    cfg.data.test_data = str(data[1])
+    r = pretrain(cfg)
+    assert r["total_s"] >= r["train_s"] > 0
+    printed = capsys.readouterr().out
+    last = printed[printed.index("kNN top-1 (k=10): random init") :].splitlines()
+    assert re.fullmatch(
+        r"kNN top-1 \(k=10\): random init \d+\.\d\d% -> trained \d+\.\d\d% \([+-]\d+\.\d\d points\)",
+        last[0],
+    ), last
+    assert last[1].startswith("In words: the encoder, trained without labels,"), last
+    assert "sorts the held-out images by class" in last[1], last
+    duration = r"(\d+\.\d s|\d+ min \d+ s|\d+ h \d\d min)"
+    assert re.fullmatch(rf"total time {duration} \(training {duration}\)", last[2]), last
+    ckpt = r["checkpoint"]
+    assert last[3] == f"checkpoint: {ckpt}; metrics: {r['out']}/metrics.csv; curves: {r['plot']}"
+    rest = "\n".join(last[4:])
+    assert f"fastclr linear --ckpt {ckpt}" in rest
+    assert f"fastclr export --ckpt {ckpt} --out backbone.pt" in rest
+    assert (
+        "fastclr pretrain --preset cifar10-r18 --data cifar10/train --test-data cifar10/test"
+        in rest
+    )
+    assert "-m fastclr pretrain --preset imagenet-r50 --data /data/imagenet/train" in rest
+
+
+@pytest.mark.parametrize(
+    "gain, says",
+    [(0.2, "much better than"), (0.02, "a little better than"), (0.0, "about as well as"),
+     (-0.03, "worse than")],
+)  # fmt: skip
+def test_the_knn_result_in_words_is_honest_about_its_sign(gain, says):
+    from fastclr.train.monitor import explain_knn
+
+    assert f"{says} at random init" in explain_knn(gain)
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (4.26, "4.3 s"),
+        (59.97, "1 min 0 s"),
+        (92.4, "1 min 32 s"),
+        (3600 + 5 * 60 + 20, "1 h 05 min"),
+    ],
+)
+def test_durations_read_as_a_person_says_them(seconds, text):
+    from fastclr.train.monitor import format_duration
+
+    assert format_duration(seconds) == text

@@ -2,7 +2,8 @@
 
 Modules, each importing only those listed before it: ``config`` (typed settings and their checks), ``config_io`` (files, presets, flags), ``dist`` (process
 group), ``checkpoint`` (the file format), ``build`` (precision, data, model, optimiser from a config), ``metrics`` and
-``monitor`` (metric files, progress, kNN monitor), ``signals`` (SIGTERM/Ctrl-C), ``trainer`` (the loop and
+``monitor`` (metric files, progress, kNN monitor), ``signals`` (SIGTERM/Ctrl-C), ``guard`` (non-finite steps undone on
+the device, the queued steps' read-back), ``resume`` (which checkpoint a run continues from), ``trainer`` (the loop and
 :func:`pretrain`), ``evaluate`` (kNN/linear evaluation and export of a checkpoint).
 
 >>> from fastclr.train import load_preset, pretrain

@@ -110,6 +110,16 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def parameters_differ(model: torch.nn.Module, info: DistInfo) -> bool:
+    """Does any rank hold a parameter that differs, bit for bit, from rank 0's copy? (Every rank gets the answer.)"""
+    differing = torch.zeros((), device=info.device)
+    for p in model.parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        differing += (ref != p.detach()).any().float()
+    return bool(all_reduce_sum(differing, info).item())
+
+
 def run_on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
     """``fn()`` on rank 0 only, its result on every rank; if it raises a ValueError/OSError, every rank raises it.
 

@@ -52,8 +52,58 @@ def describe(cfg: PretrainConfig, info: dist.DistInfo, loader, model: nn.Module)
     return "\n".join(lines)
 
 
+def format_duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: "12.3 s", "1 min 32 s", "2 h 05 min"."""
+    if seconds < 59.95:  # what would print as "60.0 s" reads "1 min 0 s"
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+# What a newcomer can run after a run; ``{ckpt}`` is the run's last checkpoint (the README's "Pretraining" section).
+NEXT_STEPS = """\
+what to run next:
+  # the accuracy of a linear classifier on the frozen encoder, the standard SimCLR measure
+  fastclr linear --ckpt {ckpt}
+  # the encoder alone, as a plain torchvision state_dict
+  fastclr export --ckpt {ckpt} --out backbone.pt
+  # pretrain on CIFAR-10 (one GPU), or on ImageNet (8 GPUs), as in the README's "Pretraining" section
+  fastclr pretrain --preset cifar10-r18 --data cifar10/train --test-data cifar10/test
+  torchrun --nproc_per_node=8 -m fastclr pretrain --preset imagenet-r50 --data /data/imagenet/train \\
+      --test-data /data/imagenet/val"""
+
+
+def explain_knn(gain: float) -> str:
+    """One plain sentence on a kNN top-1 gain (trained minus random init, as a fraction)."""
+    what = "the encoder, trained without labels,"
+    if gain >= 0.03:  # 3 points: the embedded demo's gain
+        verdict = f"{what} now sorts the held-out images by class much better than at random init"
+    elif gain > 0.005:
+        verdict = (
+            f"{what} now sorts the held-out images by class a little better than at random init"
+        )
+    elif gain >= -0.005:
+        verdict = (
+            f"{what} sorts the held-out images by class about as well as at random init: "
+            "train longer (more --epochs) before reading anything into it"
+        )
+    else:
+        verdict = (
+            f"{what} sorts the held-out images by class worse than at random init: the run may be too short, "
+            "or --lr / --temperature may need tuning"
+        )
+    return (
+        f"In words: {verdict} (kNN top-1 is how often a held-out image's nearest training images, "
+        "by the encoder's features, share its class)."
+    )
+
+
 def say_summary(r: dict[str, Any], loader, knn_k: int) -> None:
-    """The end-of-run lines: where it stopped, what it skipped, the kNN gain, and where its files are."""
+    """The end-of-run lines: where it stopped, what it skipped, the kNN gain in numbers and in words, how long it
+    took, where its files are, and what to run next."""
     ips = f", {r['images_per_s']:.0f} images/s" if r["images_per_s"] else ""
     say(
         f"{r['status']} at step {r['step']} (epoch {r['epoch']}){ips}; final loss {r['losses'][-1]:.4f}"
@@ -68,11 +118,20 @@ def say_summary(r: dict[str, Any], loader, knn_k: int) -> None:
             f"skipped {loader.num_skipped} bad image file(s) (--on-corrupt skip), e.g. {path} {reason}"
         )
     if r["knn_init"] is not None and r["knn_final"] is not None:
+        gain = r["knn_final"] - r["knn_init"]
         say(
             f"kNN top-1 (k={knn_k}): random init {100 * r['knn_init']:.2f}% -> trained {100 * r['knn_final']:.2f}% "
-            f"({100 * (r['knn_final'] - r['knn_init']):+.2f} points)"
+            f"({100 * gain:+.2f} points)"
         )
+        say(explain_knn(gain))
+    elif r["status"] != "stopped":
+        say(
+            "no kNN check: pass --test-data to measure how well the encoder sorts held-out images by class"
+        )
+    say(f"total time {format_duration(r['total_s'])} (training {format_duration(r['train_s'])})")
     say(f"checkpoint: {r['checkpoint']}; metrics: {r['out']}/metrics.csv; curves: {r['plot']}")
+    if r["checkpoint"] and r["status"] != "stopped":
+        say(NEXT_STEPS.format(ckpt=r["checkpoint"]))
 
 
 class StepMeter:

@@ -22,7 +22,8 @@ gradients are averaged by DDP, and only rank 0 logs, evaluates and writes checkp
 
 Steps are queued on the device without reading anything back: the loss, a non-finite flag and the stop votes of each
 step wait there until the host reads them all at once, every ``--log-every`` steps and before every checkpoint, epoch
-end and stop (:meth:`Trainer.read_back`, the loop's one host sync).
+end and stop (:meth:`Trainer.read_back`, the loop's one host sync). :mod:`fastclr.train.guard` packs them and undoes
+non-finite steps on the device; :mod:`fastclr.train.resume` picks the checkpoint a run continues from.
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 
 from fastclr.eval.knn import contrastive_accuracy
 from fastclr.losses.distributed import check_batches_once
@@ -55,94 +54,31 @@ from fastclr.train.checkpoint import (
     TrainCheckpoint,
     check_config,
     checkpoint_path,
-    latest_loadable,
-    list_checkpoints,
     rng_state,
     set_rng_state,
 )
 from fastclr.train.config import RESUME_FREE_KEYS, ConfigError, PretrainConfig
+from fastclr.train.guard import (
+    PendingStep,
+    ReadBack,
+    TrainingError,
+    UpdateGuard,
+    any_nonfinite,
+    check_finite_state,
+    describe_nonfinite,
+    nonfinite_error,
+    pack_pending,
+    unpack_pending,
+)
 from fastclr.train.metrics import MetricsLog, plot_curves
 from fastclr.train.monitor import KnnMonitor, StepMeter, describe, say, say_summary
+from fastclr.train.resume import check_position, pick_checkpoint
 from fastclr.train.runlock import OutputLock
 from fastclr.train.signals import GracefulStop
 
 
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. a non-finite loss); the message names the step and the last good checkpoint."""
-
-
 def _no_timing(phase: str) -> None:
     pass
-
-
-def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """0-d bool on the device: does any tensor hold a NaN or inf? (The max-abs norm overflows for no finite value.)"""
-    return (
-        torch.stack(torch._foreach_norm(list(tensors), float("inf"))).isfinite().all().logical_not()
-    )
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The tensors of an optimiser's per-parameter state (LARS: the momentum buffers)."""
-    return [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-
-
-class PendingStep(NamedTuple):
-    """A step queued on the device and not yet read back: its data position and its device-side results."""
-
-    step: int  # optimiser steps taken before it
-    epoch: int
-    batch: int
-    loss: torch.Tensor  # 0-d float32, this rank's loss
-    nonfinite: torch.Tensor  # 0-d bool: the loss, the gradients or the updated weights were NaN/inf
-    top1: torch.Tensor | None  # 0-d float32 contrastive top-1, on logged steps only
-
-
-class ReadBack(NamedTuple):
-    """What :meth:`Trainer.read_back` read: the losses of the steps since the last read (averaged over ranks), the
-    contrastive top-1 of a logged step among them (averaged over ranks), and whether any rank asked to stop."""
-
-    losses: list[float]
-    top1: float | None
-    stop: bool
-
-
-class UpdateGuard:
-    """Undoes a step on the device when a device flag says so, with no host read (as a GradScaler skips a step).
-
-    Before each step :meth:`save` copies the weights, the optimiser state and the buffers (BatchNorm running
-    statistics, which the forward updates) into preallocated tensors, in place; after it :meth:`undo_if` puts them
-    back with ``torch.where``. Optimiser state the step created (momentum on the first step) is zeroed, which is
-    how LARS starts it.
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.saved: list[torch.Tensor] = []
-        self.copies: list[torch.Tensor] = []
-
-    def _live(self) -> list[torch.Tensor]:
-        state = optimizer_tensors(self.optimizer)
-        return [*self.model.parameters(), *self.model.buffers(), *state]
-
-    @torch.no_grad()
-    def save(self) -> None:
-        live = self._live()
-        if [t.shape for t in live] != [t.shape for t in self.copies]:
-            self.copies = [
-                torch.empty_like(t) for t in live
-            ]  # once, and when the optimiser adds state
-        torch._foreach_copy_(self.copies, live)
-        self.saved = live
-
-    @torch.no_grad()
-    def undo_if(self, flag: torch.Tensor) -> None:
-        for t, copy in zip(self.saved, self.copies, strict=True):
-            torch.where(flag, copy, t, out=t)
-        saved = {id(t) for t in self.saved}
-        for t in self._live():
-            if id(t) not in saved:
-                torch.where(flag, torch.zeros((), dtype=t.dtype, device=t.device), t, out=t)
 
 
 class Trainer:
@@ -220,38 +156,9 @@ class Trainer:
 
     def resume_path(self) -> Path | None:
         """The checkpoint to resume from (rank 0 decides, every rank gets the same path), or None to start fresh."""
-        return dist.run_on_main(self._pick_checkpoint, self.info)
-
-    def _pick_checkpoint(self) -> Path | None:
-        resume = self.cfg.run.resume
-        if resume == "auto":
-            latest = latest_loadable(self.ckpt_dir)
-            if latest.path is None and latest.unreadable:
-                # starting over would train on and, at that step, overwrite it: let the user decide
-                raise CheckpointError(
-                    f"--resume auto: no checkpoint in {self.ckpt_dir} loads; the newest: {latest.unreadable[0]}. "
-                    "Move the unreadable file(s) away to start from scratch, or pass --resume FILE"
-                )
-            for e in latest.unreadable:
-                say(f"--resume auto: skipping {e}")
-            if latest.unreadable:
-                say(
-                    f"--resume auto: falling back to the newest checkpoint that loads, {latest.path.name}"
-                )
-            if latest.path is None:
-                say(f"--resume auto: no checkpoint in {self.ckpt_dir}; starting from scratch")
-            return latest.path
-        if resume is not None:
-            if not Path(resume).is_file():
-                raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
-            return Path(resume)
-        if list_checkpoints(self.ckpt_dir):
-            newest = list_checkpoints(self.ckpt_dir)[-1].name
-            raise ValueError(
-                f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest {newest}); "
-                "continue it with --resume auto, or pick another --out"
-            )
-        return None
+        return dist.run_on_main(
+            lambda: pick_checkpoint(self.cfg.run.resume, self.ckpt_dir), self.info
+        )
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint ``path``: weights, optimiser, schedule, scaler, this rank's RNGs, the position."""
@@ -262,7 +169,7 @@ class Trainer:
                 f"{path} stopped mid-epoch with {ckpt.world_size} process(es); resume it with the same number "
                 f"(now {self.info.world_size})"
             )
-        self.check_position(ckpt.state, path)
+        check_position(ckpt.state, path, self.cfg, self.steps_per_epoch, self.loader.num_samples)
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.scheduler)
@@ -274,20 +181,6 @@ class Trainer:
             s = self.state
             say(f"resumed from {path} at step {s.step} (epoch {s.epoch}, batch {s.batch})")
 
-    def check_position(self, s: RunState, path: Path) -> None:
-        """Refuse a checkpoint whose data position does not fit the data now (steps = epoch * steps/epoch + batch):
-        the data set changed size, and its schedule, epochs and position would silently mean something else."""
-        spe = self.steps_per_epoch
-        if s.step == s.epoch * spe + s.batch:
-            return
-        then = f"{(s.step - s.batch) // s.epoch}" if s.epoch else f"more than {s.batch}"
-        raise CheckpointError(
-            f"{path} is at step {s.step} (epoch {s.epoch}, batch {s.batch}) of a run with {then} steps per epoch, but "
-            f"--data {self.cfg.data.data} now gives {spe} ({self.loader.num_samples} images per rank, batch "
-            f"{self.cfg.optim.batch_size}): the data set changed. Resume with the data it was trained on, or start "
-            "a new run with another --out"
-        )
-
     def save(self) -> None:
         """Checkpoint the current step (every rank contributes its RNG state; rank 0 writes)."""
         path = checkpoint_path(self.ckpt_dir, self.state.step)
@@ -295,7 +188,7 @@ class Trainer:
             return  # this step is saved already (e.g. an epoch end that is also a --ckpt-every step)
         if self.pending:
             raise RuntimeError(f"save() at step {self.state.step} before its steps were read back")
-        self.check_finite_state()
+        check_finite_state(self.model, self.optimizer, self.state, self.last_ckpt)
         if self.t_origin is not None:
             self.state.elapsed_s = time.perf_counter() - self.t_origin
         rngs = dist.all_gather_object(rng_state(), self.info)
@@ -326,30 +219,11 @@ class Trainer:
         dist.barrier(self.info)
         return top1
 
-    def check_finite_state(self) -> None:
-        """Refuse to checkpoint NaN/inf weights or optimiser state (a backstop: read_back stops or undoes
-        non-finite steps first). Every rank checks its identical copy, so every rank raises together."""
-        s = self.state
-        state = optimizer_tensors(self.optimizer)
-        tensors = [t for t in (*self.model.state_dict().values(), *state) if t.is_floating_point()]
-        if any_nonfinite(tensors).item():  # host sync, on checkpoint steps only
-            where = self.last_ckpt if self.last_ckpt is not None else "none yet"
-            raise TrainingError(
-                f"non-finite weights or optimiser state at step {s.step} (epoch {s.epoch}, batch {s.batch}): "
-                f"not saved; last good checkpoint: {where}"
-            )
-
     def check_ranks_in_sync(self) -> None:
-        """Compare every parameter with rank 0's copy, bit for bit; raise if DDP let any rank drift."""
+        """Raise if DDP let any rank's parameters drift from rank 0's."""
         if not self.info.distributed:
             return
-        differing = torch.zeros((), device=self.info.device)
-        for p in self.model.parameters():
-            ref = p.detach().clone()
-            torch_dist.broadcast(ref, src=0)
-            differing += (ref != p.detach()).any().float()
-        dist.all_reduce_sum(differing, self.info)
-        if differing.item():
+        if dist.parameters_differ(self.model, self.info):  # a host sync, once at the end
             raise TrainingError(f"parameters differ between ranks after step {self.state.step}")
         if self.info.is_main:
             say(f"parameters identical on all {self.info.world_size} ranks")
@@ -418,51 +292,24 @@ class Trainer:
         it was undone on the device already.
         """
         steps, self.pending = self.pending, []
-        world = self.info.world_size
-        top1s = [p.top1 for p in steps if p.top1 is not None]
-        vote = torch.full((1,), float(stop_requested), device=self.info.device)
-        packed = torch.cat(
-            [
-                torch.stack([p.loss for p in steps]),
-                torch.stack([p.nonfinite for p in steps]).float(),
-                torch.stack(top1s[-1:]) if top1s else vote[:0],
-                vote,
-            ]
-        )
+        packed = pack_pending(steps, stop_requested, self.info.device)
         # The host sync, summed over ranks so that every rank takes the same decisions.
         values = dist.all_reduce_sum(packed, self.info).tolist()
-        n = len(steps)
-        losses = [v / world for v in values[:n]]
-        self.losses += losses
-        bad = [
-            (p, loss)
-            for p, loss, flag in zip(steps, losses, values[n : 2 * n], strict=True)
-            if flag
-        ]
-        if bad:
-            self.nonfinite_steps(bad)
-        top1 = values[2 * n] / world if top1s else None
-        return ReadBack(losses, top1, values[-1] > 0)
+        read = unpack_pending(steps, values, self.info.world_size)
+        self.losses += read.losses
+        if read.nonfinite:
+            self.nonfinite_steps(read.nonfinite)
+        return read
 
     def nonfinite_steps(self, bad: list[tuple[PendingStep, float]]) -> None:
         """Non-finite steps just read back: stop, naming the first and the last good checkpoint; or, with
         --skip-nonfinite, count them (they were undone on the device)."""
-        first, loss = bad[0]
-        what = (
-            f"non-finite loss ({loss})"
-            if loss != loss or abs(loss) == float("inf")
-            else f"non-finite gradients or updated weights (loss {loss:.4f})"
-        )
         if not self.cfg.run.skip_nonfinite:
-            where = self.last_ckpt if self.last_ckpt is not None else "none yet"
-            raise TrainingError(
-                f"{what} at step {first.step} (epoch {first.epoch}, batch {first.batch}); "
-                f"last good checkpoint: {where}. Lower --lr, try --precision fp32, or pass --skip-nonfinite"
-            )
+            raise nonfinite_error(bad, self.last_ckpt)
         self.state.nonfinite_skipped += len(bad)
         if self.info.is_main:
             steps = ", ".join(str(p.step) for p, _ in bad)
-            say(f"skipped non-finite step(s) {steps} (first: {what})")
+            say(f"skipped non-finite step(s) {steps} (first: {describe_nonfinite(bad[0][1])})")
 
     def run_steps(self, limit: int, stop: GracefulStop, log: MetricsLog, meter: StepMeter) -> str:
         """The epoch/batch loop up to step ``limit``; returns "completed" or "stopped" (by a signal)."""
@@ -499,8 +346,9 @@ class Trainer:
                     self.evaluate_knn(log)
         return "completed"
 
-    def fit(self) -> dict[str, Any]:
-        """Train from the current state to the end (or ``max_steps``, or a signal); returns the run summary."""
+    def fit(self, launched_at: float | None = None) -> dict[str, Any]:
+        """Train from the current state to the end (or ``max_steps``, or a signal); returns the run summary.
+        ``launched_at``: when the run started (``time.perf_counter()``), for its total time; default: now."""
         cfg, s = self.cfg, self.state
         # the rows of the steps this run trains (again) go: one row per step, however often it resumed
         log = MetricsLog(
@@ -508,6 +356,7 @@ class Trainer:
         )
         limit = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         start_step, t_start = s.step, time.perf_counter()
+        launched_at = t_start if launched_at is None else launched_at
         self.t_origin = t_start - s.elapsed_s
         if s.step >= limit and self.info.is_main:
             say(f"nothing to train: the run is at step {s.step} of {limit} already")
@@ -518,6 +367,7 @@ class Trainer:
         # every rank feeds the same fixed batch shape all run: the loss checks it once, not every step
         with GracefulStop() as stop, meter, check_batches_once():
             status = self.run_steps(limit, stop, log, meter)
+        train_s = time.perf_counter() - t_start
         if status == "completed" and s.step < self.total_steps:
             status = "max_steps"
 
@@ -537,7 +387,8 @@ class Trainer:
         self.knn.close()
 
         plot = plot_curves(self.out) if self.info.is_main else None
-        elapsed = time.perf_counter() - t_start
+        now = time.perf_counter()
+        elapsed = now - t_start
         result = {
             "status": status,
             "step": s.step,
@@ -552,6 +403,8 @@ class Trainer:
             else None,
             "out": str(self.out),
             "plot": str(plot) if plot else None,
+            "train_s": train_s,  # this process's time in the training loop
+            "total_s": now - launched_at,  # this process's, set-up and evaluations included
         }
         if self.info.is_main:
             say_summary(result, self.loader, self.cfg.run.knn_k)
@@ -563,6 +416,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     Works in one process or under torchrun (reads RANK/WORLD_SIZE/LOCAL_RANK from the environment).
     """
+    launched_at = time.perf_counter()
     # before joining the group: a bad config fails fast on every rank
     cfg.validate(world_size=dist.env_world_size())
     info = dist.init_distributed(
@@ -586,7 +440,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             trainer.out.mkdir(parents=True, exist_ok=True)
             (trainer.out / "config.toml").write_text(cfg.to_toml())
         try:
-            return trainer.fit()
+            return trainer.fit(launched_at)
         finally:
             trainer.loader.close()
     finally:
