@@ -20,6 +20,7 @@ EPS = 1e-12  # the normalisation clamp, as F.normalize: z_hat = z / max(||z||, E
 SHIFT_MIN_TEMPERATURE = 0.025
 
 
+@torch.compiler.assume_constant_result  # read when a graph is traced (dynamo cannot trace the C getter)
 def fp32_dot_precision() -> str:
     """The fused kernel's precision for fp32 inputs, chosen by PyTorch's own switch for fp32 matrix products.
 

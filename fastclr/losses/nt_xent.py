@@ -69,7 +69,8 @@ def _checked_nt_xent(
     """``nt_xent`` once temperature, impl and torch.distributed are checked: checks the embeddings, routes them."""
     check_embeddings(z_a, z_b)
     path = pick_path(impl, z_a.device)
-    precision = fp32_dot_precision()
+    # Only fp32 inputs of the kernel have a choice of dot precision; other dtypes ignore the argument.
+    precision = fp32_dot_precision() if path == "triton" and z_a.dtype == torch.float32 else "tf32"
     fast = None if path == "reference" else backend(path, precision)
     if fast is not None:
         fast.check(z_a)
