@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format bench bench-loss bench-pipeline bench-cpu-augment bench-train bench-gpu clean
+.PHONY: install demo test test-all lint format bench bench-loss bench-pipeline bench-cpu-augment bench-train bench-gpu bench-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-train: $(STAMP)
 ## Everything a GPU must confirm (correctness, kernel timings, DALI GPU pipeline, ResNet-50 steps) in one run.
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu_check.py
+
+## The demo over seeds 0-4: kNN before/after and total time per seed (bench/results/bench_demo.csv).
+bench-demo: $(STAMP)
+	$(PY) bench/bench_demo.py
 
 bench: bench-loss bench-pipeline bench-cpu-augment bench-train
 

@@ -4,7 +4,7 @@
     fastclr knn --ckpt CKPT [--data DIR --test-data DIR]
     fastclr linear --ckpt CKPT [--data DIR --test-data DIR] [--epochs 10 --lr 0.1]
     fastclr export --ckpt CKPT --out FILE [--format pt|safetensors]
-    fastclr bench loss|pipeline|cpu_augment|train|dist|gpu [benchmark flags]   # gpu: bench/gpu_check.py
+    fastclr bench loss|pipeline|cpu_augment|train|dist|gpu|demo [benchmark flags]   # gpu: bench/gpu_check.py
     fastclr info
 
 Bad input (missing data, impossible settings, unreadable checkpoints) ends with one ``fastclr: error: ...`` line on
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "train": "bench_train",
     "dist": "bench_dist",
     "gpu": "gpu_check",
+    "demo": "bench_demo",
 }
 
 

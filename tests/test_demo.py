@@ -36,3 +36,14 @@ def test_short_demo_gains_at_least_15_knn_points(shapes, tmp_path):
         f"kNN top-1 {100 * r['knn_init']:.1f}% -> {100 * r['knn_final']:.1f}%: gain {100 * gain:+.1f} points "
         f"< {100 * MIN_GAIN:.0f}"
     )
+
+
+def test_bench_demo_reads_the_summary_line_and_appends_a_row(tmp_path, monkeypatch):
+    from fastclr.bench import bench_demo
+
+    monkeypatch.setenv("FASTCLR_CACHE", str(tmp_path / "cache"))
+    (row,) = bench_demo.main(["--seeds", "3", "--out", str(tmp_path), "--max-steps", "2"])
+    assert row["seed"] == 3 and row["steps"] == 2 and row["total_s"] > 0
+    assert row["gain_points"] == pytest.approx(row["knn_trained"] - row["knn_init"], abs=0.011)
+    lines = (tmp_path / "bench_demo.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(bench_demo.COLUMNS) and len(lines) == 2
