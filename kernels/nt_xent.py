@@ -14,9 +14,9 @@ The trick that makes it cheap: S is symmetric, so the row block i of S alone yie
 (2N)x(2N)xD GEMMs (S forward, S again and W @ cols backward). The (2N)x(2N) matrix never exists in memory.
 
 Launches (two each way):
-    forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,); z_hat rows
-                                          are zero-padded to a multiple of 16 elements, which the GEMM kernels read
-                                          whole (aligned, unmasked: vector loads at any D, see ``padded_width``)
+    forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,); one process:
+                                          z_hat rows zero-padded to a multiple of 16 elements, which the GEMM kernels
+                                          read whole (aligned, unmasked: vector loads at any D, see ``padded_width``)
                _nt_xent_fwd_kernel        row blocks x all column blocks: online logsumexp in fp32 -> per-row stats
                                           (m_i, log l_i), the positive picked from the same S tiles, and the mean loss,
                                           reduced in a fixed order by the last program to finish (no host sync)
@@ -575,7 +575,6 @@ CONFIGS = {
         KernelConfig(128, 64, 8, 3),
         KernelConfig(128, 128, 8, 2),
         KernelConfig(64, 64, 4, 3),
-        KernelConfig(64, 128, 4, 3),
         KernelConfig(64, 32, 4, 2),
         KernelConfig(64, 64, 8, 3),
         KernelConfig(64, 64, 8, 2),
@@ -593,9 +592,11 @@ KERNELS = ("fwd", "bwd")
 # BLOCK_M x BLOCK_DO fp32 accumulator next to the logits tile, which leaves no registers for 128-row blocks and at
 # BLOCK_DO = 256 needs 8 warps to share it. fp32 tiles take twice the shared memory per pipeline stage.
 _CANDIDATES = {
-    # BM128_BN128_W8_S2 spills on sm_80 at unaligned D (D = 100: 255 registers + 168 B of stack): tier 1 only.
-    ("fwd", 0, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN128_W4_S3", "BM64_BN32_W4_S2"),
-    ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    # Unaligned D compiles the aligned kernel (z_hat's padded rows, ``padded_width``): before that, BM128_BN128_W8_S2
+    # spilled on sm_80 at D = 100 (255 registers + 168 B of stack); now D = 100 and 128 share one binary. Dropped for
+    # sm_80 spills on the running-max path: BM64_BN128_W4_S3 at D <= 128 (16 B), BM128_BN128_W8_S2 at D = 256 (32 B).
+    ("fwd", 0, 2): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
+    ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("bwd", 0, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
@@ -819,8 +820,9 @@ def padded_width(d: int) -> int:
 
 
 def _gemm_operands(state: ForwardState, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """z_hat and the candidate columns as the GEMM kernels read them, and their row width: the forward's rows, padded
-    with zeros to ``padded_width(D)``; a state laid out otherwise (e.g. copied) as contiguous rows of width D."""
+    """z_hat and the candidate columns as the GEMM kernels read them, and their row width: the single-process forward's
+    rows, padded with zeros to ``padded_width(D)``; gathered rows, or a state laid out otherwise (e.g. copied), as
+    contiguous rows of width D."""
     w = padded_width(d)
     if state.zhat.stride() == (w, 1) and state.cols.stride() == (w, 1):
         return state.zhat, state.cols, w
@@ -850,8 +852,9 @@ def nt_xent_forward(
     n, d = z_a.shape
     a = 2 * n
     dev = z_a.device
-    w = padded_width(d)
-    zhat = torch.empty((a, w), dtype=z_a.dtype, device=dev)  # zero-padded rows, see padded_width
+    # Zero-padded rows (see padded_width), except when gathered: padding would add (w - D) / D to every all_gather.
+    w = padded_width(d) if group is None else d
+    zhat = torch.empty((a, w), dtype=z_a.dtype, device=dev)
     norm = torch.empty(a, dtype=torch.float32, device=dev)
     count = torch.empty(1, dtype=torch.int32, device=dev)
     block_d = min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D)
@@ -860,7 +863,7 @@ def nt_xent_forward(
         stride_a=z_a.stride(0), stride_b=z_b.stride(0), stride_zhat=w, EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R,
         BLOCK_D=block_d, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
     )  # fmt: skip
-    cols, offset = all_gather_rows(zhat, group)  # padded rows of every rank
+    cols, offset = all_gather_rows(zhat, group)
     m = cols.shape[0]
     stats = torch.empty((a, 2), dtype=torch.float32, device=dev)
     max_programs = triton.cdiv(a, min(c.block_m for c in CONFIGS.values()))

@@ -12,8 +12,8 @@ stack (spill) and local memory come from ``cuobjdump -res-usage`` on the cubin (
 memory from the compiled metadata (dynamic) plus the cubin's static shared memory. Tensor-core use is counted per
 ``tl.dot``: every dot of the TTGIR whose result has an MMA layout (``mma.sync`` on sm_80, ``wgmma`` on sm_90) against
 every dot, so one dot falling back to FMA shows; the PTX's MMA instruction count is reported beside it. fp32 with
-precision="ieee" multiplies exactly in fp32 on the FMA units by design. Occupancy follows from registers, shared memory
-and threads per block.
+precision="ieee" multiplies exactly in fp32 on the FMA units by design (in D steps of ``EXACT_BLOCK_D``, its own
+candidates). Occupancy follows from registers, shared memory and threads per block.
 
 Roofline (H100 SXM, stated constants below): forward + backward = three (2N)x(2N)xD GEMMs, 6 (2N)^2 D FLOPs, against
 the dense tensor-core peak; HBM bytes are the O(2N D) passes of the four launches. The exponentials run on the SFUs
@@ -55,7 +55,8 @@ MAX_REGISTERS = 255
 TENSOR_CORE_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# D: unaligned (no tt.divisibility on D), one block of 128, one block of 256, the D loop with chunked backward.
+# D: unaligned (the norm kernels' masks; the GEMM kernels read z_hat's rows padded to 112), one block of 128, one block
+# of 256, the D loop with chunked backward.
 D_CASES = (100, 128, 256, 2048)
 QUICK_D_CASES = (100, 128)
 # The batch each variant is specialised for: 2N divisible by 16, as any batch worth a GPU is.

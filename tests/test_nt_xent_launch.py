@@ -52,6 +52,8 @@ def run_case(entry, dtype, precision, n, d, tau, distributed) -> None:
     gen = torch.Generator().manual_seed(0)
     z_a = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
     z_b = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
+    # The public entry points take fp32's precision from PyTorch's switch (fastclr.nt_xent_spec.fp32_dot_precision).
+    torch.backends.cuda.matmul.fp32_precision = precision
     if entry == "nt_xent":
         loss = fastclr.nt_xent(z_a, z_b, tau, impl="triton")
     elif entry == "nt_xent_gather":
@@ -155,18 +157,37 @@ def test_autotuner_prunes_and_keeps_the_best_guess(arch_launches):
 
 
 def test_launch_specialises_on_the_arguments(arch_launches):
+    from fastclr.kernels import nt_xent as K
+
     _, records = arch_launches
     cases = by_case(records)
     for name, rs in cases.items():
         entry, dtype, precision, n, d, tau, distributed = CASES[name]
-        fwd, bwd = rs[1], rs[2]
+        norm_fwd, fwd, bwd = rs[0], rs[1], rs[2]
+        # Exact fp32 loops over D in EXACT_BLOCK_D steps (FMA dots), every other launch takes the tensor-core tiling.
+        exact = dtype == "float32" and precision == "ieee"
+        width = d if distributed else K.padded_width(d)
+        tiling = K.d_tiling(d, exact)
+        assert (tiling.block_d == K.EXACT_BLOCK_D) == exact, name
+        for r, blocks in (
+            (fwd, ("BLOCK_D", "D_BLOCKS")),
+            (bwd, ("BLOCK_D", "D_BLOCKS", "BLOCK_DO")),
+        ):
+            got = tuple(int(r["constexprs"][b]) for b in blocks)
+            assert got == tiling[: len(blocks)], (name, r["kernel"], got, tiling)
         for r in (fwd, bwd):
             assert r["constexprs"]["SHIFT"] == str(tau >= 0.025), name
             want = precision if dtype == "float32" else "ieee"
             assert r["constexprs"]["INPUT_PRECISION"] == want, name
-            # Pointers from torch are 16-byte aligned; D gets tt.divisibility only when it is a multiple of 16.
+            # Pointers from torch are 16-byte aligned. One process: the GEMM kernels read z_hat's zero-padded rows,
+            # whose width is a multiple of 16 at any D (tt.divisibility, vector loads also at D = 100); gathered rows
+            # keep width D.
             assert {"zhat_ptr", "cols_ptr"} <= set(r["attrs"]), (name, r["attrs"])
-            assert ("D" in r["attrs"]) == (d % 16 == 0), (name, r["attrs"])
+            assert r["scalars"]["D"] == width, (name, r["scalars"])
+            assert ("D" in r["attrs"]) == (width % 16 == 0), (name, r["attrs"])
+        # The norm kernel writes those rows: the true D, the row stride.
+        assert (norm_fwd["scalars"]["D"], norm_fwd["scalars"]["stride_zhat"]) == (d, width), name
+        assert ("stride_zhat" in norm_fwd["attrs"]) == (width % 16 == 0), (name, norm_fwd["attrs"])
         # Rank 1 of 2: the columns are both ranks' rows, this rank's start at OFFSET = A.
         a = 2 * n
         want_m, want_offset = (WORLD * a, RANK * a) if distributed else (a, 0)
