@@ -40,7 +40,9 @@ def resolve_group(gather_distributed: bool, group=None):
     return group if dist.get_world_size(group) > 1 else None
 
 
-_checked_once: set | None = None  # (group, n, d) already checked inside check_batches_once(); None outside it
+_checked_once: set | None = (
+    None  # (group, n, d) already checked inside check_batches_once(); None outside it
+)
 
 
 @contextlib.contextmanager
