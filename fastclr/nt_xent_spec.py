@@ -20,7 +20,6 @@ EPS = 1e-12  # the normalisation clamp, as F.normalize: z_hat = z / max(||z||, E
 SHIFT_MIN_TEMPERATURE = 0.025
 
 
-@torch.compiler.assume_constant_result  # read when a graph is traced (dynamo cannot trace the C getter)
 def fp32_dot_precision() -> str:
     """The fused kernel's precision for fp32 inputs, chosen by PyTorch's own switch for fp32 matrix products.
 
@@ -33,6 +32,12 @@ def fp32_dot_precision() -> str:
     if mode == "none":  # inherits the global setting
         mode = torch.backends.fp32_precision
     return "tf32" if mode == "tf32" else "ieee"
+
+
+# Dynamo cannot trace the C getter behind the switch: it must take the result as a constant of the traced graph.
+# That is all torch.compiler.assume_constant_result does (it sets this flag), but calling it imports torch._dynamo and
+# with it triton, which ``import fastclr`` must not; tests/test_nt_xent.py checks that the two stay the same.
+fp32_dot_precision._dynamo_marked_constant = True
 
 
 def row_norms(z: torch.Tensor) -> torch.Tensor:

@@ -227,3 +227,23 @@ def test_bad_constructor_arguments():
         fastclr.NTXentLoss(temperature=0)
     with pytest.raises(TypeError, match="temperature"):
         fastclr.NTXentLoss(temperature="0.5")
+
+
+def test_fp32_precision_is_a_constant_to_torch_compile():
+    """fp32_dot_precision reads a C getter dynamo cannot trace; it carries the mark torch.compiler's own
+    assume_constant_result sets, so a fullgraph trace takes its value as a constant."""
+    from fastclr.nt_xent_spec import fp32_dot_precision
+
+    def probe():
+        return None
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    marks = {k: v for k, v in vars(probe).items()}
+    assert marks == {"_dynamo_marked_constant": True}, marks
+    assert all(getattr(fp32_dot_precision, k) == v for k, v in marks.items())
+
+    def scaled(x):
+        return x * (2.0 if fp32_dot_precision() == "tf32" else 3.0)
+
+    out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 3.0))
