@@ -12,6 +12,7 @@ None of them checks its inputs: ``fastclr.nt_xent`` has. "triton" is imported he
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -34,6 +35,7 @@ class Backend(NamedTuple):
     empty_state: Callable[[torch.Tensor], ForwardState]
 
 
+@functools.cache  # a failed import is not cached by Python: ask once per process
 def triton_available() -> bool:
     """True when triton imports (it ships with CUDA builds of torch)."""
     try:
@@ -75,19 +77,26 @@ _TILED = Backend(
 )
 
 
+_TRITON: dict[str, Backend] = {}
+
+
 def backend(impl: str, precision: str = "tf32") -> Backend:
     """The functions of path ``impl`` ("torch" | "triton"). ``precision`` ("tf32" | "ieee") reaches the kernel's fp32
     dot products only."""
     if impl == "torch":
         return _TILED
     if impl == "triton":
-        from fastclr.kernels import nt_xent as kernel
+        if (
+            precision not in _TRITON
+        ):  # built once per precision: every loss call (forward, backward) asks
+            from fastclr.kernels import nt_xent as kernel
 
-        return Backend(
-            check=partial(kernel.check_supported, precision=precision),
-            loss=partial(kernel.nt_xent_triton, precision=precision),
-            forward=partial(kernel.nt_xent_forward, precision=precision),
-            backward=partial(kernel.nt_xent_backward, precision=precision),
-            empty_state=kernel.empty_state,
-        )
+            _TRITON[precision] = Backend(
+                check=partial(kernel.check_supported, precision=precision),
+                loss=partial(kernel.nt_xent_triton, precision=precision),
+                forward=partial(kernel.nt_xent_forward, precision=precision),
+                backward=partial(kernel.nt_xent_backward, precision=precision),
+                empty_state=kernel.empty_state,
+            )
+        return _TRITON[precision]
     raise ValueError(f"impl must be one of {PATHS} for a fast path, got {impl!r}")

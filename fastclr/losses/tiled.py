@@ -211,7 +211,7 @@ def tiled_backward(
     a = state.zhat.shape[0]
     g = grad_out.to(state.zhat.dtype)
     # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
-    g_cols = all_gather_scalar(g, group).repeat_interleave(a)
+    g_cols = g.expand(a) if group is None else all_gather_scalar(g, group).repeat_interleave(a)
     dz_hat = rows_grad(state, g, g_cols, temperature, block_rows, block_cols)
     dz = normalize_backward(dz_hat, state.zhat, state.norm).to(dtype)
     return dz[: a // 2], dz[a // 2 :]

@@ -215,7 +215,7 @@ def latest_loadable(directory: str | Path) -> Latest:
     unreadable = []
     for path in reversed(list_checkpoints(directory)):
         try:
-            load_checkpoint(path)
+            load_checkpoint(path, mmap=True)  # a probe: map the tensors, do not read them
         except CheckpointError as e:
             unreadable.append(e)
             continue

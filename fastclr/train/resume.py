@@ -37,8 +37,8 @@ def pick_checkpoint(resume: str | None, ckpt_dir: Path) -> Path | None:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
         return Path(resume)
-    if list_checkpoints(ckpt_dir):
-        newest = list_checkpoints(ckpt_dir)[-1].name
+    if existing := list_checkpoints(ckpt_dir):
+        newest = existing[-1].name
         raise ValueError(
             f"{ckpt_dir} already holds checkpoints of an earlier run (newest {newest}); "
             "continue it with --resume auto, or pick another --out"

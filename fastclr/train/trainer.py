@@ -127,6 +127,7 @@ class Trainer:
             )
         self.model = build_model(cfg, info)
         self.net = wrap_model(self.model, cfg, info)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.loss_fn = NTXentLoss(
@@ -240,7 +241,6 @@ class Trainer:
         overflowing gradients) a non-finite step is also undone on the device, BatchNorm statistics included.
         """
         s = self.state
-        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.guard is not None:
             self.guard.save()
         x = (
@@ -272,15 +272,17 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         self.on_phase("backward")
 
-        grads_bad = any_nonfinite(p.grad for p in params if p.grad is not None)
+        grads_bad = any_nonfinite(p.grad for p in self.params if p.grad is not None)
         self.optimizer.step()
-        nonfinite = loss_bad | any_nonfinite(params)
+        nonfinite = loss_bad | any_nonfinite(self.params)
         if self.scaler is None:
             nonfinite |= grads_bad
+            undo = nonfinite
         else:
             self.scaler.update()  # non-finite fp16 gradients are overflows: skipped and the scale lowered
+            undo = nonfinite | grads_bad
         if self.guard is not None:
-            self.guard.undo_if(nonfinite | grads_bad)
+            self.guard.undo_if(undo)
         self.scheduler.step()
         self.on_phase("optimiser")
         self.pending.append(PendingStep(s.step, s.epoch, s.batch, loss.detach(), nonfinite, top1))
