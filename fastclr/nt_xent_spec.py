@@ -18,6 +18,9 @@ EPS = 1e-12  # the normalisation clamp, as F.normalize: z_hat = z / max(||z||, E
 # Below this temperature exp((S - 1)/tau) can underflow to 0 for every negative (|S| <= 1 gives exponents down to -2/tau,
 # and exp(-2/0.025) = 1.8e-35 is still a normal fp32). Smaller temperatures take the max-subtracted path.
 SHIFT_MIN_TEMPERATURE = 0.025
+# The smallest accepted temperature. Down to it the tiled path keeps the fp32 reference's accuracy (tests/test_fuzz_loss.py
+# checks 0.02 ... 1e-30 against float64); below ~3e-39, 1/tau itself overflows fp32.
+MIN_TEMPERATURE = 1e-30
 
 
 def fp32_dot_precision() -> str:
@@ -53,11 +56,17 @@ def row_norms(z: torch.Tensor) -> torch.Tensor:
 
 
 def check_temperature(temperature) -> float:
-    """tau as a float. TypeError unless a real number, ValueError unless finite and > 0."""
+    """tau as a float. TypeError unless a real number, ValueError unless finite and > 0, and a ValueError below
+    MIN_TEMPERATURE."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be at least {MIN_TEMPERATURE:g}, got {temperature:g}: below it the logits S/tau and "
+            "the gradients (~1/tau) leave the fp32 range"
+        )
     return float(temperature)
 
 
@@ -98,13 +107,13 @@ class ForwardState(NamedTuple):
     """What a backward needs besides z_a, z_b, all O(A D): A = 2N local rows, M candidate columns.
 
     Both fast paths fill the same fields. The tiled torch path keeps them in its compute dtype (fp32 for fp16/bf16
-    inputs) with stats = lse_i (A,); the kernel keeps zhat in the input dtype, norm in fp32 and stats = (m_i, log l_i)
-    (A, 2) fp32 (see ``fastclr.kernels.nt_xent``).
+    inputs) with stats = (m_i, log l_i, argmax_i) (A, 3) (see ``fastclr.losses.tiled.row_stats``); the kernel keeps
+    zhat in the input dtype, norm in fp32 and stats = (m_i, log l_i) (A, 2) fp32 (see ``fastclr.kernels.nt_xent``).
     """
 
     zhat: torch.Tensor  # (A, D) local rows z / max(||z||, EPS)
     norm: torch.Tensor  # (A,) max(||z||, EPS)
-    stats: torch.Tensor  # per-row softmax statistics: (A,) or (A, 2)
+    stats: torch.Tensor  # per-row softmax statistics: (A, 3) or (A, 2)
     cols: torch.Tensor  # (M, D) candidate columns: zhat itself unless gathered from every rank
     stats_cols: torch.Tensor  # the stats of every candidate column
     offset: int  # the column of local row 0

@@ -459,13 +459,27 @@ def test_skip_nonfinite_skips_counts_and_never_updates_on_nan(data, tmp_path, ca
     )
 
 
-def test_non_finite_gradients_with_a_finite_loss_stop_before_any_checkpoint(data, tmp_path, capsys):
-    """At tau = 1e-10 the tiled loss stays finite (~1e9) while its gradients overflow: the step is non-finite all
-    the same, and no checkpoint holding what it did is written."""
+@pytest.fixture
+def nan_gradients(monkeypatch):
+    """A loss whose value is finite and whose gradients are NaN: the tiled loss's backward is made to return NaN."""
+    from fastclr.losses import tiled
+
+    monkeypatch.setattr(
+        tiled,
+        "normalize_backward",
+        lambda dz_hat, z_hat, norm: torch.full_like(dz_hat, float("nan")),
+    )
+
+
+def test_non_finite_gradients_with_a_finite_loss_stop_before_any_checkpoint(
+    data, tmp_path, capsys, nan_gradients
+):
+    """A finite loss with NaN gradients: the step is non-finite all the same, and no checkpoint holding what it did
+    is written."""
     from fastclr.cli import main
 
     out = tmp_path / "run"
-    assert main(tiny_flags(data, out, "--temperature", "1e-10", "--ckpt-every", "1")) == 1
+    assert main(tiny_flags(data, out, "--ckpt-every", "1")) == 1
     err = capsys.readouterr().err
     assert re.search(
         r"non-finite gradients or updated weights \(loss \d+\.\d+\) at step 0 \(epoch 0, batch 0\); "
@@ -476,11 +490,11 @@ def test_non_finite_gradients_with_a_finite_loss_stop_before_any_checkpoint(data
         assert finite_state(load_checkpoint(path)), path.name
 
 
-def test_skip_nonfinite_skips_non_finite_gradients(data, tmp_path, capsys):
+def test_skip_nonfinite_skips_non_finite_gradients(data, tmp_path, capsys, nan_gradients):
     from fastclr.cli import main
 
     out = tmp_path / "run"
-    flags = tiny_flags(data, out, "--temperature", "1e-10", "--ckpt-every", "1", "--skip-nonfinite")
+    flags = tiny_flags(data, out, "--ckpt-every", "1", "--skip-nonfinite")
     assert main([*flags, "--max-steps", "6"]) == 0
     printed = capsys.readouterr().out
     assert "skipped non-finite step(s) 0 (first: non-finite gradients" in printed, printed

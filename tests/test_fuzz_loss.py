@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 import fastclr
 from fastclr.losses.reference import nt_xent_reference
+from fastclr.losses.tiled import nt_xent_tiled
 
 FUZZ_EXAMPLES = {"reference": 20, "torch": 40, "triton": 6}
 SLOW_EXAMPLES = {"reference": 300, "torch": 400, "triton": 40}
@@ -383,3 +384,46 @@ def test_huge_and_tiny_norms_match_float64(impl, norm, dtype):
         )
         assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()), (loss.item(), ref.item())
         assert abs(loss.item() - math.log(2 * z_a.shape[0] - 1)) > 1e-2  # not the zero-vector loss
+
+
+@pytest.mark.parametrize("tau", [0.02, 1e-3, 1e-5, 1e-8, 1e-12, 1e-20, 1e-30])
+@pytest.mark.parametrize("blocks", [(16, 24), (512, 512)], ids=["tiles", "one-tile"])
+def test_tiled_gradients_accurate_at_tiny_temperatures(tau, blocks):
+    """The tiled path keeps the reference's accuracy however small tau: its per-row statistics are (m_i, log l_i), never
+    lse_i ~ 1/tau rounded to fp32, and P_ji meets S_ji as row j computed it (a GEMM is not bitwise symmetric). Before
+    that, the fp32 gradient was off by ~1e-8/tau relative (7% at tau = 1e-6, NaN at 1e-10).
+
+    Random rows in D = 48: the gaps between a row's largest similarities are far above fp32's rounding of S, so fp32
+    and float64 agree on which terms of each softmax dominate, and the fp32 reference meets the same bound."""
+    g = torch.Generator().manual_seed(int(-math.log10(tau) * 7) + blocks[0])
+    z_a = torch.randn(40, 48, generator=g)
+    z_b = z_a + 1.5 * torch.randn(40, 48, generator=g)
+    grads = {}
+    for name, dtype in (
+        ("exact", torch.float64),
+        ("reference", torch.float32),
+        ("torch", torch.float32),
+    ):
+        a, b = (z.to(dtype, copy=True).requires_grad_() for z in (z_a, z_b))
+        if name == "torch":
+            loss = nt_xent_tiled(a, b, tau, block_rows=blocks[0], block_cols=blocks[1])
+        else:
+            loss = fastclr.nt_xent(a, b, tau, impl="reference")
+        loss.backward()
+        assert torch.isfinite(loss), (name, loss)
+        grads[name] = (loss.double(), torch.cat([a.grad, b.grad]).double())
+    loss64, grad64 = grads["exact"]
+    for name in ("reference", "torch"):
+        loss, grad = grads[name]
+        assert abs(loss - loss64) <= 1e-5 * max(1.0, abs(loss64)), (name, tau, loss, loss64)
+        err, size = (grad - grad64).norm().item(), grad64.norm().item()
+        assert err <= 1e-5 * size, f"{name} tau={tau:g}: gradient error {err:.3g}, norm {size:.3g}"
+
+
+def test_temperature_below_the_documented_bound_is_refused():
+    from fastclr.nt_xent_spec import MIN_TEMPERATURE
+
+    z = torch.randn(4, 8)
+    assert torch.isfinite(fastclr.nt_xent(z, z.flip(0), MIN_TEMPERATURE, impl="torch"))
+    with pytest.raises(ValueError, match=r"temperature must be at least 1e-30, got 1e-31"):
+        fastclr.nt_xent(z, z.flip(0), 1e-31)

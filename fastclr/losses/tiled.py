@@ -9,7 +9,9 @@ Notation: z = [z_a; z_b] (A = 2N rows), z_hat_i = z_i / max(||z_i||, eps), S = z
     chain      dL/dz_i = (dz_hat_i - z_hat_i <z_hat_i, dz_hat_i>) / ||z_i||
 
 Each row block recomputes its (B, M) slice of S and gets its full gradient from that slice alone: no transpose pass, no
-scatter, three GEMMs in all (S forward, S again and P @ Z backward). Only O(A*D) state and the A log-sum-exps are kept.
+scatter, three GEMMs in all (S forward, S again and P @ Z backward). Only O(A*D) state and per-row statistics are kept:
+lse_i as the pair (m_i, log l_i), m_i a logit exactly as the tiles compute it, so that the backward's exponents
+S_ij/tau - m_i stay exact near each row's maximum at any temperature (see ``row_stats``).
 
 With negatives gathered from W ranks, rank r's loss is the mean over its own A anchors and the gradient above becomes the
 gradient of sum_r g_r L_r with respect to the local rows: the P_ji term of a column j is weighted by the upstream gradient g
@@ -66,64 +68,110 @@ def _tiles(a: int, m: int, block_rows: int, block_cols: int):
             yield r0, min(r0 + block_rows, a), c0, min(c0 + block_cols, m)
 
 
+def _diagonal(
+    r0: int, r1: int, c0: int, c1: int, shift: int, device, lo: int = 0, hi: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(tile rows, tile cols, rows) of the entries S_{i, i+shift}, lo <= i < hi, that fall inside a tile, or None.
+
+    shift = offset gives the self-similarities; offset +- N the positives of the first and second view.
+    """
+    start, stop = max(r0, c0 - shift, lo), min(r1, c1 - shift, r1 if hi is None else hi)
+    if start >= stop:
+        return None
+    i = torch.arange(start, stop, device=device)
+    return i - r0, i + shift - c0, i
+
+
 def _self_columns(
     r0: int, r1: int, c0: int, c1: int, offset: int, device
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(tile rows, tile cols) of the self-similarity entries S_{i, offset+i} that fall inside a tile, or None."""
-    lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
-    if lo >= hi:
-        return None
-    i = torch.arange(lo, hi, device=device)
-    return i - r0, i + offset - c0
+    found = _diagonal(r0, r1, c0, c1, offset, device)
+    return None if found is None else found[:2]
+
+
+def _copy_positives(
+    out: torch.Tensor, tile: torch.Tensor, r0, r1, c0, c1, offset: int, a: int
+) -> None:
+    """out[i] = the tile's entry for (i, pos(i)), pos(i) = offset + (i + A/2) mod A, for the rows whose positive it
+    holds."""
+    n = a // 2
+    for shift, lo, hi in ((offset + n, 0, n), (offset - n, n, a)):
+        if (found := _diagonal(r0, r1, c0, c1, shift, tile.device, lo, hi)) is not None:
+            rows, cols, i = found
+            out[i] = tile[rows, cols]
 
 
 def _logits_tile(
-    buf: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shift: float
+    buf: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inv_t: float, shift: float
 ) -> torch.Tensor:
-    """buf[:B, :C] = rows @ cols^T - shift, the shift written by the fill and accumulated by the GEMM (no extra pass)."""
+    """buf[:B, :C] = (rows @ cols^T) / tau - shift: the shift written by the fill, 1/tau and the shift applied by the GEMM
+    (no extra pass).
+
+    1/tau scales the finished dot product, never an operand, so S_ij/tau is the same float whichever of z_hat_i, z_hat_j
+    is the row: the backward's P_ji = exp(S_ij/tau - lse_j) then sees exactly the logit the forward summed into lse_j.
+    Scaling an operand instead rounds the two differently, an error of ~1e-7/tau in the exponent that grows without
+    bound as tau shrinks (a 7% gradient error at tau = 1e-6).
+    """
     out = buf[: rows.shape[0], : cols.shape[0]]
-    return out.fill_(-shift).addmm_(rows, cols.T)
+    return out.fill_(-shift).addmm_(rows, cols.T, alpha=inv_t)
 
 
-def rows_lse(
+def row_stats(
     z_hat: torch.Tensor,
     cols: torch.Tensor,
     temperature: float,
     offset: int,
     block_rows: int,
     block_cols: int = DEFAULT_BLOCK_COLS,
-) -> torch.Tensor:
-    """Per-row log-sum-exp over the non-self columns: lse_i = log sum_{j != i} exp(S_ij / tau). Returns (A,).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row softmax statistics over the non-self columns and the positives' logits:
+    (stats (A, 3) = (m_i, log l_i, k_i), pos (A,) = S_{i,pos(i)}/tau - m_i), with lse_i = m_i + log l_i,
+    k_i the column of the row's maximum (-1 with the fixed shift, which needs none) and
+    l_i = sum_{j != i} exp(S_ij/tau - m_i), so that L_i = log l_i - pos_i.
+
+    m_i is 1/tau (the fixed shift) for tau >= SHIFT_MIN_TEMPERATURE, else the row's largest logit. lse_i itself is never
+    stored: it is about 1/tau, and rounded to the dtype it would be off by ~1e-7/tau, which exp(S_ij/tau - lse_i) turns
+    into a relative error of the same size (7% at tau = 1e-6). m_i is a logit exactly as the tiles compute it, so the
+    backward's S_ij/tau - m_i is exact near the maximum and the pair keeps the backward accurate at any temperature. The
+    positive's logit is read from its tile for the same reason: L_i is a difference of two logits, and computing one of
+    them another way would leave an error of ~1e-7/tau in it.
 
     Works on (block_rows, block_cols) tiles that stay in cache, so memory is O(A*D + tile) whatever the batch.
     """
     inv_t = 1.0 / temperature
     a, m = z_hat.shape[0], cols.shape[0]
-    rows_scaled = z_hat * inv_t  # 1/tau folded into the small operand
     buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
-    shift = temperature >= SHIFT_MIN_TEMPERATURE
     total = z_hat.new_zeros(a)
-    if shift:
+    pos = z_hat.new_empty(a)
+    if temperature >= SHIFT_MIN_TEMPERATURE:
         # |S| <= 1, so S/tau - 1/tau <= 0: a fixed shift replaces the running max and exp cannot overflow.
         for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
-            tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], inv_t).exp_()
+            tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, inv_t)
+            _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
+            tile.exp_()
             if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
                 tile[diag] = 0.0
             total[r0:r1] += tile.sum(dim=1)
-        return total.log_().add_(inv_t)
+        no_arg = torch.full_like(total, -1.0)
+        return torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1), pos
     # Online log-sum-exp (running max); finfo.min instead of -inf keeps exp(m_old - m_new) finite-or-zero, never NaN.
     low = torch.finfo(z_hat.dtype).min
     run_max = torch.full((a,), low, dtype=z_hat.dtype, device=z_hat.device)
+    run_arg = torch.full_like(run_max, -1.0)
     for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
-        tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], 0.0)
+        tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, 0.0)
+        _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
         if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
             tile[diag] = float("-inf")
-        new_max = torch.maximum(run_max[r0:r1], tile.amax(dim=1)).clamp_min_(low)
+        tile_max, tile_arg = tile.max(dim=1)
+        run_arg[r0:r1] = torch.where(tile_max > run_max[r0:r1], tile_arg + c0, run_arg[r0:r1])
+        new_max = torch.maximum(run_max[r0:r1], tile_max).clamp_min_(low)
         total[r0:r1] = total[r0:r1] * torch.exp(run_max[r0:r1] - new_max) + torch.exp(
             tile - new_max[:, None]
         ).sum(1)
         run_max[r0:r1] = new_max
-    return total.log_().add_(run_max)
+    return torch.stack([run_max, total.log_(), run_arg], dim=1), pos.sub_(run_max)
 
 
 def rows_grad(
@@ -136,31 +184,42 @@ def rows_grad(
 ) -> torch.Tensor:
     """dJ/dz_hat (A, D) for J = sum_r g_r L_r, from the symmetric form in the module docstring.
 
-    state: the forward's (stats = lse, with cols[offset:offset+A] the local rows); g_rows: 0-d upstream gradient of this
-    rank; g_cols: (M,) upstream gradient of the rank owning each column.
+    state: the forward's (stats = ``row_stats``, with cols[offset:offset+A] the local rows); g_rows: 0-d upstream
+    gradient of this rank; g_cols: (M,) upstream gradient of the rank owning each column.
     """
     z_hat, cols, offset = state.zhat, state.cols, state.offset
-    lse, lse_cols = state.stats, state.stats_cols
+    m_rows, log_l_rows = state.stats[:, 0], state.stats[:, 1]
+    m_cols, log_l_cols = state.stats_cols[:, 0], state.stats_cols[:, 1]
     inv_t = 1.0 / temperature
     a, m = z_hat.shape[0], cols.shape[0]
-    rows_scaled = z_hat * inv_t
     grad = torch.zeros_like(z_hat)
     buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
     weight_buf = torch.empty_like(buf)
     shift = temperature >= SHIFT_MIN_TEMPERATURE
     if shift:
-        # P_ij + P_ji = exp(S_ij/tau - 1/tau) * (u_i + u_j) with u = g * exp(1/tau - lse): one exp per element, not two.
-        u_cols = g_cols * torch.exp(inv_t - lse_cols)
+        # P_ij + P_ji = exp(S_ij/tau - 1/tau) * (u_i + u_j) with u = g / l: one exp per element, not two.
+        u_cols = g_cols * torch.exp(-log_l_cols)
         u_rows = u_cols[offset : offset + a]
+    else:
+        # The column index of each column's row maximum (exact in fp32 below 2^24 columns).
+        arg_cols = state.stats_cols[:, 2]
+        row_ids = torch.arange(offset, offset + a, device=z_hat.device, dtype=arg_cols.dtype)
     for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
         if shift:
-            tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], inv_t).exp_()
+            tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, inv_t).exp_()
             weight = weight_buf[: r1 - r0, : c1 - c0]
             torch.add(u_rows[r0:r1, None], u_cols[None, c0:c1], out=weight).mul_(tile)
         else:
-            tile = _logits_tile(buf, rows_scaled[r0:r1], cols[c0:c1], 0.0)
-            weight = torch.exp(tile - lse[r0:r1, None]).mul_(g_rows)
-            weight.add_(torch.exp(tile.sub_(lse_cols[None, c0:c1])).mul_(g_cols[None, c0:c1]))
+            # S_ij/tau - m first: near the maximum both are large and their difference is exact. P_ji reuses S_ij,
+            # which can differ from the S_ji row j's maximum was taken from by an ulp (a GEMM is not bitwise
+            # symmetric), ~1e-7/tau in the exponent: at the argmax, where that matters, the difference is exactly 0.
+            tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, 0.0)
+            weight = torch.exp((tile - m_rows[r0:r1, None]).sub_(log_l_rows[r0:r1, None]))
+            weight.mul_(g_rows)
+            tile.sub_(m_cols[None, c0:c1])
+            own_max = arg_cols[None, c0:c1] == row_ids[r0:r1, None]
+            col_part = tile.masked_fill_(own_max, 0.0).sub_(log_l_cols[None, c0:c1]).exp_()
+            weight.add_(col_part.mul_(g_cols[None, c0:c1]))
         if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
             weight[diag] = 0.0
         grad[r0:r1].addmm_(weight, cols[c0:c1])
@@ -178,20 +237,17 @@ def tiled_forward(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     block_cols: int = DEFAULT_BLOCK_COLS,
 ) -> tuple[torch.Tensor, ForwardState]:
-    """(loss 0-d in z_a's dtype, the O(A*D) state backward needs, with stats = lse (A,)).
+    """(loss 0-d in z_a's dtype, the O(A*D) state backward needs, with stats = ``row_stats`` (A, 3)).
 
     Without ``group`` the columns are the local rows (cols is zhat, offset 0).
     """
-    n = z_a.shape[0]
     z_hat, norm = normalize_rows(torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype)))
     cols, offset = all_gather_rows(z_hat, group)
-    lse = rows_lse(z_hat, cols, temperature, offset, block_rows, block_cols)
-    pos = offset + (torch.arange(2 * n, device=z_hat.device) + n) % (2 * n)
-    pos_logit = (z_hat * cols[pos]).sum(dim=1) / temperature
-    lse_cols, _ = all_gather_rows(lse, group)
-    loss = (lse - pos_logit).mean().to(z_a.dtype)
+    stats, pos = row_stats(z_hat, cols, temperature, offset, block_rows, block_cols)
+    stats_cols, _ = all_gather_rows(stats, group)
+    loss = (stats[:, 1] - pos).mean().to(z_a.dtype)  # lse_i - S_i,pos(i)/tau
     state = ForwardState(
-        zhat=z_hat, norm=norm, stats=lse, cols=cols, stats_cols=lse_cols, offset=offset
+        zhat=z_hat, norm=norm, stats=stats, cols=cols, stats_cols=stats_cols, offset=offset
     )
     return loss, state
 
@@ -222,7 +278,7 @@ def empty_state(z_a: torch.Tensor) -> ForwardState:
     a, d = 2 * z_a.shape[0], z_a.shape[1]
     work = dict(dtype=compute_dtype(z_a.dtype), device=z_a.device)
     return ForwardState.local(
-        torch.empty((a, d), **work), torch.empty(a, **work), torch.empty(a, **work)
+        torch.empty((a, d), **work), torch.empty(a, **work), torch.empty((a, 3), **work)
     )
 
 
