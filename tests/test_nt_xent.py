@@ -247,3 +247,25 @@ def test_fp32_precision_is_a_constant_to_torch_compile():
 
     out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
     assert torch.equal(out, torch.full((2,), 3.0))
+
+
+@pytest.mark.parametrize("tau,expected", [(0.2, "upper"), (0.01, "full")])
+def test_torch_one_process_computes_only_the_upper_triangle(monkeypatch, tau, expected):
+    """One process with the fixed shift: forward and backward each compute the upper-triangle tiles of S only (half
+    the logits of the row schedule, which a small tau still takes)."""
+    from fastclr.losses import tiled
+
+    computed = []
+    real = tiled._logits_tile
+
+    def counting(buf, rows, cols, inv_t, shift):
+        computed.append(rows.shape[0] * cols.shape[0])
+        return real(buf, rows, cols, inv_t, shift)
+
+    monkeypatch.setattr(tiled, "_logits_tile", counting)
+    n, block = 64, 16
+    a, b = pair(n, 8, torch.float32)
+    loss_and_grads(lambda x, y: nt_xent_tiled(x, y, tau, block_rows=block, block_cols=block), a, b)
+    a2, tiles = (2 * n) ** 2, 2 * n // block
+    upper = tiles * (tiles + 1) // 2 * block * block  # the diagonal tiles are computed whole
+    assert sum(computed) == (2 * upper if expected == "upper" else 2 * a2), (sum(computed), a2)

@@ -1,4 +1,4 @@
-r"""Memory-lean NT-Xent in plain PyTorch: row blocks, per-row logsumexp, symmetric single-pass backward.
+r"""Memory-lean NT-Xent in plain PyTorch: tiles of S, per-row softmax statistics, single-pass backward.
 
 Notation: z = [z_a; z_b] (A = 2N rows), z_hat_i = z_i / max(||z_i||, eps), S = z_hat z_hat^T over the candidate columns
 (the local rows, or the rows of every rank when negatives are gathered), pos(i) = (i + N) mod A.
@@ -8,8 +8,12 @@ Notation: z = [z_a; z_b] (A = 2N rows), z_hat_i = z_i / max(||z_i||, eps), S = z
                P_ij = exp(S_ij/tau - lse_i),   P_ji = exp(S_ij/tau - lse_j)        (S is symmetric)
     chain      dL/dz_i = (dz_hat_i - z_hat_i <z_hat_i, dz_hat_i>) / ||z_i||
 
-Each row block recomputes its (B, M) slice of S and gets its full gradient from that slice alone: no transpose pass, no
-scatter, three GEMMs in all (S forward, S again and P @ Z backward). Only O(A*D) state and per-row statistics are kept:
+One process, tau >= SHIFT_MIN_TEMPERATURE (the usual case): S is square and symmetric and the shift fixed, so only the
+upper-triangle tiles are computed (``symmetric_row_stats``, ``symmetric_grad``): each gives the sums, and the gradient
+terms, of its rows and of its columns. Two GEMM-equivalents in all: half for S forward, half for S again, one for
+W @ Z. Otherwise (negatives gathered from every rank, or a small tau with a running max), each row block recomputes its
+(B, M) slice of S and gets its full gradient from that slice alone: no transpose pass, no scatter, no communication in
+backward, three GEMMs in all. Only O(A*D) state and per-row statistics are kept:
 lse_i as the pair (m_i, log l_i), m_i a logit exactly as the tiles compute it, so that the backward's exponents
 S_ij/tau - m_i stay exact near each row's maximum at any temperature (see ``row_stats``).
 
@@ -31,9 +35,11 @@ from fastclr.nt_xent_spec import (
     row_norms,
 )
 
-DEFAULT_BLOCK_ROWS = 256
+DEFAULT_BLOCK_ROWS = (
+    512  # also the side of the square tiles of the single-process upper-triangle schedule
+)
 DEFAULT_BLOCK_COLS = (
-    1024  # a 256 x 1024 fp32 tile is 1 MiB: it stays in L2 through its elementwise passes
+    1024  # a 512 x 1024 fp32 tile is 2 MiB: it stays in L2 through its elementwise passes
 )
 
 
@@ -228,6 +234,79 @@ def rows_grad(
     return grad.mul_(1.0 / (a * temperature))
 
 
+def _square_tiles(a: int, block: int):
+    """(row start, row stop, col start, col stop) of the upper triangle of the (a, a) logits in square blocks, the
+    diagonal blocks included."""
+    for r0 in range(0, a, block):
+        for c0 in range(r0, a, block):
+            yield r0, min(r0 + block, a), c0, min(c0 + block, a)
+
+
+def symmetric_row_stats(
+    z_hat: torch.Tensor, temperature: float, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_stats`` for one process and tau >= SHIFT_MIN_TEMPERATURE from the upper-triangle tiles alone.
+
+    With the fixed shift m_i = 1/tau the row sums l_i = sum_{j != i} exp(S_ij/tau - 1/tau) are plain sums of a
+    symmetric matrix, so tile (I, J), J > I, gives the sums of rows I (over its rows) and of rows J (over its columns):
+    half the GEMM and half the exps of ``row_stats``. The positive pairs (i, i + N) lie in the upper triangle and give
+    the positive logit of both of their rows.
+    """
+    inv_t = 1.0 / temperature
+    a, n = z_hat.shape[0], z_hat.shape[0] // 2
+    buf = z_hat.new_empty(min(block, a), min(block, a))
+    total = z_hat.new_zeros(a)
+    pos = z_hat.new_empty(a)
+    for r0, r1, c0, c1 in _square_tiles(a, block):
+        tile = _logits_tile(buf, z_hat[r0:r1], z_hat[c0:c1], inv_t, inv_t)
+        if (found := _diagonal(r0, r1, c0, c1, n, z_hat.device)) is not None:
+            rows, cols, i = found
+            pos[i] = pos[i + n] = tile[rows, cols]
+        tile.exp_()
+        if r0 == c0:
+            tile.diagonal().zero_()
+        else:
+            total[c0:c1] += tile.sum(dim=0)
+        total[r0:r1] += tile.sum(dim=1)
+    no_arg = torch.full_like(total, -1.0)
+    return torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1), pos
+
+
+def symmetric_grad(
+    state: ForwardState, g: torch.Tensor, temperature: float, block: int
+) -> torch.Tensor:
+    """``rows_grad`` for one process and tau >= SHIFT_MIN_TEMPERATURE from the upper-triangle tiles alone.
+
+    The weights W_ij = (P_ij + P_ji) g = exp(S_ij/tau - 1/tau) (u_i + u_j), u = g / l, are symmetric: tile (I, J),
+    J > I, adds W @ z_hat_J to rows I and W^T @ z_hat_I to rows J. S is recomputed once per pair of blocks, so the
+    backward is one GEMM for the products and half of one for S.
+    """
+    z_hat = state.zhat
+    inv_t = 1.0 / temperature
+    a = z_hat.shape[0]
+    u = g * torch.exp(-state.stats[:, 1])
+    grad = torch.zeros_like(z_hat)
+    buf = z_hat.new_empty(min(block, a), min(block, a))
+    weight_buf = torch.empty_like(buf)
+    for r0, r1, c0, c1 in _square_tiles(a, block):
+        tile = _logits_tile(buf, z_hat[r0:r1], z_hat[c0:c1], inv_t, inv_t).exp_()
+        weight = weight_buf[: r1 - r0, : c1 - c0]
+        torch.add(u[r0:r1, None], u[None, c0:c1], out=weight).mul_(tile)
+        if r0 == c0:
+            weight.diagonal().zero_()
+        else:
+            grad[c0:c1].addmm_(weight.T, z_hat[r0:r1])
+        grad[r0:r1].addmm_(weight, z_hat[c0:c1])
+    pos = (torch.arange(a, device=z_hat.device) + a // 2) % a
+    grad.sub_(z_hat[pos] * (2.0 * g))
+    return grad.mul_(1.0 / (a * temperature))
+
+
+def _symmetric(group, temperature: float) -> bool:
+    """Whether the upper-triangle schedule applies: one process (S square and symmetric) and the fixed shift."""
+    return group is None and temperature >= SHIFT_MIN_TEMPERATURE
+
+
 def tiled_forward(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
@@ -243,7 +322,10 @@ def tiled_forward(
     """
     z_hat, norm = normalize_rows(torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype)))
     cols, offset = all_gather_rows(z_hat, group)
-    stats, pos = row_stats(z_hat, cols, temperature, offset, block_rows, block_cols)
+    if _symmetric(group, temperature):
+        stats, pos = symmetric_row_stats(z_hat, temperature, block_rows)
+    else:
+        stats, pos = row_stats(z_hat, cols, temperature, offset, block_rows, block_cols)
     stats_cols, _ = all_gather_rows(stats, group)
     loss = (stats[:, 1] - pos).mean().to(z_a.dtype)  # lse_i - S_i,pos(i)/tau
     state = ForwardState(
@@ -268,7 +350,10 @@ def tiled_backward(
     g = grad_out.to(state.zhat.dtype)
     # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
     g_cols = g.expand(a) if group is None else all_gather_scalar(g, group).repeat_interleave(a)
-    dz_hat = rows_grad(state, g, g_cols, temperature, block_rows, block_cols)
+    if _symmetric(group, temperature):
+        dz_hat = symmetric_grad(state, g, temperature, block_rows)
+    else:
+        dz_hat = rows_grad(state, g, g_cols, temperature, block_rows, block_cols)
     dz = normalize_backward(dz_hat, state.zhat, state.norm).to(dtype)
     return dz[: a // 2], dz[a // 2 :]
 
