@@ -1,16 +1,24 @@
-"""NT-Xent forward+backward: time and peak extra memory per implementation, side by side, with the three-GEMM floor.
+"""Contrastive-loss forward+backward: time and peak extra memory per implementation, side by side, with the three-GEMM
+floor.
 
     python bench/bench_loss.py                       # 2N in {1024, 4096, 16384, 65536}, D = 128, fp32, this device
     python bench/bench_loss.py --sizes 1024 4096 --impls torch reference lightly --repeats 5
     python bench/bench_loss.py --world-size 2        # + gathered negatives over 2 gloo ranks (communication vs loss)
+    python bench/bench_loss.py --loss supcon --impls torch materialised   # the family: ntxent-bank, dcl, dclw, supcon
     fastclr bench loss ...                            # the same
+
+--loss picks the loss (default ntxent). ntxent-bank is NT-Xent against a memory bank of K = --bank-size negatives
+(default 2N, the column count of in-batch NT-Xent) with N anchors; supcon draws labels from --classes classes.
+Providers: torch and reference for every loss; lightly for ntxent, ntxent-bank, dcl, dclw; materialised for supcon
+(the usual materialising implementation written from the paper: a (2N)^2 float mask and logits); triton for ntxent.
 
 Every (impl, 2N) runs in a fresh child process: peak memory is the child's RSS high-water mark (CPU, reset once the inputs exist) or the CUDA allocator's peak
 above the baseline taken after the inputs exist, and an address-space limit (--mem-limit-gb) turns "would not fit" into a
 reported out-of-memory instead of a swapping machine. Time is the median of repeated forward+backward passes after a
 warm-up (CUDA: triton.testing.do_bench). The floor is three (2N x D) @ (D x 2N) GEMMs timed in the same child way:
 forward+backward of NT-Xent cannot do less matrix work (S once forward; S again and P @ Z backward).
-Results: a table on stdout, rows appended to bench_loss.csv and a plot bench_loss.png in --out (default: bench/results/
+Results: a table on stdout, rows appended to bench_loss.csv (ntxent) or bench_loss_family.csv (the other losses, with
+their loss, bank size and classes) and a plot bench_loss.png / bench_loss_<loss>.png in --out (default: bench/results/
 in a source checkout, else ./fastclr-bench).
 """
 
@@ -27,8 +35,62 @@ from pathlib import Path
 
 from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
 
-IMPLS = ("floor", "torch", "triton", "reference", "compile", "lightly")
+IMPLS = ("floor", "torch", "triton", "reference", "compile", "lightly", "materialised")
 DEFAULT_SIZES = (1024, 4096, 16384, 65536)
+LOSSES = ("ntxent", "ntxent-bank", "dcl", "dclw", "supcon")
+# The providers each loss has (the default --impls); "compile" and "triton" are NT-Xent's only.
+LOSS_IMPLS = {
+    "ntxent": ("floor", "torch", "triton", "reference", "compile", "lightly"),
+    "ntxent-bank": ("floor", "torch", "reference", "lightly"),
+    "dcl": ("floor", "torch", "reference", "lightly"),
+    "dclw": ("floor", "torch", "reference", "lightly"),
+    "supcon": ("floor", "torch", "reference", "materialised"),
+}
+
+
+def supcon_materialised(z_a, z_b, labels, temperature: float):
+    """SupCon L_out (Khosla et al. 2020) as it is usually written: a (2N, 2N) float mask of equal labels, the logits
+    made stable by their row maximum, the self entries masked out by multiplication. Every (2N)^2 intermediate is
+    kept for backward: the memory the tiled path avoids."""
+    import torch
+    import torch.nn.functional as F
+
+    z = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    y = torch.cat([labels, labels])
+    same = (y[:, None] == y[None, :]).float()
+    not_self = 1.0 - torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+    logits = z @ z.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(dim=1, keepdim=True))
+    positives = same * not_self
+    return -((positives * log_prob).sum(dim=1) / positives.sum(dim=1)).mean()
+
+
+def make_family_loss_fn(loss: str, impl: str, temperature: float, bank_size: int, d: int):
+    """A callable (z_a, z_b, labels) -> loss for one provider of a family loss (the labels (N,) are supcon's; the
+    others ignore them); raises RuntimeError('skipped: ...') where the provider does not exist for that loss."""
+    import fastclr
+
+    if impl not in LOSS_IMPLS[loss]:
+        raise RuntimeError(f"skipped: no {impl} provider for --loss {loss}")
+    if impl == "lightly":
+        try:
+            import lightly.loss as lightly_loss
+        except ImportError as exc:
+            raise RuntimeError(f"skipped: lightly is not installed ({exc})") from None
+        if loss == "ntxent-bank":
+            module = lightly_loss.NTXentLoss(temperature, memory_bank_size=(bank_size, d))
+        else:
+            module = {"dcl": lightly_loss.DCLLoss, "dclw": lightly_loss.DCLWLoss}[loss](temperature)
+    elif loss == "supcon":
+        if impl == "materialised":
+            return lambda a, b, y: supcon_materialised(a, b, y, temperature)
+        return lambda a, b, y: fastclr.supcon(a, b, y, temperature, impl=impl)
+    elif loss == "ntxent-bank":
+        module = fastclr.NTXentLoss(temperature, memory_bank_size=(bank_size, d), impl=impl)
+    else:
+        module = {"dcl": fastclr.DCLLoss, "dclw": fastclr.DCLWLoss}[loss](temperature, impl=impl)
+    return lambda a, b, y: module(a, b)
 
 
 def make_loss_fn(impl: str, temperature: float):
@@ -46,6 +108,8 @@ def make_loss_fn(impl: str, temperature: float):
         return LightlyNTXent(temperature=temperature)
     if impl == "compile":
         return torch.compile(lambda a, b: nt_xent_reference(a, b, temperature))
+    if impl == "materialised":
+        raise RuntimeError("skipped: the materialised provider is SupCon's (--loss supcon)")
     if impl.startswith("triton") and not torch.cuda.is_available():
         raise RuntimeError(
             "skipped: no CUDA device (the Triton interpreter is a correctness tool, not a fast path)"
@@ -93,11 +157,13 @@ def _child(spec: dict) -> dict:
     import torch
 
     impl, two_n, d, device = spec["impl"], spec["two_n"], spec["d"], spec["device"]
+    loss_name = spec.get("loss", "ntxent")
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     n = two_n // 2
     z_a = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     z_b = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, spec.get("classes", 100), (n,), device=device)
     cuda = device == "cuda"
 
     if impl == "floor":
@@ -109,17 +175,22 @@ def _child(spec: dict) -> dict:
                 for s in range(0, two_n, block):
                     z[s : s + block] @ z.T
     else:
-        fn = make_loss_fn(impl, spec["temperature"])
+        if loss_name == "ntxent":
+            ntxent = make_loss_fn(impl, spec["temperature"])
+            fn = lambda a, b, y: ntxent(a, b)  # noqa: E731
+        else:
+            bank_size = spec.get("bank_size") or two_n
+            fn = make_family_loss_fn(loss_name, impl, spec["temperature"], bank_size, d)
 
         def step():
-            loss = fn(z_a, z_b)
+            loss = fn(z_a, z_b, labels)
             loss.backward()
             z_a.grad = z_b.grad = None
 
     if impl not in ("floor", "compile"):
         # A tiny call first: lazy imports and op registration must not count as the loss's memory.
         tiny = [torch.randn(2, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
-        fn(*tiny).backward()
+        fn(*tiny, labels[:2]).backward()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -195,6 +266,8 @@ def fmt_time(s):
 # The columns of bench/results/bench_loss.csv: the environment, then the measurement.
 CSV_COLUMNS = ("date", "device", "torch", "impl", "two_n", "d", "dtype", "temperature", "median_s", "lo_s", "hi_s",
                "x_floor", "peak_fraction", "peak_extra_mb", "status")  # fmt: skip
+# bench_loss_family.csv: the same, after the loss and its own settings (K negatives of ntxent-bank; supcon's classes).
+FAMILY_CSV_COLUMNS = ("loss", "bank_size", "classes", *CSV_COLUMNS)
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
@@ -238,7 +311,10 @@ def plot(rows, meta, path):
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"NT-Xent, D={meta['d']}, {meta['dtype']}, {meta['device']}", fontsize=9)
+    fig.suptitle(
+        f"{meta.get('loss', 'ntxent')}, D={meta['d']}, {meta['dtype']}, {meta['device']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -253,10 +329,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument(
+        "--loss", default="ntxent", choices=LOSSES, help="the loss to time (default: ntxent)"
+    )
+    p.add_argument(
+        "--bank-size",
+        type=int,
+        default=0,
+        help="ntxent-bank: K negatives in the bank (default 0 = 2N)",
+    )
+    p.add_argument("--classes", type=int, default=100, help="supcon: number of label classes")
+    p.add_argument(
         "--impls",
         nargs="+",
-        default=list(IMPLS),
-        help=f"providers, side by side: {', '.join(IMPLS)}, or triton:<variant> (see --list-variants)",
+        default=None,
+        help=f"providers, side by side: {', '.join(IMPLS)}, or triton:<variant> (see --list-variants); "
+        "default: every provider of --loss",
     )
     p.add_argument(
         "--list-variants",
@@ -296,6 +383,8 @@ def main(argv=None) -> list[dict]:
 
         print("\n".join(f"triton:{name}" for name in list_configs()))
         return []
+    if args.impls is None:
+        args.impls = list(LOSS_IMPLS[args.loss])
     for impl in args.impls:
         if impl not in IMPLS and not impl.startswith("triton:"):
             p.error(
@@ -312,9 +401,12 @@ def main(argv=None) -> list[dict]:
         "dtype": args.dtype,
         "temperature": args.temperature,
     }
+    family = args.loss != "ntxent"
+    if family:
+        meta |= {"loss": args.loss, "bank_size": args.bank_size, "classes": args.classes}
     mem_limit = args.mem_limit_gb if device == "cpu" else 0
     print(
-        f"NT-Xent forward+backward on {meta['device']}; D={args.dim}, {args.dtype}, tau={args.temperature}"
+        f"{args.loss} forward+backward on {meta['device']}; D={args.dim}, {args.dtype}, tau={args.temperature}"
     )
     rows = []
     for two_n in args.sizes:
@@ -322,7 +414,8 @@ def main(argv=None) -> list[dict]:
             p.error(f"--sizes: 2N must be an even number >= 2, got {two_n}")
         for impl in args.impls:
             spec = {"impl": impl, "two_n": two_n, "d": args.dim, "dtype": args.dtype, "device": device,
-                    "temperature": args.temperature, "repeats": args.repeats, "budget_s": args.budget_s}  # fmt: skip
+                    "temperature": args.temperature, "repeats": args.repeats, "budget_s": args.budget_s,
+                    "loss": args.loss, "bank_size": args.bank_size, "classes": args.classes}  # fmt: skip
             t0 = time.perf_counter()
             res = run_one(spec, mem_limit, args.timeout_s)
             row = {"impl": impl, "two_n": two_n, "d": args.dim, **res}
@@ -341,13 +434,16 @@ def main(argv=None) -> list[dict]:
         r["x_floor"] = round(t / floor, 3) if t and floor else ""
     print()
     print_table(table_rows(rows))
+    columns, stem = (
+        (FAMILY_CSV_COLUMNS, "bench_loss_family") if family else (CSV_COLUMNS, "bench_loss")
+    )
     path = append_csv(
-        args.out / "bench_loss.csv",
-        [{key: (env | meta | r).get(key, "") for key in CSV_COLUMNS} for r in rows],
+        args.out / f"{stem}.csv",
+        [{key: (env | meta | r).get(key, "") for key in columns} for r in rows],
     )
     print(f"\nappended {len(rows)} rows to {path}")
     if not args.no_plot:
-        png = args.out / "bench_loss.png"
+        png = args.out / (f"bench_loss_{args.loss}.png" if family else "bench_loss.png")
         plot(rows, meta, png)
         print(f"plot: {png}")
     if args.world_size:

@@ -1,6 +1,9 @@
-"""Public NT-Xent API: ``nt_xent`` and ``NTXentLoss``, where the inputs are checked (once) and the path is chosen."""
+"""Public NT-Xent API: ``nt_xent`` and ``NTXentLoss`` (with an optional memory bank), where the inputs are checked
+(once) and the path is chosen."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -8,6 +11,8 @@ from torch import nn
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses.backends import backend, pick_path, resolve_impl, triton_available
 from fastclr.losses.custom_op import nt_xent_op
+from fastclr.losses.family import check_memory_bank_size, family_path
+from fastclr.losses.memory_bank import MemoryBank, bank_step
 from fastclr.losses.reference import nt_xent_reference
 from fastclr.nt_xent_spec import (
     IMPLS,
@@ -86,14 +91,21 @@ def _checked_nt_xent(
 
 
 class NTXentLoss(nn.Module):
-    """Drop-in NT-Xent loss module (same value as lightly's ``NTXentLoss(temperature)`` without a memory bank).
+    """Drop-in NT-Xent loss module: lightly 1.6.0's ``NTXentLoss(temperature, memory_bank_size, gather_distributed)``
+    in value and gradients, with or without a memory bank.
 
     The 2N x 2N similarity matrix is never materialised by the "torch" and "triton" paths.
 
     Args:
         temperature: tau > 0.
-        impl: "auto" | "triton" | "torch" | "reference" (see ``fastclr.nt_xent``).
-        gather_distributed: gather negatives from all ranks of the default process group, with exact gradients.
+        memory_bank_size: 0 (no bank: NT-Xent over the batch), or (K, D) for a bank of K negatives of D features
+            (lightly's semantics, see ``fastclr.losses.memory_bank``: the anchors are z_a's rows, the negatives the
+            bank's, and z_b's unit rows enter the bank after each training step). A bare int K > 0 is refused, as
+            lightly refuses it: D cannot be guessed.
+        gather_distributed: without a bank, gather negatives from all ranks of the default process group, with exact
+            gradients; with a bank, enqueue every rank's z_b rows.
+        impl: "auto" | "triton" | "torch" | "reference" (see ``fastclr.nt_xent``). With a bank "auto" is "torch" on
+            every device and "triton" raises NotImplementedError (the fused kernel does not cover the bank yet).
 
     Shapes:
         forward(z_a (N, D), z_b (N, D)) -> 0-d tensor.
@@ -102,19 +114,38 @@ class NTXentLoss(nn.Module):
         >>> criterion = NTXentLoss(temperature=0.5)
         >>> loss = criterion(model(x_a), model(x_b))
         >>> loss.backward()
+        >>> moco_style = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
     """
 
     def __init__(
-        self, temperature: float = 0.5, impl: str = "auto", gather_distributed: bool = False
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: int | Sequence[int] = 0,
+        gather_distributed: bool = False,
+        impl: str = "auto",
     ):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.impl = check_impl(impl)
+        bank_size = check_memory_bank_size(memory_bank_size)
+        self.bank_path = (
+            None if bank_size is None else family_path(impl, "NT-Xent with a memory bank")
+        )
         if gather_distributed:
             dist_utils.require_distributed()
         self.gather_distributed = gather_distributed
+        self.memory_bank = None if bank_size is None else MemoryBank(bank_size, gather_distributed)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        if self.memory_bank is not None:
+            return bank_step(
+                self.memory_bank,
+                z_a,
+                z_b,
+                self.temperature,
+                self.bank_path,
+                self.gather_distributed,
+            )
         return _checked_nt_xent(
             z_a, z_b, self.temperature, self.impl, self.gather_distributed, group=None
         )

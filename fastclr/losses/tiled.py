@@ -20,9 +20,18 @@ S_ij/tau - m_i stay exact near each row's maximum at any temperature (see ``row_
 With negatives gathered from W ranks, rank r's loss is the mean over its own A anchors and the gradient above becomes the
 gradient of sum_r g_r L_r with respect to the local rows: the P_ji term of a column j is weighted by the upstream gradient g
 of the rank that owns j. DDP's gradient averaging then yields exactly the full-batch gradient.
+
+The contrastive-loss family (``fastclr.losses.dcl``, ``supcon``, ``memory_bank``) runs on the same tiles through
+``row_terms``, whose options leave pos(i) out of the row sums too (DCL), compare labels inside each tile and sum the
+logits of the label positives P(i) = {j != i : y_j = y_i} (SupCon), or add K extra columns x_k without gradient (a memory
+bank). Its backward takes per-row coefficients c_i and e_i, the upstream gradients of lse_i and of the label sums:
+
+    tau dJ/dz_hat_i = sum_{kept j} (c_i P_ij + c_j P_ji) z_hat_j + sum_{p in P(i)} (e_i + e_p) z_hat_p + sum_k c_i P_ik x_k
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -123,6 +132,46 @@ def _logits_tile(
     return out.fill_(-shift).addmm_(rows, cols.T, alpha=inv_t)
 
 
+class RowStats(NamedTuple):
+    """What ``row_stats`` keeps per row, O(A) in all (A local rows)."""
+
+    stats: torch.Tensor  # (A, 3): (m_i, log l_i, k_i), see ``row_stats``
+    pos: (
+        torch.Tensor
+    )  # (A,): S_{i,pos(i)}/tau - m_i, the pair positive's logit as its tile holds it
+    # (A, 2): (sum_{p in P(i)} (S_ip/tau - m_i), |P(i)|) with labels, else None
+    labelled: torch.Tensor | None
+
+
+def _pos_entries(r0: int, r1: int, c0: int, c1: int, offset: int, a: int, device):
+    """(tile rows, tile cols) index pairs of the entries S_{i, pos(i)}, pos(i) = offset + (i + A/2) mod A, in a tile."""
+    n = a // 2
+    found = (
+        _diagonal(r0, r1, c0, c1, shift, device, lo, hi)
+        for shift, lo, hi in ((offset + n, 0, n), (offset - n, n, a))
+    )
+    return [f[:2] for f in found if f is not None]
+
+
+def _excluded(r0: int, r1: int, c0: int, c1: int, offset: int, a: int, exclude_pos: bool, device):
+    """(tile rows, tile cols) index pairs of a tile's entries left out of the row sums: S_{i, offset+i}, and with
+    ``exclude_pos`` also S_{i, pos(i)}."""
+    diag = _self_columns(r0, r1, c0, c1, offset, device)
+    found = [] if diag is None else [diag]
+    if exclude_pos:
+        found += _pos_entries(r0, r1, c0, c1, offset, a, device)
+    return found
+
+
+def _same_labels(labels, r0: int, r1: int, c0: int, c1: int, offset: int, device) -> torch.Tensor:
+    """(B, C) bool tile of P: y_i == y_j and j != i, compared inside the tile (no (A, M) mask exists)."""
+    y_rows, y_cols = labels
+    same = y_rows[r0:r1, None] == y_cols[None, c0:c1]
+    if (diag := _self_columns(r0, r1, c0, c1, offset, device)) is not None:
+        same[diag] = False
+    return same
+
+
 def row_stats(
     z_hat: torch.Tensor,
     cols: torch.Tensor,
@@ -130,86 +179,142 @@ def row_stats(
     offset: int,
     block_rows: int,
     block_cols: int = DEFAULT_BLOCK_COLS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row softmax statistics over the non-self columns and the positives' logits:
-    (stats (A, 3) = (m_i, log l_i, k_i), pos (A,) = S_{i,pos(i)}/tau - m_i), with lse_i = m_i + log l_i,
-    k_i the column of the row's maximum (-1 with the fixed shift, which needs none) and
-    l_i = sum_{j != i} exp(S_ij/tau - m_i), so that L_i = log l_i - pos_i.
+    *,
+    exclude_pos: bool = False,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: torch.Tensor | None = None,
+) -> RowStats:
+    """Per-row softmax statistics over the kept columns, the pair positives' logits and, with labels, the label
+    positives' logits: ``RowStats`` with stats (A, 3) = (m_i, log l_i, k_i), lse_i = m_i + log l_i,
+    l_i = sum_{kept j} exp(S_ij/tau - m_i), k_i the column of the row's maximum (-1 with the fixed shift, which needs
+    none), pos_i = S_{i,pos(i)}/tau - m_i, so that NT-Xent's L_i = log l_i - pos_i.
+
+    The kept columns are the candidates ``cols`` (M, D) but row i's own, S_{i, offset+i}, and with ``exclude_pos`` its
+    positive's too (DCL), then the ``extra`` (K, D) columns, which have no gradient (a memory bank; their column
+    indices k_i count on from M). With ``labels`` = (y (A,), y_cols (M,)) labels are compared inside each tile and
+    labelled[i] = (sum_{p in P(i)} (S_ip/tau - m_i), |P(i)|), P(i) = {j != i : y_j = y_i} among ``cols``; not together
+    with ``exclude_pos``.
 
     m_i is 1/tau (the fixed shift) for tau >= SHIFT_MIN_TEMPERATURE, else the row's largest logit. lse_i itself is never
     stored: it is about 1/tau, and rounded to the dtype it would be off by ~1e-7/tau, which exp(S_ij/tau - lse_i) turns
     into a relative error of the same size (7% at tau = 1e-6). m_i is a logit exactly as the tiles compute it, so the
     backward's S_ij/tau - m_i is exact near the maximum and the pair keeps the backward accurate at any temperature. The
-    positive's logit is read from its tile for the same reason: L_i is a difference of two logits, and computing one of
-    them another way would leave an error of ~1e-7/tau in it.
+    positives' logits are read from their tiles for the same reason: a loss is a difference of logits, and computing
+    one of them another way would leave an error of ~1e-7/tau in it; the label sums are kept relative to the running
+    maximum as it moves, for the same reason.
 
-    Works on (block_rows, block_cols) tiles that stay in cache, so memory is O(A*D + tile) whatever the batch.
+    Works on (block_rows, block_cols) tiles that stay in cache, so memory is O((A + M + K) D + tile) whatever the batch.
     """
     inv_t = 1.0 / temperature
     a, m = z_hat.shape[0], cols.shape[0]
-    buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
+    sources = [(cols, True)] + ([] if extra is None else [(extra, False)])
+    width = max(min(block_cols, src.shape[0]) for src, _ in sources)
+    buf = z_hat.new_empty(min(block_rows, a), width)
     total = z_hat.new_zeros(a)
-    pos = z_hat.new_empty(a)
+    pos = z_hat.new_zeros(a)
+    label_sum = count = None
+    if labels is not None:
+        label_sum, count = z_hat.new_zeros(a), z_hat.new_zeros(a)
+    device = z_hat.device
     if temperature >= SHIFT_MIN_TEMPERATURE:
         # |S| <= 1, so S/tau - 1/tau <= 0: a fixed shift replaces the running max and exp cannot overflow.
-        for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
-            tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, inv_t)
-            _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
-            tile.exp_()
-            if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
-                tile[diag] = 0.0
-            total[r0:r1] += tile.sum(dim=1)
+        for src, in_batch in sources:
+            for r0, r1, c0, c1 in _tiles(a, src.shape[0], block_rows, block_cols):
+                tile = _logits_tile(buf, z_hat[r0:r1], src[c0:c1], inv_t, inv_t)
+                if in_batch:
+                    _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
+                    if labels is not None:
+                        same = _same_labels(labels, r0, r1, c0, c1, offset, device)
+                        label_sum[r0:r1] += torch.where(same, tile, 0.0).sum(dim=1)
+                        count[r0:r1] += same.sum(dim=1)
+                tile.exp_()
+                if in_batch:
+                    for idx in _excluded(r0, r1, c0, c1, offset, a, exclude_pos, device):
+                        tile[idx] = 0.0
+                total[r0:r1] += tile.sum(dim=1)
         no_arg = torch.full_like(total, -1.0)
-        return torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1), pos
+        stats = torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1)
+        return RowStats(stats, pos, None if labels is None else torch.stack([label_sum, count], 1))
     # Online log-sum-exp (running max); finfo.min instead of -inf keeps exp(m_old - m_new) finite-or-zero, never NaN.
     low = torch.finfo(z_hat.dtype).min
-    run_max = torch.full((a,), low, dtype=z_hat.dtype, device=z_hat.device)
+    run_max = torch.full((a,), low, dtype=z_hat.dtype, device=device)
     run_arg = torch.full_like(run_max, -1.0)
-    for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
-        tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, 0.0)
-        _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
-        if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
-            tile[diag] = float("-inf")
-        tile_max, tile_arg = tile.max(dim=1)
-        run_arg[r0:r1] = torch.where(tile_max > run_max[r0:r1], tile_arg + c0, run_arg[r0:r1])
-        new_max = torch.maximum(run_max[r0:r1], tile_max).clamp_min_(low)
-        total[r0:r1] = total[r0:r1] * torch.exp(run_max[r0:r1] - new_max) + torch.exp(
-            tile - new_max[:, None]
-        ).sum(1)
-        run_max[r0:r1] = new_max
-    return torch.stack([run_max, total.log_(), run_arg], dim=1), pos.sub_(run_max)
+    for src, in_batch in sources:
+        first_col = 0 if in_batch else m
+        for r0, r1, c0, c1 in _tiles(a, src.shape[0], block_rows, block_cols):
+            tile = _logits_tile(buf, z_hat[r0:r1], src[c0:c1], inv_t, 0.0)
+            if in_batch:
+                _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
+                for idx in _excluded(r0, r1, c0, c1, offset, a, exclude_pos, device):
+                    tile[idx] = float("-inf")
+            old_max = run_max[r0:r1]
+            tile_max, tile_arg = tile.max(dim=1)
+            run_arg[r0:r1] = torch.where(
+                tile_max > old_max, tile_arg + first_col + c0, run_arg[r0:r1]
+            )
+            new_max = torch.maximum(old_max, tile_max).clamp_min_(low)
+            if labels is not None:
+                # kept relative to the running maximum: shift what is summed so far to the new one
+                label_sum[r0:r1] += count[r0:r1] * (old_max - new_max)
+                if in_batch:
+                    same = _same_labels(labels, r0, r1, c0, c1, offset, device)
+                    label_sum[r0:r1] += torch.where(same, tile - new_max[:, None], 0.0).sum(dim=1)
+                    count[r0:r1] += same.sum(dim=1)
+            total[r0:r1] = total[r0:r1] * torch.exp(old_max - new_max) + torch.exp(
+                tile - new_max[:, None]
+            ).sum(1)
+            run_max[r0:r1] = new_max
+    stats = torch.stack([run_max, total.log_(), run_arg], dim=1)
+    labelled = None if labels is None else torch.stack([label_sum, count], 1)
+    return RowStats(stats, pos.sub_(run_max), labelled)
 
 
 def rows_grad(
-    state: ForwardState,
-    g_rows: torch.Tensor,
-    g_cols: torch.Tensor,
+    z_hat: torch.Tensor,
+    cols: torch.Tensor,
+    stats: torch.Tensor,
+    stats_cols: torch.Tensor,
+    offset: int,
+    c_rows: torch.Tensor,
+    c_cols: torch.Tensor,
     temperature: float,
     block_rows: int,
     block_cols: int = DEFAULT_BLOCK_COLS,
+    *,
+    exclude_pos: bool = False,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    e_rows: torch.Tensor | None = None,
+    e_cols: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dJ/dz_hat (A, D) for J = sum_r g_r L_r, from the symmetric form in the module docstring.
+    """tau * dJ/dz_hat (A, D) for J = sum_i c_i lse_i + sum_i e_i sum_{p in P(i)} S_ip/tau over the rows of every
+    rank, from the symmetric form in the module docstring:
 
-    state: the forward's (stats = ``row_stats``, with cols[offset:offset+A] the local rows); g_rows: 0-d upstream
-    gradient of this rank; g_cols: (M,) upstream gradient of the rank owning each column.
+        tau dJ/dz_hat_i = sum_{kept j} (c_i P_ij + c_j P_ji) z_hat_j + sum_{p in P(i)} (e_i + e_p) z_hat_p
+                          + sum_k c_i P_ik x_k                      (x_k the extra columns, which have no gradient)
+
+    z_hat, cols, stats, offset, exclude_pos, labels, extra: as ``row_stats`` had them; stats_cols (M, 3): the stats of
+    every column's row; c_rows (A,), c_cols (M,): the coefficients c of the local rows and of every column (the upstream
+    gradient of each row's lse, gathered from its rank); e_rows, e_cols likewise for the label sums.
     """
-    z_hat, cols, offset = state.zhat, state.cols, state.offset
-    m_rows, log_l_rows = state.stats[:, 0], state.stats[:, 1]
-    m_cols, log_l_cols = state.stats_cols[:, 0], state.stats_cols[:, 1]
+    m_rows, log_l_rows = stats[:, 0], stats[:, 1]
+    m_cols, log_l_cols = stats_cols[:, 0], stats_cols[:, 1]
     inv_t = 1.0 / temperature
     a, m = z_hat.shape[0], cols.shape[0]
+    device = z_hat.device
     grad = torch.zeros_like(z_hat)
-    buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
+    width = max(min(block_cols, m), 0 if extra is None else min(block_cols, extra.shape[0]))
+    buf = z_hat.new_empty(min(block_rows, a), width)
     weight_buf = torch.empty_like(buf)
     shift = temperature >= SHIFT_MIN_TEMPERATURE
     if shift:
-        # P_ij + P_ji = exp(S_ij/tau - 1/tau) * (u_i + u_j) with u = g / l: one exp per element, not two.
-        u_cols = g_cols * torch.exp(-log_l_cols)
-        u_rows = u_cols[offset : offset + a]
+        # P_ij c_i + P_ji c_j = exp(S_ij/tau - 1/tau) * (u_i + u_j) with u = c / l: one exp per element, not two.
+        u_cols = c_cols * torch.exp(-log_l_cols)
+        u_rows = c_rows * torch.exp(-log_l_rows)
     else:
         # The column index of each column's row maximum (exact in fp32 below 2^24 columns).
-        arg_cols = state.stats_cols[:, 2]
-        row_ids = torch.arange(offset, offset + a, device=z_hat.device, dtype=arg_cols.dtype)
+        arg_cols = stats_cols[:, 2]
+        row_ids = torch.arange(offset, offset + a, device=device, dtype=arg_cols.dtype)
     for r0, r1, c0, c1 in _tiles(a, m, block_rows, block_cols):
         if shift:
             tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, inv_t).exp_()
@@ -221,17 +326,28 @@ def rows_grad(
             # symmetric), ~1e-7/tau in the exponent: at the argmax, where that matters, the difference is exactly 0.
             tile = _logits_tile(buf, z_hat[r0:r1], cols[c0:c1], inv_t, 0.0)
             weight = torch.exp((tile - m_rows[r0:r1, None]).sub_(log_l_rows[r0:r1, None]))
-            weight.mul_(g_rows)
+            weight.mul_(c_rows[r0:r1, None])
             tile.sub_(m_cols[None, c0:c1])
             own_max = arg_cols[None, c0:c1] == row_ids[r0:r1, None]
             col_part = tile.masked_fill_(own_max, 0.0).sub_(log_l_cols[None, c0:c1]).exp_()
-            weight.add_(col_part.mul_(g_cols[None, c0:c1]))
-        if (diag := _self_columns(r0, r1, c0, c1, offset, z_hat.device)) is not None:
-            weight[diag] = 0.0
+            weight.add_(col_part.mul_(c_cols[None, c0:c1]))
+        for idx in _excluded(r0, r1, c0, c1, offset, a, exclude_pos, device):
+            weight[idx] = 0.0
+        if labels is not None:
+            same = _same_labels(labels, r0, r1, c0, c1, offset, device)
+            weight.add_(torch.add(e_rows[r0:r1, None], e_cols[None, c0:c1]).mul_(same))
         grad[r0:r1].addmm_(weight, cols[c0:c1])
-    pos = offset + (torch.arange(a, device=z_hat.device) + a // 2) % a
-    grad.sub_(cols[pos] * (2.0 * g_rows))
-    return grad.mul_(1.0 / (a * temperature))
+    if extra is not None:
+        for r0, r1, c0, c1 in _tiles(a, extra.shape[0], block_rows, block_cols):
+            if shift:
+                tile = _logits_tile(buf, z_hat[r0:r1], extra[c0:c1], inv_t, inv_t).exp_()
+                weight = tile.mul_(u_rows[r0:r1, None])
+            else:
+                tile = _logits_tile(buf, z_hat[r0:r1], extra[c0:c1], inv_t, 0.0)
+                tile.sub_(m_rows[r0:r1, None]).sub_(log_l_rows[r0:r1, None])
+                weight = tile.exp_().mul_(c_rows[r0:r1, None])
+            grad[r0:r1].addmm_(weight, extra[c0:c1])
+    return grad
 
 
 def _square_tiles(a: int, block: int):
@@ -243,48 +359,79 @@ def _square_tiles(a: int, block: int):
 
 
 def symmetric_row_stats(
-    z_hat: torch.Tensor, temperature: float, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    z_hat: torch.Tensor,
+    temperature: float,
+    block: int,
+    *,
+    exclude_pos: bool = False,
+    labels: torch.Tensor | None = None,
+) -> RowStats:
     """``row_stats`` for one process and tau >= SHIFT_MIN_TEMPERATURE from the upper-triangle tiles alone.
 
-    With the fixed shift m_i = 1/tau the row sums l_i = sum_{j != i} exp(S_ij/tau - 1/tau) are plain sums of a
+    With the fixed shift m_i = 1/tau the row sums l_i = sum_{kept j} exp(S_ij/tau - 1/tau) are plain sums of a
     symmetric matrix, so tile (I, J), J > I, gives the sums of rows I (over its rows) and of rows J (over its columns):
     half the GEMM and half the exps of ``row_stats``. The positive pairs (i, i + N) lie in the upper triangle and give
-    the positive logit of both of their rows.
+    the positive logit of both of their rows. What is left out (self, with ``exclude_pos`` the positives) and the label
+    positives (``labels`` (A,): y_i == y_j, j != i) are symmetric too, and summed the same way.
     """
     inv_t = 1.0 / temperature
     a, n = z_hat.shape[0], z_hat.shape[0] // 2
+    device = z_hat.device
     buf = z_hat.new_empty(min(block, a), min(block, a))
     total = z_hat.new_zeros(a)
     pos = z_hat.new_empty(a)
+    label_sum = count = None
+    if labels is not None:
+        label_sum, count = z_hat.new_zeros(a), z_hat.new_zeros(a)
+        pairs = (labels, labels)
     for r0, r1, c0, c1 in _square_tiles(a, block):
         tile = _logits_tile(buf, z_hat[r0:r1], z_hat[c0:c1], inv_t, inv_t)
-        if (found := _diagonal(r0, r1, c0, c1, n, z_hat.device)) is not None:
+        if (found := _diagonal(r0, r1, c0, c1, n, device)) is not None:
             rows, cols, i = found
             pos[i] = pos[i + n] = tile[rows, cols]
+        if labels is not None:
+            same = _same_labels(pairs, r0, r1, c0, c1, 0, device)
+            kept = torch.where(same, tile, 0.0)
+            label_sum[r0:r1] += kept.sum(dim=1)
+            count[r0:r1] += same.sum(dim=1)
+            if r0 != c0:
+                label_sum[c0:c1] += kept.sum(dim=0)
+                count[c0:c1] += same.sum(dim=0)
         tile.exp_()
         if r0 == c0:
             tile.diagonal().zero_()
-        else:
+        if exclude_pos:
+            for idx in _pos_entries(r0, r1, c0, c1, 0, a, device):
+                tile[idx] = 0.0
+        if r0 != c0:
             total[c0:c1] += tile.sum(dim=0)
         total[r0:r1] += tile.sum(dim=1)
     no_arg = torch.full_like(total, -1.0)
-    return torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1), pos
+    stats = torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1)
+    return RowStats(stats, pos, None if labels is None else torch.stack([label_sum, count], 1))
 
 
 def symmetric_grad(
-    state: ForwardState, g: torch.Tensor, temperature: float, block: int
+    z_hat: torch.Tensor,
+    stats: torch.Tensor,
+    c: torch.Tensor,
+    temperature: float,
+    block: int,
+    *,
+    exclude_pos: bool = False,
+    labels: torch.Tensor | None = None,
+    e: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rows_grad`` for one process and tau >= SHIFT_MIN_TEMPERATURE from the upper-triangle tiles alone.
 
-    The weights W_ij = (P_ij + P_ji) g = exp(S_ij/tau - 1/tau) (u_i + u_j), u = g / l, are symmetric: tile (I, J),
-    J > I, adds W @ z_hat_J to rows I and W^T @ z_hat_I to rows J. S is recomputed once per pair of blocks, so the
-    backward is one GEMM for the products and half of one for S.
+    The weights W_ij = c_i P_ij + c_j P_ji = exp(S_ij/tau - 1/tau) (u_i + u_j), u = c / l, (+ (e_i + e_j) for label
+    positives) are symmetric: tile (I, J), J > I, adds W @ z_hat_J to rows I and W^T @ z_hat_I to rows J. S is
+    recomputed once per pair of blocks, so the backward is one GEMM for the products and half of one for S.
     """
-    z_hat = state.zhat
     inv_t = 1.0 / temperature
     a = z_hat.shape[0]
-    u = g * torch.exp(-state.stats[:, 1])
+    device = z_hat.device
+    u = c * torch.exp(-stats[:, 1])
     grad = torch.zeros_like(z_hat)
     buf = z_hat.new_empty(min(block, a), min(block, a))
     weight_buf = torch.empty_like(buf)
@@ -294,12 +441,16 @@ def symmetric_grad(
         torch.add(u[r0:r1, None], u[None, c0:c1], out=weight).mul_(tile)
         if r0 == c0:
             weight.diagonal().zero_()
-        else:
+        if exclude_pos:
+            for idx in _pos_entries(r0, r1, c0, c1, 0, a, device):
+                weight[idx] = 0.0
+        if labels is not None:
+            same = _same_labels((labels, labels), r0, r1, c0, c1, 0, device)
+            weight.add_(torch.add(e[r0:r1, None], e[None, c0:c1]).mul_(same))
+        if r0 != c0:
             grad[c0:c1].addmm_(weight.T, z_hat[r0:r1])
         grad[r0:r1].addmm_(weight, z_hat[c0:c1])
-    pos = (torch.arange(a, device=z_hat.device) + a // 2) % a
-    grad.sub_(z_hat[pos] * (2.0 * g))
-    return grad.mul_(1.0 / (a * temperature))
+    return grad
 
 
 def _symmetric(group, temperature: float) -> bool:
@@ -323,9 +474,10 @@ def tiled_forward(
     z_hat, norm = normalize_rows(torch.cat([z_a, z_b]).to(compute_dtype(z_a.dtype)))
     cols, offset = all_gather_rows(z_hat, group)
     if _symmetric(group, temperature):
-        stats, pos = symmetric_row_stats(z_hat, temperature, block_rows)
+        found = symmetric_row_stats(z_hat, temperature, block_rows)
     else:
-        stats, pos = row_stats(z_hat, cols, temperature, offset, block_rows, block_cols)
+        found = row_stats(z_hat, cols, temperature, offset, block_rows, block_cols)
+    stats, pos = found.stats, found.pos
     stats_cols, _ = all_gather_rows(stats, group)
     loss = (stats[:, 1] - pos).mean().to(z_a.dtype)  # lse_i - S_i,pos(i)/tau
     state = ForwardState(
@@ -350,10 +502,16 @@ def tiled_backward(
     g = grad_out.to(state.zhat.dtype)
     # Each rank's loss may be scaled differently upstream: weight columns by their owner's gradient.
     g_cols = g.expand(a) if group is None else all_gather_scalar(g, group).repeat_interleave(a)
+    offset = state.offset
     if _symmetric(group, temperature):
-        dz_hat = symmetric_grad(state, g, temperature, block_rows)
+        dz_hat = symmetric_grad(state.zhat, state.stats, g_cols, temperature, block_rows)
     else:
-        dz_hat = rows_grad(state, g, g_cols, temperature, block_rows, block_cols)
+        dz_hat = rows_grad(
+            state.zhat, state.cols, state.stats, state.stats_cols, offset,
+            g_cols[offset : offset + a], g_cols, temperature, block_rows, block_cols,
+        )  # fmt: skip
+    pos = offset + (torch.arange(a, device=state.zhat.device) + a // 2) % a
+    dz_hat.sub_(state.cols[pos] * (2.0 * g)).mul_(1.0 / (a * temperature))
     dz = normalize_backward(dz_hat, state.zhat, state.norm).to(dtype)
     return dz[: a // 2], dz[a // 2 :]
 
@@ -403,3 +561,168 @@ def nt_xent_tiled(
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     return NTXentTiledFunction.apply(z_a, z_b, float(temperature), block_rows, block_cols, group)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The contrastive-loss family (DCL, SupCon, NT-Xent against a memory bank) on the same tiles
+
+
+def normalized(z: torch.Tensor) -> torch.Tensor:
+    """z (A, D) -> z_hat (A, D) = z / max(||z||, EPS) in the compute dtype, through autograd: the family losses take
+    their other O(A D) terms (positives, weights) from autograd too."""
+    return normalize_rows(z.to(compute_dtype(z.dtype)))[0]
+
+
+class RowTerms(NamedTuple):
+    """The per-row terms ``row_terms`` returns, each (A,); lse_i = shift_i + log_sum_i."""
+
+    shift: torch.Tensor  # m_i (see ``row_stats``), a constant for autograd
+    log_sum: torch.Tensor  # log l_i = log sum_{kept j} exp(S_ij/tau - m_i): its gradient is lse_i's
+    # S_{i,pos(i)}/tau - m_i as its tile holds it (zeros without in-batch columns)
+    pair: torch.Tensor
+    # sum_{p in P(i)} (S_ip/tau - m_i) over the label positives (zeros without labels)
+    positive: torch.Tensor
+    count: torch.Tensor  # |P(i)|, a constant (zeros without labels)
+
+
+class _ClassSums(NamedTuple):
+    """Per-class sums of the candidate columns, for label positives with the fixed shift (``_label_terms``)."""
+
+    own: torch.Tensor  # (A,) class index of each local row
+    sums: torch.Tensor  # (C, D) sum of the columns of each class
+    counts: torch.Tensor  # (C,) columns of each class
+    index: torch.Tensor  # (M,) class index of each column
+
+
+def _class_sums(cols: torch.Tensor, y_cols: torch.Tensor, offset: int, a: int) -> _ClassSums:
+    classes, index = torch.unique(y_cols, return_inverse=True)
+    sums = cols.new_zeros(classes.shape[0], cols.shape[1]).index_add_(0, index, cols)
+    counts = torch.bincount(index, minlength=classes.shape[0])
+    return _ClassSums(index[offset : offset + a], sums, counts, index)
+
+
+def _label_terms(z_hat, cols, y_cols, offset: int, temperature: float) -> torch.Tensor:
+    """(A, 2) = (sum_{p in P(i)} (S_ip/tau - 1/tau), |P(i)|) with the fixed shift, from per-class sums of the columns:
+    sum_{p in P(i)} S_ip = z_hat_i . (sum of row i's class - z_hat_i). The same numbers the tiles' label comparison
+    gives (``row_stats``), at O((A + M) D) instead of a compare, a select and two sums per tile entry."""
+    found = _class_sums(cols, y_cols, offset, z_hat.shape[0])
+    count = (found.counts[found.own] - 1).to(z_hat.dtype)
+    dots = (z_hat * (found.sums[found.own] - z_hat)).sum(dim=1)
+    return torch.stack([(dots - count) / temperature, count], dim=1)
+
+
+def _label_grad(z_hat, cols, y_cols, offset: int, e_rows, e_cols) -> torch.Tensor:
+    """tau d/dz_hat_i of sum_i e_i sum_{p in P(i)} S_ip/tau = sum_{p in P(i)} (e_i + e_p) z_hat_p
+    = e_i (C_{y_i} - z_hat_i) + (E_{y_i} - e_i z_hat_i), C and E the per-class sums of the columns and of e_j z_hat_j."""
+    found = _class_sums(cols, y_cols, offset, z_hat.shape[0])
+    weighted = cols.new_zeros(found.sums.shape).index_add_(0, found.index, cols * e_cols[:, None])
+    e = e_rows[:, None]
+    return e * (found.sums[found.own] - z_hat) + (weighted[found.own] - e * z_hat)
+
+
+class RowTermsFunction(torch.autograd.Function):
+    """``row_stats`` with autograd for z_hat: forward keeps z_hat, the gathered columns and the stats (O(A D));
+    backward recomputes the tiles (``rows_grad``), after one all_gather of the (A, 2) upstream coefficients. One
+    process with the fixed shift and no extra columns takes the upper-triangle schedule (``symmetric_row_stats``,
+    ``symmetric_grad``): every option is symmetric in (i, j)."""
+
+    @staticmethod
+    def forward(
+        ctx, z_hat, extra, labels, temperature, group, in_batch, exclude_pos, block_rows, block_cols
+    ):
+        cols, offset = all_gather_rows(z_hat, group) if in_batch else (z_hat[:0], 0)
+        y_cols = None if labels is None else all_gather_rows(labels, group)[0]
+        ctx.symmetric = in_batch and extra is None and _symmetric(group, temperature)
+        # With the fixed shift the label sums come from per-class sums; below it from the tiles, relative to the
+        # running maximum (see ``row_stats``).
+        ctx.class_sums = labels is not None and temperature >= SHIFT_MIN_TEMPERATURE
+        tile_labels = None if labels is None or ctx.class_sums else labels
+        if ctx.symmetric:
+            found = symmetric_row_stats(
+                z_hat, temperature, block_rows, exclude_pos=exclude_pos, labels=tile_labels
+            )
+        else:
+            found = row_stats(
+                z_hat, cols, temperature, offset, block_rows, block_cols, exclude_pos=exclude_pos,
+                labels=None if tile_labels is None else (labels, y_cols), extra=extra,
+            )  # fmt: skip
+        if ctx.class_sums:
+            found = found._replace(labelled=_label_terms(z_hat, cols, y_cols, offset, temperature))
+        stats_cols = all_gather_rows(found.stats, group)[0] if in_batch else found.stats[:0]
+        ctx.save_for_backward(z_hat, cols, found.stats, stats_cols, extra, labels, y_cols)
+        ctx.offset, ctx.temperature, ctx.group = offset, temperature, group
+        ctx.in_batch, ctx.exclude_pos = in_batch, exclude_pos
+        ctx.blocks = (block_rows, block_cols)
+        shift, log_sum = found.stats[:, 0].clone(), found.stats[:, 1].clone()
+        if found.labelled is None:
+            positive, count = torch.zeros_like(shift), torch.zeros_like(shift)
+        else:
+            positive, count = found.labelled[:, 0].clone(), found.labelled[:, 1].clone()
+        ctx.mark_non_differentiable(shift, count)
+        return shift, log_sum, found.pos, positive, count
+
+    @staticmethod
+    def backward(ctx, _g_shift, g_log_sum, g_pair, g_positive, _g_count):
+        z_hat, cols, stats, stats_cols, extra, labels, y_cols = ctx.saved_tensors
+        c = torch.zeros_like(stats[:, 0]) if g_log_sum is None else g_log_sum
+        e = torch.zeros_like(c) if g_positive is None else g_positive
+        c_cols, e_cols = c, e
+        if not ctx.in_batch:  # no candidate columns: the extra ones only
+            c_cols, e_cols = c[:0], e[:0]
+        elif ctx.group is not None:
+            # Each row's upstream gradient, from every rank: the only communication of the backward.
+            c_cols, e_cols = all_gather_rows(torch.stack([c, e], dim=1), ctx.group)[0].unbind(1)
+        tile_labels = None if labels is None or ctx.class_sums else labels
+        if ctx.symmetric:
+            grad = symmetric_grad(
+                z_hat, stats, c, ctx.temperature, ctx.blocks[0], exclude_pos=ctx.exclude_pos,
+                labels=tile_labels, e=e,
+            )  # fmt: skip
+        else:
+            grad = rows_grad(
+                z_hat, cols, stats, stats_cols, ctx.offset, c, c_cols, ctx.temperature, *ctx.blocks,
+                exclude_pos=ctx.exclude_pos,
+                labels=None if tile_labels is None else (labels, y_cols),
+                e_rows=e, e_cols=e_cols, extra=extra,
+            )  # fmt: skip
+        if ctx.class_sums:
+            grad.add_(_label_grad(z_hat, cols, y_cols, ctx.offset, e, e_cols))
+        if g_pair is not None and cols.shape[0]:
+            # d(S_{i,pos(i)})/d z_hat_i = z_hat_pos(i), and row pos(i)'s own pair term gives the same column: the
+            # positive of a local row is local, so no gathered coefficient is needed.
+            a = z_hat.shape[0]
+            pos = (torch.arange(a, device=z_hat.device) + a // 2) % a
+            grad.add_(z_hat[pos] * (g_pair + g_pair[pos])[:, None])
+        return grad.mul_(1.0 / ctx.temperature), None, None, None, None, None, None, None, None
+
+
+def row_terms(
+    z_hat: torch.Tensor,
+    temperature: float,
+    *,
+    group=None,
+    in_batch: bool = True,
+    exclude_pos: bool = False,
+    labels: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+) -> RowTerms:
+    """The per-row terms of a contrastive loss over unit rows z_hat (A, D), differentiable with respect to z_hat.
+
+    The columns of row i are the rows of every rank of ``group`` (``in_batch``; z_hat itself without a group) but
+    row i itself, and with ``exclude_pos`` its positive pos(i) = (i + A/2) mod A too (DCL), then the ``extra`` (K, D)
+    rows without gradient (a memory bank). ``labels`` (A,) int64 (gathered with the rows) adds the sums over the label
+    positives (SupCon). A loss made of these terms and of other autograd terms (positives, weights) gets exact
+    gradients, under DDP too: the backward weights each column by the upstream gradient of the row it belongs to.
+
+    Memory is O((A W + K) D): no (A, A W) matrix exists. Tile sizes default to DEFAULT_BLOCK_ROWS/COLS.
+    """
+    if labels is not None and exclude_pos:
+        raise ValueError("row_terms: labels and exclude_pos do not combine")
+    blocks = (block_rows or DEFAULT_BLOCK_ROWS, block_cols or DEFAULT_BLOCK_COLS)
+    return RowTerms(
+        *RowTermsFunction.apply(
+            z_hat, extra, labels, float(temperature), group, in_batch, exclude_pos, *blocks
+        )
+    )
