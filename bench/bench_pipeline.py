@@ -13,7 +13,12 @@ range over ``--repeats`` epochs.
     python bench/bench_pipeline.py                     # synthetic: 224 px from ~300-500 px JPEGs,
                                                        #            32 px from 32 px JPEGs
     python bench/bench_pipeline.py --data DIR --size 32  # an ImageFolder directory
+    python bench/bench_pipeline.py --data DIR --size 32 --shards --max-images 10000 --backend dali torchvision
     fastclr bench pipeline --data DIR
+
+``--shards`` also converts the images (``fastclr shards``, into a temporary folder) and reads them from the tar shards:
+a second group of rows, ``data`` ending in "as shards", and a line per backend with the shards/folder ratio of pairs
+per second. ``--max-images N`` reads an evenly spaced subset of ``--data`` (through a file list) to keep a run short.
 
 A table goes to stdout and rows are appended to ``bench_pipeline.csv`` in ``--out`` (default ``bench/results/`` in a
 source checkout, else ``./fastclr-bench``; ``--csv FILE`` names the file instead). Columns:
@@ -36,7 +41,13 @@ import numpy as np
 from PIL import Image
 
 from fastclr.bench.harness import add_out_argument, append_csv, environment, print_table
-from fastclr.pipelines import SimCLRLoader, TorchSimCLRLoader, dali_available
+from fastclr.pipelines import (
+    SimCLRLoader,
+    TorchSimCLRLoader,
+    dali_available,
+    list_images,
+    write_shards,
+)
 
 CSV_NAME = "bench_pipeline.csv"
 # The columns of bench/results/bench_pipeline.csv: the environment, then the run's settings and rates.
@@ -97,9 +108,33 @@ def measure(loader, warmup: int, repeats: int) -> tuple[list[float], list[float]
     return rates, cpu_ms
 
 
+def subset(data: Path, count: int, folder: Path) -> tuple[Path, int]:
+    """A file list naming ``count`` evenly spaced images of ``data`` (every class keeps its share), and how many
+    images ``data`` holds."""
+    files, labels, _ = list_images(data)
+    picked = np.linspace(0, len(files) - 1, num=min(count, len(files))).round().astype(int)
+    listing = folder / f"{data.name}-{len(picked)}.txt"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text("".join(f"{files[i]} {labels[i]}\n" for i in picked))
+    return listing, len(files)
+
+
+def to_shards(data: Path, folder: Path, shard_size: str) -> Path:
+    """``data`` written as tar shards into ``folder`` (as ``fastclr shards`` does); prints what it took."""
+    start = time.perf_counter()
+    manifest = write_shards(data, folder, shard_size, prefix="bench", progress=False, log=None)
+    mib = sum(s["bytes"] for s in manifest["shards"]) / 2**20
+    print(
+        f"converted {manifest['num_samples']} images into {manifest['num_shards']} shards ({mib:.1f} MiB) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    return folder
+
+
 def run_size(data: Path, size: int, args) -> list[dict]:
     rows = []
-    for name, cls in BACKENDS.items():
+    for name in args.backend:
+        cls = BACKENDS[name]
         if name.startswith("dali"):
             if not dali_available():
                 print(f"DALI is not importable: skipping {name}")
@@ -185,6 +220,26 @@ def parse_args(argv=None):
         help="output side(s) in px (default: 224 32 synthetic, 224 with --data)",
     )
     p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="simclr", help="augmentation")
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        choices=list(BACKENDS),
+        default=list(BACKENDS),
+        help="backends to run",
+    )
+    p.add_argument(
+        "--shards",
+        action="store_true",
+        help="also read the images from tar shards (converted into a temporary folder)",
+    )
+    p.add_argument(
+        "--shard-size", default="1000", help="images (or bytes: 64MB) per shard with --shards"
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        help="with --data: read only this many of its images, evenly spaced",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     p.add_argument("--images", type=int, default=640, help="synthetic images per size")
@@ -200,6 +255,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"--data {args.data} is not a directory")
+    if args.max_images is not None and args.max_images < 1:
+        raise SystemExit(f"--max-images must be positive, got {args.max_images}")
     sizes = args.size or ([224] if args.data else [224, 32])
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastclr-bench-") as tmp:
@@ -207,12 +264,20 @@ def main(argv=None) -> list[dict]:
             if args.data is not None:
                 # The folder and its parent name the data set without machine-specific paths.
                 data, label = args.data, f"{args.data.resolve().parent.name}/{args.data.name}"
+                if args.max_images:
+                    data, total = subset(args.data, args.max_images, Path(tmp) / "lists")
+                    label += f" ({min(args.max_images, total)} of {total})"
             else:
                 sides = (300, 500) if size > 64 else (32, 32)
                 data = make_jpegs(Path(tmp) / f"s{size}", args.images, *sides)
                 label = f"synthetic {sides[0]}-{sides[1]} px JPEGs"
-            for row in run_size(data, size, args):
-                rows.append({**row, "data": label})
+            sources = [(data, label)]
+            if args.shards:
+                shards = to_shards(data, Path(tmp) / f"shards{size}", args.shard_size)
+                sources.append((shards, f"{label} as shards"))
+            for source, source_label in sources:
+                for row in run_size(source, size, args):
+                    rows.append({**row, "data": source_label})
 
     env = environment()
     print(
@@ -235,6 +300,18 @@ def main(argv=None) -> list[dict]:
             for r in rows
         ]
     )
+    for r in rows:
+        folder = next(
+            (f for f in rows if r["data"] == f"{f['data']} as shards" and f["size"] == r["size"]
+             and f["backend"] == r["backend"]),
+            None,
+        )  # fmt: skip
+        if folder is not None:
+            r["vs_folder"] = r["median"] / folder["median"]
+            print(
+                f"{r['backend']} {r['size']} px: shards {r['median']:.0f} pairs/s, folder "
+                f"{folder['median']:.0f} pairs/s ({r['vs_folder']:.2f}x)"
+            )
     settings = dict(aug=args.aug, batch_size=args.batch_size, threads=args.threads)
     path = append_csv(
         args.csv or args.out / CSV_NAME,

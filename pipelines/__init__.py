@@ -5,6 +5,9 @@
 >>> for view_a, view_b in loader:  # (256, 3, 224, 224) each, channels_last
 ...     ...
 
+``root`` may name tar shards (``data/train-{000000..000127}.tar``, or a folder written by
+:func:`write_shards` / ``fastclr shards``): see ``shards.py``.
+
 Both backends take one augmentation spec (:class:`SimCLRAugment`, ``augment.py``) and one
 :class:`LoaderOptions` (``options.py``), read the same files in the same order (``data.py``) and
 share the epoch, shard and resume logic (``base.py``); they differ only where the backend does:
@@ -22,9 +25,11 @@ from fastclr.pipelines.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    UnlabelledDataError,
     list_images,
 )
 from fastclr.pipelines.options import LoaderOptions
+from fastclr.pipelines.shards import write_shards
 from fastclr.pipelines.torchvision import (
     EvalTransform,
     SimCLRTransform,
@@ -47,9 +52,11 @@ __all__ = [
     "SimCLRTransform",
     "TorchEvalLoader",
     "TorchSimCLRLoader",
+    "UnlabelledDataError",
     "dali_available",
     "list_images",
     "make_loader",
+    "write_shards",
 ]
 
 

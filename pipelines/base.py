@@ -10,6 +10,7 @@ iteration abandoned part-way leaves ``self.epoch`` unchanged.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 
@@ -18,7 +19,10 @@ import numpy as np
 from fastclr.device import resolve_device
 from fastclr.pipelines.augment import SimCLRAugment, check_size
 from fastclr.pipelines.data import (
+    CorruptImageError,
+    UnlabelledDataError,
     check_sharding,
+    decode_error,
     epoch_indices,
     num_batches,
     scan_images,
@@ -44,11 +48,14 @@ class EpochLoader:
     (``loader.seed``, ``loader.dtype``, ...); ``device`` is the resolved ``torch.device`` and
     ``augment`` the view's :class:`~fastclr.pipelines.augment.SimCLRAugment` (None: the evaluation
     loaders' resize + centre crop). ``labelled`` is False for a flat folder of unlabelled images
-    (labels all 0, ``classes`` empty), which the loaders that yield labels refuse.
+    (labels all 0, ``classes`` empty), which the loaders that yield labels refuse. ``root`` may also
+    name tar shards (:mod:`~fastclr.pipelines.shards`): ``files`` then name the samples
+    (``<shard>.tar:<member>``) and ``shards`` locates their bytes; everything else is the same.
     """
 
     min_threads = 1  # the fewest worker threads (or processes) the backend runs with
     yields_labels = False  # True: batches carry labels, so a flat folder of images is refused
+    labels_for = "kNN and linear evaluation"  # who needs the labels, for that refusal
 
     def __init__(
         self,
@@ -70,9 +77,9 @@ class EpochLoader:
         self.device = resolve_device(options.device, options.device_id)
         images = scan_images(root, options.on_corrupt)
         if self.yields_labels and not images.labelled:
-            raise ValueError(
-                f"{type(self).__name__}: {root} is a flat folder of unlabelled images, but kNN and "
-                "linear evaluation need labelled data: an ImageFolder root/<class>/<image>"
+            raise UnlabelledDataError(
+                f"{type(self).__name__}: {root} is a flat folder of unlabelled images, but "
+                f"{self.labels_for} need labelled data: an ImageFolder root/<class>/<image>"
             )
         check_sharding(
             len(images.files), batch_size, options.shard_id, options.num_shards, options.last_batch
@@ -80,6 +87,8 @@ class EpochLoader:
         self.root, self.batch_size = root, batch_size
         self.files, self.labels, self.classes = images.files, images.labels, images.classes
         self.labelled = images.labelled
+        # None: the samples are image files; else they live in tar shards and are read from there (shards.py).
+        self.shards = images.shards
         self.skipped = list(images.skipped)
         # Files that passed the up-front check but not the decoder (on_corrupt="skip"). The next file not in the set
         # is read in each one's slot, so that epoch lengths, shards and the positions of all other files stay put.
@@ -120,6 +129,15 @@ class EpochLoader:
             f"skipping undecodable image {path} ({reason}); {self.num_skipped} file(s) skipped so far",
             stacklevel=2,
         )
+
+    def _decode_error(self, index: int) -> str | None:
+        """Why PIL cannot decode sample ``index`` (slow: for diagnosing a decoder failure), or None."""
+        if self.shards is None:
+            return decode_error(self.files[index])
+        try:
+            return decode_error(io.BytesIO(self.shards.read(index)))
+        except CorruptImageError as e:
+            return e.reason
 
     def _stand_ins(self, indices: np.ndarray) -> np.ndarray:
         """``indices`` with every known undecodable file replaced by the file read in its slot."""

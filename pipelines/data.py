@@ -24,8 +24,12 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fastclr.pipelines.shards import ShardIndex
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,12 +68,21 @@ class CorruptImageError(ValueError):
         return type(self), (str(self), self.path, self.reason)
 
 
+class UnlabelledDataError(ValueError):
+    """A loader that yields labels was given a flat folder of unlabelled images; the message names the folder."""
+
+
 @dataclass(frozen=True)
 class ImageList:
     """Result of scanning a data set: files with integer labels, class names and skipped files.
 
-    ``labelled`` is False for a flat folder of images (no class folders): its labels are all 0 and
-    mean nothing, and ``classes`` is empty. Pretraining reads it; evaluation refuses it.
+    ``labelled`` is False for a flat folder of images (no class folders) or shards without ``.cls``
+    members: its labels are all 0 and mean nothing, and ``classes`` is empty. Pretraining reads it;
+    evaluation refuses it.
+
+    ``shards`` is None for image files on disk (``files`` are their paths); for a data set in tar
+    shards it locates every sample's bytes and ``files`` are names ``<shard>.tar:<member>``
+    (:mod:`~fastclr.pipelines.shards`).
     """
 
     files: list[str]
@@ -77,6 +90,7 @@ class ImageList:
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     labelled: bool = True
+    shards: ShardIndex | None = None
 
 
 def not_regular_file(path: str | os.PathLike) -> str | None:
@@ -93,10 +107,7 @@ def check_image(path: str | os.PathLike) -> str | None:
     """Cheap validity check of one image file (reads at most ~4 KiB, whatever the file).
 
     Catches missing/unreadable files, files that are not regular files (devices, FIFOs: reading them may never end),
-    empty files, non-image content, truncated JPEG/PNG files (no end-of-image marker / IEND chunk) and PNG/TIFF images
-    with more than 8 bits or floating-point samples (the DALI and torchvision decoders convert those differently).
-    Corruption inside the compressed data is only found by decoding; the loaders report such a file by name when the
-    decoder fails on it.
+    and everything :func:`check_encoded` catches in the bytes.
 
     Returns:
         None if the file looks valid, else a short reason.
@@ -108,14 +119,28 @@ def check_image(path: str | os.PathLike) -> str | None:
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
             if reason := not_regular_file(f.fileno()):
                 return reason
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(_HEAD_BYTES)
-            f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read(_TAIL_BYTES)
-            if head[:4] in (b"II*\x00", b"MM\x00*"):
-                return _tiff_depth_reason(f, head, size)
+            return check_encoded(f, os.fstat(f.fileno()).st_size)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
+
+
+def check_encoded(f, size: int) -> str | None:
+    """Cheap validity check of one encoded image of ``size`` bytes in the seekable binary file ``f`` (a file on
+    disk, or a member of a tar shard): reads at most ~4 KiB.
+
+    Catches empty images, non-image content, truncated JPEG/PNG images (no end-of-image marker / IEND chunk) and
+    PNG/TIFF images with more than 8 bits or floating-point samples (the DALI and torchvision decoders convert those
+    differently). Corruption inside the compressed data is only found by decoding; the loaders report such an image
+    by name when the decoder fails on it. OSError propagates.
+
+    Returns:
+        None if the image looks valid, else a short reason.
+    """
+    head = f.read(_HEAD_BYTES)
+    f.seek(max(0, size - _TAIL_BYTES))
+    tail = f.read(_TAIL_BYTES)
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_depth_reason(f, head, size)
     if size == 0:
         return "is empty (0 bytes)"
     if head.startswith(b"\xff\xd8\xff"):
@@ -170,8 +195,9 @@ def _tiff_depth_reason(f, head: bytes, size: int) -> str | None:
     return None
 
 
-def decode_error(path: str | os.PathLike) -> str | None:
-    """Fully decode an image with PIL (slow: for diagnosing a decoder failure); None if it decodes."""
+def decode_error(path: str | os.PathLike | BinaryIO) -> str | None:
+    """Fully decode an image (a path or a binary file object) with PIL (slow: for diagnosing a decoder failure);
+    None if it decodes."""
     from PIL import Image
 
     try:
@@ -283,6 +309,11 @@ def _scan_file_list(list_file: Path) -> ImageList:
 def scan_images(source: str | os.PathLike, on_corrupt: str = "error") -> ImageList:
     """List and validate a data set (see :func:`list_images`), keeping the skipped files."""
     _check_policy("on_corrupt", on_corrupt, ON_CORRUPT_POLICIES)
+    # Imported here: the shard reader builds on this module (its checks and ImageList), not the other way round.
+    from fastclr.pipelines.shards import is_shard_source, scan_shards
+
+    if is_shard_source(source):
+        return scan_shards(source, on_corrupt)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"data set not found: {source}")
@@ -313,9 +344,12 @@ def list_images(
         source: an ImageFolder directory ``root/<class>/<image>`` (class = sub-folder, sorted
             alphabetically; images found recursively, by extension), a flat folder of unlabelled
             images ``root/<image>`` (for pretraining: every label 0, no classes; see
-            :class:`ImageList`), or a text file with one ``path`` or ``path label`` per line
+            :class:`ImageList`), a text file with one ``path`` or ``path label`` per line
             (relative paths are relative to the list file; without labels the parent folder name
-            is the class). A folder holding both images and sub-folders is an error.
+            is the class), or tar shards in the webdataset layout: a pattern such as
+            ``data/train-{000000..000127}.tar``, one ``.tar`` file, or a folder written by
+            ``fastclr shards`` (see :mod:`~fastclr.pipelines.shards`; files are then named
+            ``<shard>.tar:<member>``). A folder holding both images and sub-folders is an error.
         on_corrupt: ``"error"`` raises :class:`CorruptImageError` (a ValueError) naming the first
             bad file; ``"skip"`` leaves bad files out.
 

@@ -101,6 +101,7 @@ def jpegs(tmp_path):
 EVERY_OP = dict(color_p=1.0, gray_p=0.5, blur_p=0.5, solarize_p=0.5)
 LOADERS = {
     "simclr": lambda root: SimCLRLoader(root, 4, 224, device="gpu", **EVERY_OP),
+    "simclr-labels": lambda root: SimCLRLoader(root, 4, 224, device="gpu", labels=True, **EVERY_OP),
     "eval": lambda root: EvalLoader(root, 4, 224, device="gpu"),
     "eval-augment": lambda root: EvalLoader(root, 4, 224, device="gpu", augment=True),
 }

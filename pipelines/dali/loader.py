@@ -9,6 +9,10 @@ random numbers from generators tied to the sample's slot in the batch, so a rebu
 replays an epoch exactly; resuming at batch ``k`` runs and discards the first ``k`` batches (the
 augmentation random state after ``k`` batches cannot be reached any other way).
 
+Image files are read by DALI's file reader; samples in tar shards by ``fn.external_source`` calling
+:class:`ShardBatches`, which reads each batch's bytes at their offsets (why not DALI's webdataset
+reader: :mod:`~fastclr.pipelines.shards`). The rest of the graph is the same.
+
 Example:
     >>> with SimCLRLoader("data/train", batch_size=256, size=224, device="gpu") as loader:
     ...     for epoch in range(epochs):
@@ -27,7 +31,7 @@ import torch
 
 from fastclr.pipelines.base import EpochLoader
 from fastclr.pipelines.dali.graph import center_crop_view, normalize_args, simclr_view
-from fastclr.pipelines.data import CorruptImageError, augment_seed, decode_error
+from fastclr.pipelines.data import CorruptImageError, augment_seed
 from fastclr.pipelines.options import eval_options, simclr_options
 
 # DALI's decoder errors name the file ("Failed to decode sample #3 : /path/x.jpg") or, when the
@@ -72,6 +76,34 @@ def resolve_augment_impl(impl: str, device: str | torch.device) -> str:
     return impl
 
 
+class ShardBatches:
+    """``fn.external_source`` callbacks for samples in tar shards: iteration ``b`` is samples
+    ``indices[bB:(b+1)B]`` (wrapping around past the end, as DALI's file reader does); :meth:`images` gives their
+    encoded bytes as uint8 arrays, :meth:`labels_of` their labels as int32 arrays of shape (1,). Stateless, as DALI
+    asks of such callbacks: prefetching calls them ahead. Two named sources rather than one with two outputs, so that
+    the SimCLR graph, which reads no labels, has no unused output.
+
+    A module-level class, so that DALI's conditionals (AutoGraph) leave its methods unconverted.
+    """
+
+    def __init__(self, shards, labels, indices: np.ndarray, batch_size: int):
+        self.shards, self.indices, self.batch_size = shards, indices, batch_size
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.num_batches = len(indices) // batch_size
+
+    def _batch(self, iteration: int) -> np.ndarray:
+        b = iteration % self.num_batches
+        return self.indices[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def images(self, iteration: int) -> list[np.ndarray]:
+        return [
+            np.frombuffer(self.shards.read(int(i)), dtype=np.uint8) for i in self._batch(iteration)
+        ]
+
+    def labels_of(self, iteration: int) -> list[np.ndarray]:
+        return [self.labels[i : i + 1] for i in self._batch(iteration)]
+
+
 class DaliLoader(EpochLoader):
     """Base of the DALI loaders; subclasses define ``_graph(jpegs, labels) -> tuple of nodes``
     and ``_emit(outputs, keep) -> batch``."""
@@ -92,17 +124,11 @@ class DaliLoader(EpochLoader):
 
     def _build(self, epoch: int, indices: np.ndarray, start: int = 0):
         """The pipeline reading ``indices`` (epoch ``epoch`` from its batch ``start`` on)."""
-        from nvidia.dali import fn, pipeline_def
+        from nvidia.dali import pipeline_def
 
         @pipeline_def(enable_conditionals=True)
         def pipeline():
-            jpegs, labels = fn.readers.file(
-                files=[self.files[i] for i in indices],
-                labels=[self.labels[i] for i in indices],
-                random_shuffle=False,  # the order is ours: see epoch_indices
-                name="reader",
-            )
-            return self._graph(jpegs, labels)
+            return self._graph(*self._source(indices))
 
         pipe = pipeline(
             batch_size=self.batch_size,
@@ -117,11 +143,36 @@ class DaliLoader(EpochLoader):
         pipe.build()
         return pipe
 
+    def _source(self, indices: np.ndarray) -> tuple:
+        """The graph's input nodes: encoded images and int32 labels of ``indices``, in order, batch by batch (and
+        around again past the end). Image files go through DALI's file reader; samples in tar shards through
+        ``fn.external_source`` fed by :class:`ShardBatches`."""
+        from nvidia.dali import fn, types
+
+        if self.shards is None:
+            return fn.readers.file(
+                files=[self.files[i] for i in indices],
+                labels=[self.labels[i] for i in indices],
+                random_shuffle=False,  # the order is ours: see epoch_indices
+                name="reader",
+            )
+        batches = ShardBatches(self.shards, self.labels, indices, self.batch_size)
+        jpegs = fn.external_source(
+            source=batches.images, batch=True, dtype=types.UINT8, name="reader"
+        )
+        if not self.yields_labels:
+            return jpegs, None
+        labels = fn.external_source(
+            source=batches.labels_of, batch=True, dtype=types.INT32, name="reader_labels"
+        )
+        return jpegs, labels
+
     def _run(self, pipe, batch: int, indices: np.ndarray):
         try:
             return pipe.run()
         except RuntimeError as e:
-            match = _DECODE_ERROR.search(str(e))
+            # Only DALI's file reader tells the decoder a file name; shards' samples are found by decoding.
+            match = _DECODE_ERROR.search(str(e)) if self.shards is None else None
             if match:
                 path = match.group(1)
                 raise CorruptImageError(
@@ -142,7 +193,7 @@ class DaliLoader(EpochLoader):
         in_flight = sorted({b % nb for b in range(batch, batch + _IN_FLIGHT)})
         for b in in_flight:
             for i in indices[b * size : (b + 1) * size]:
-                reason = decode_error(self.files[i])
+                reason = self._decode_error(i)
                 if reason:
                     return self.files[i], reason
         return None
@@ -198,10 +249,13 @@ class SimCLRLoader(DaliLoader):
     graph runs on CPU threads (see :mod:`~fastclr.pipelines.dali.graph`).
 
     Args:
-        root: ImageFolder directory ``root/<class>/<image>``, a flat folder of unlabelled images
-            or a file list (see :func:`~fastclr.pipelines.data.list_images`).
+        root: ImageFolder directory ``root/<class>/<image>``, a flat folder of unlabelled images,
+            a file list or tar shards, e.g. ``data/train-{000000..000127}.tar`` (see
+            :func:`~fastclr.pipelines.data.list_images` and :mod:`~fastclr.pipelines.shards`).
         batch_size: images per batch (per shard).
         size: output side in pixels.
+        labels: also yield each image's int64 label (supervised contrastive pretraining); ``root``
+            must then be labelled (a flat folder of images is a ValueError naming it).
         augment_impl: how the CPU pipeline runs colour jitter, grayscale, blur and solarize:
             ``"numba"`` as one compiled op per view (:mod:`~fastclr.pipelines.dali.cpu_augment`,
             several times faster, CPU only), ``"dali"`` with DALI's own ops (the graph the GPU
@@ -214,23 +268,43 @@ class SimCLRLoader(DaliLoader):
 
     Yields:
         ``(view_a, view_b)``, each ``(B, 3, size, size)`` in ``torch.channels_last`` memory
-        format and ``dtype``, on the CPU or on the CUDA device.
+        format and ``dtype``, on the CPU or on the CUDA device; with ``labels=True``
+        ``(view_a, view_b, labels)``, ``labels`` int64 ``(B,)`` on the views' device (the views
+        are the same as without labels).
     """
 
-    def __init__(self, root, batch_size: int, size: int = 224, *, augment_impl="auto", **options):
+    def __init__(
+        self,
+        root,
+        batch_size: int,
+        size: int = 224,
+        *,
+        labels: bool = False,
+        augment_impl="auto",
+        **options,
+    ):
         if augment_impl not in AUGMENT_IMPLS:
             raise ValueError(f"augment_impl must be one of {AUGMENT_IMPLS}, got {augment_impl!r}")
+        if not isinstance(labels, bool):
+            raise ValueError(f"labels must be a bool, got {labels!r}")
         augment, opts = simclr_options(type(self).__name__, size, options)
+        if labels:  # before the base checks the data: a flat folder of images is then refused
+            self.yields_labels, self.labels_for = True, "labelled pairs (labels=True)"
         super().__init__(root, batch_size, size, opts, augment)
         self.augment_impl = resolve_augment_impl(augment_impl, self.device)
 
     def _graph(self, jpegs, labels) -> tuple:
         kw = dict(self._output_args(), impl=self.augment_impl)
-        return simclr_view(jpegs, self.augment, **kw), simclr_view(jpegs, self.augment, **kw)
+        views = simclr_view(jpegs, self.augment, **kw), simclr_view(jpegs, self.augment, **kw)
+        if not self.yields_labels:
+            return views
+        return *views, labels.gpu() if self.device.type == "cuda" else labels
 
     def _emit(self, outputs, keep: int):
-        view_a, view_b = outputs
-        return self._image(view_a, keep), self._image(view_b, keep)
+        views = self._image(outputs[0], keep), self._image(outputs[1], keep)
+        if not self.yields_labels:
+            return views
+        return *views, self._to_torch(outputs[2])[:keep].reshape(-1).long()
 
 
 class EvalLoader(DaliLoader):

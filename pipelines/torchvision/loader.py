@@ -4,7 +4,8 @@ semantics and outputs.
 Used where DALI is absent and as the baseline of ``bench/bench_pipeline.py``. Images are decoded
 with PIL and augmented with ``torchvision.transforms``
 (:func:`~fastclr.pipelines.torchvision.transforms.view_transform`) in ``num_threads``
-DataLoader worker processes (0 = in the main process).
+DataLoader worker processes (0 = in the main process). Samples in tar shards are read at their
+offsets (:class:`~fastclr.pipelines.shards.ShardIndex`) and decoded from memory.
 
 Determinism: each sample's transform runs under a torch seed drawn from
 ``(seed, epoch, shard_id)`` and the sample's position in the epoch, so results do not depend on
@@ -14,6 +15,7 @@ without decoding the skipped batches.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,10 +29,11 @@ from fastclr.pipelines.options import eval_options, simclr_options
 from fastclr.pipelines.torchvision.transforms import TwoViews, view_transform
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB; a decoding failure raises CorruptImageError naming it."""
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Decode an image file, or the encoded bytes ``data`` of the sample named ``path``, to RGB; a decoding failure
+    raises CorruptImageError naming it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"cannot decode image {path}: {e}", path=path, reason=str(e)) from e
@@ -44,9 +47,9 @@ class _EpochDataset(Dataset):
     """
 
     def __init__(
-        self, files, labels, indices, seeds, transform, with_labels: bool, skip: bool, bad
+        self, files, labels, indices, seeds, transform, with_labels: bool, skip: bool, bad, shards
     ):
-        self.files, self.labels = files, labels
+        self.files, self.labels, self.shards = files, labels, shards
         self.indices, self.seeds = indices, seeds
         self.transform, self.with_labels = transform, with_labels
         self.skip, self.bad = skip, set(bad)
@@ -58,7 +61,8 @@ class _EpochDataset(Dataset):
         index, failed = int(self.indices[i]), []
         while True:
             try:
-                image = load_rgb(self.files[index])
+                path = self.files[index]
+                image = load_rgb(path, None if self.shards is None else self.shards.read(index))
                 break
             except CorruptImageError as e:
                 if not self.skip:
@@ -115,6 +119,7 @@ class TorchLoader(EpochLoader):
             with_labels=self.yields_labels,
             skip=o.on_corrupt == "skip",
             bad=self._undecodable,
+            shards=self.shards,
         )
         loader = DataLoader(
             data,
@@ -133,17 +138,28 @@ class TorchLoader(EpochLoader):
 
 
 class TorchSimCLRLoader(TorchLoader):
-    """torchvision twin of :class:`~fastclr.pipelines.dali.SimCLRLoader`: the same arguments but
+    """torchvision twin of :class:`~fastclr.pipelines.dali.SimCLRLoader`: the same arguments (``labels`` too) but
     ``augment_impl`` (``num_threads`` is the number of DataLoader worker processes, 0 = main process)."""
 
-    def __init__(self, root, batch_size: int, size: int = 224, **options):
+    def __init__(self, root, batch_size: int, size: int = 224, *, labels: bool = False, **options):
+        if not isinstance(labels, bool):
+            raise ValueError(f"labels must be a bool, got {labels!r}")
         augment, opts = simclr_options(type(self).__name__, size, options)
+        if labels:  # before the base checks the data: a flat folder of images is then refused
+            self.yields_labels, self.labels_for = True, "labelled pairs (labels=True)"
         super().__init__(root, batch_size, size, opts, augment)
         self.transform = TwoViews(self._view())
 
     def _collate(self, samples):
-        views_a, views_b = zip(*samples, strict=True)
-        return _stack(views_a, self.options.dtype), _stack(views_b, self.options.dtype)
+        if self.yields_labels:
+            pairs, labels = zip(*samples, strict=True)
+        else:
+            pairs = samples
+        views_a, views_b = zip(*pairs, strict=True)
+        views = _stack(views_a, self.options.dtype), _stack(views_b, self.options.dtype)
+        if not self.yields_labels:
+            return views
+        return *views, torch.tensor(labels, dtype=torch.int64)
 
 
 class TorchEvalLoader(TorchLoader):
