@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastclr.eval import contrastive_top1, extract_features, knn_accuracy
+from fastclr.eval.knn import knn_classify
 
 
 def unit(angle):
@@ -21,18 +22,19 @@ QUERY = torch.tensor([unit(0.0)])
 QUERY_LABEL = torch.tensor([0])
 
 
-def numpy_knn(train, train_labels, test, test_labels, k, temperature, num_classes):
-    """The InstDisc weighted kNN, one query at a time in float64."""
+def numpy_knn(train, train_labels, test, test_labels, k, temperature, num_classes, top=1):
+    """The InstDisc weighted kNN, one query at a time in float64: the fraction of queries whose label is among
+    the ``top`` heaviest classes."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     test = test / np.linalg.norm(test, axis=1, keepdims=True)
     correct = 0
     for q, y in zip(test, test_labels, strict=True):
         sim = train @ q
-        top = np.argsort(-sim, kind="stable")[:k]
+        nearest = np.argsort(-sim, kind="stable")[:k]
         votes = np.zeros(num_classes)
-        for i in top:
+        for i in nearest:
             votes[train_labels[i]] += np.exp(sim[i] / temperature)
-        correct += int(np.argmax(votes) == y)
+        correct += int(y in np.argsort(-votes, kind="stable")[:top])
     return correct / len(test)
 
 
@@ -87,6 +89,63 @@ def test_matches_numpy_and_is_chunk_and_scale_invariant(k, temperature):
         train * 3.0, train_labels, test * 0.2, test_labels, k=k, temperature=temperature
     )
     assert scaled == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "k, bank_chunk, chunk", [(7, 1, 1), (7, 9, 4), (30, 13, 25), (60, 60, 100)]
+)
+def test_top1_and_top5_match_numpy_whatever_the_blocks(k, bank_chunk, chunk):
+    """Top-k over bank blocks merged block by block is the top-k of the whole bank."""
+    gen = torch.Generator().manual_seed(2)
+    train, test = torch.randn(60, 8, generator=gen), torch.randn(25, 8, generator=gen)
+    train_labels = torch.randint(0, 9, (60,), generator=gen)
+    test_labels = torch.randint(0, 9, (25,), generator=gen)
+    r = knn_classify(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        k=k,
+        temperature=0.2,
+        chunk=chunk,
+        bank_chunk=bank_chunk,
+    )
+    args = (
+        train.double().numpy(),
+        train_labels.numpy(),
+        test.double().numpy(),
+        test_labels.numpy(),
+    )
+    assert r.top1 == pytest.approx(numpy_knn(*args, k, 0.2, 9, top=1))
+    assert r.top5 == pytest.approx(numpy_knn(*args, k, 0.2, 9, top=5))
+    assert r.top5 > r.top1
+    assert r.predictions.shape == (25, 5) and r.predictions.dtype == torch.long
+    assert r.top1 == pytest.approx((r.predictions[:, 0] == test_labels).double().mean().item())
+    whole = knn_classify(train, train_labels, test, test_labels, k=k, temperature=0.2)
+    assert torch.equal(r.predictions, whole.predictions)
+
+
+def test_top5_is_top_num_classes_for_fewer_classes():
+    r = knn_classify(BANK, BANK_LABELS, QUERY, QUERY_LABEL, k=3, temperature=1.0)
+    # class 1 wins (two votes), class 0 second, class 2 (not a neighbour) last
+    assert r.predictions.tolist() == [[1, 0, 2]]
+    assert (r.top1, r.top5) == (0.0, 1.0)
+
+
+def test_fp16_bank_moves_each_similarity_by_at_most_2_to_the_minus_11():
+    """The documented accuracy effect of ``bank_dtype=fp16``: |sim16 - sim32| <= 2^-11 for unit rows."""
+    gen = torch.Generator().manual_seed(3)
+    bank = nn.functional.normalize(torch.randn(500, 64, generator=gen), dim=1)
+    queries = nn.functional.normalize(torch.randn(50, 64, generator=gen), dim=1)
+    moved = (queries @ bank.half().float().T - queries @ bank.T).abs().max().item()
+    assert 0 < moved <= 2**-11
+    labels = torch.randint(0, 10, (500,), generator=gen)
+    q_labels = torch.randint(0, 10, (50,), generator=gen)
+    exact = knn_classify(bank, labels, queries, q_labels, k=20, normalized=True)
+    half = knn_classify(bank.half(), labels, queries, q_labels, k=20, normalized=True)
+    assert half.predictions.shape == exact.predictions.shape
+    # random features: near-ties are rare; the predictions almost all agree
+    assert (half.predictions[:, 0] == exact.predictions[:, 0]).float().mean() >= 0.9
 
 
 def test_explicit_num_classes():

@@ -1,6 +1,21 @@
-"""Evaluation: feature extraction, the kNN monitor, contrastive top-1 and linear evaluation."""
+"""Evaluation: feature extraction, the kNN classifier (sharded over ranks), contrastive top-1 and linear evaluation."""
 
-from fastclr.eval.knn import contrastive_top1, extract_features, knn_accuracy
+from fastclr.eval.knn import (
+    KnnResult,
+    contrastive_top1,
+    extract_features,
+    knn_accuracy,
+    knn_classify,
+    knn_eval,
+)
 from fastclr.eval.linear import linear_eval
 
-__all__ = ["contrastive_top1", "extract_features", "knn_accuracy", "linear_eval"]
+__all__ = [
+    "KnnResult",
+    "contrastive_top1",
+    "extract_features",
+    "knn_accuracy",
+    "knn_classify",
+    "knn_eval",
+    "linear_eval",
+]

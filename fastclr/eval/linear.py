@@ -4,6 +4,12 @@ The standard self-supervised protocol (SimCLR section 4): the backbone is never 
 training images see only random crop + horizontal flip (the caller's ``train_loader`` provides
 them), test images none. The backbone runs in eval mode with ``requires_grad`` off, and after
 training every parameter and buffer is checked to be bit-identical to before.
+
+Under ``torch.distributed`` every rank reads its shard of both sets (loaders built with
+``shard_id=rank, num_shards=W``): the classifier is trained data-parallel (rank 0's initial
+weights everywhere, gradients averaged over the ranks every step, every rank taking the step count
+of the shortest shard, the batch-norm statistics averaged at the end), and the test counts are
+summed, so every rank reports the same accuracies over the whole test set.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from fastclr.eval.knn import _world
 
 
 def _classifier(feat_dim: int, num_classes: int) -> nn.Module:
@@ -40,6 +48,35 @@ def _check_unchanged(backbone: nn.Module, before: dict[str, torch.Tensor]) -> No
         )
 
 
+def _sync_head(head: nn.Module, world: int, group) -> None:
+    """Rank 0's freshly initialised weights on every rank."""
+    if world > 1:
+        for p in head.parameters():
+            torch.distributed.broadcast(p.data, group=group, group_src=0)
+
+
+def _average(tensors: list[torch.Tensor], world: int, group) -> None:
+    """Each tensor replaced in place by its mean over the ranks (one all-reduce for all of them)."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    torch.distributed.all_reduce(flat, group=group)
+    flat /= world
+    for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(mean.view_as(t))
+
+
+def _steps_per_epoch(train_loader, world: int, group) -> int | None:
+    """Batches every rank trains on per epoch: the shortest shard's count (None: all of a single process's)."""
+    if world == 1:
+        return None
+    steps = torch.tensor(len(train_loader))
+    if torch.distributed.get_backend(group) == "nccl":
+        steps = steps.cuda()
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN, group=group)
+    return int(steps)
+
+
 def linear_eval(
     backbone: nn.Module,
     train_loader,
@@ -53,6 +90,7 @@ def linear_eval(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
+    group=None,
 ) -> dict[str, float]:
     """Train a linear classifier on frozen backbone features and report test accuracy.
 
@@ -69,10 +107,12 @@ def linear_eval(
         momentum: SGD (Nesterov) momentum.
         weight_decay: L2 on the classifier.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the backbone under autocast on a GPU.
+        group: the process group whose ranks share the work (None: the default one).
 
     Returns:
-        ``{"top1": ..., "top5": ..., "train_loss": ...}``: test accuracies in ``[0, 1]`` (top-5 is
-        top-``min(5, num_classes)``) and the mean loss of the last epoch.
+        ``{"top1": ..., "top5": ..., "train_loss": ..., "test_images": ...}``: test accuracies in
+        ``[0, 1]`` (top-5 is top-``min(5, num_classes)``), the mean loss of the last epoch and the
+        number of test images counted (over all ranks).
 
     Raises:
         ValueError: bad hyper-parameters or an empty loader.
@@ -95,6 +135,7 @@ def linear_eval(
         with torch.no_grad(), autocast:
             return backbone(images.to(device, non_blocking=True)).float()
 
+    _, world = _world(group)
     was_training = backbone.training
     requires_grad = [p.requires_grad for p in backbone.parameters()]
     backbone.to(device).eval()
@@ -102,13 +143,23 @@ def linear_eval(
     before = _frozen_state(backbone)
     try:
         head = optimizer = scheduler = None
+        steps = _steps_per_epoch(train_loader, world, group)
+        if steps == 0:
+            raise ValueError("linear_eval: train_loader yields no batches on some rank")
         bar = tqdm(range(epochs), desc="linear eval", disable=not progress, leave=False)
-        for _ in bar:
+        for epoch in bar:
+            # a new order every epoch, even after an epoch cut short
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
             total_loss, batches = torch.zeros((), device=device), 0
             for images, labels in train_loader:
+                # a longer shard's extra batch: every rank takes the same number of steps
+                if batches == steps:
+                    break
                 h = features(images)
                 if head is None:  # built on the first batch, once the feature size is known
                     head = _classifier(h.shape[1], num_classes).to(device)
+                    _sync_head(head, world, group)
                     optimizer = torch.optim.SGD(
                         head.parameters(),
                         lr=lr,
@@ -121,26 +172,34 @@ def linear_eval(
                 loss = F.cross_entropy(head(h), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                _average([p.grad for p in head.parameters()], world, group)
                 optimizer.step()
                 total_loss += loss.detach()
                 batches += 1
             if batches == 0:
                 raise ValueError("linear_eval: train_loader yielded no batches")
             scheduler.step()
-            train_loss = total_loss.item() / batches  # one host sync per epoch
+            mean_loss = total_loss / batches
+            _average([mean_loss], world, group)
+            train_loss = mean_loss.item()  # one host sync per epoch
             bar.set_postfix(loss=f"{train_loss:.3f}")
 
+        # the test-time normalisation of every rank: the mean of the ranks' running statistics
+        _average([head[0].running_mean, head[0].running_var], world, group)
         head.eval()
         top_k = min(5, num_classes)
-        correct1 = correct5 = total = 0
+        counts = torch.zeros(3, dtype=torch.long, device=device)  # top-1 hits, top-5 hits, images
         with torch.no_grad():
             for images, labels in test_loader:
                 y = torch.as_tensor(labels).to(device, dtype=torch.long).reshape(-1)
                 top = head(features(images)).topk(top_k, dim=1).indices
                 hits = top == y[:, None]
-                correct1 += hits[:, 0].sum().item()
-                correct5 += hits.any(dim=1).sum().item()
-                total += len(y)
+                counts += torch.stack(
+                    [hits[:, 0].sum(), hits.any(dim=1).sum(), y.new_tensor(len(y))]
+                )
+        if world > 1:
+            torch.distributed.all_reduce(counts, group=group)
+        correct1, correct5, total = counts.tolist()  # the host sync
         if total == 0:
             raise ValueError("linear_eval: test_loader yielded no samples")
         _check_unchanged(backbone, before)
@@ -148,4 +207,9 @@ def linear_eval(
         backbone.train(was_training)
         for p, flag in zip(backbone.parameters(), requires_grad, strict=True):
             p.requires_grad_(flag)
-    return {"top1": correct1 / total, "top5": correct5 / total, "train_loss": train_loss}
+    return {
+        "top1": correct1 / total,
+        "top5": correct5 / total,
+        "train_loss": train_loss,
+        "test_images": total,
+    }

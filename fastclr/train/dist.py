@@ -50,12 +50,23 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
-def init_distributed(device: str = "auto", timeout: datetime.timedelta | None = None) -> DistInfo:
+# What --dist-timeout defaults to (minutes). Set explicitly, never left to torch, whose default differs by backend
+# (NCCL's watchdog: 10 minutes; gloo: 30).
+DEFAULT_TIMEOUT_MIN = 60.0
+
+
+def init_distributed(
+    device: str = "auto",
+    timeout: datetime.timedelta = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN),
+) -> DistInfo:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs); no-op for a single process.
 
-    ``timeout`` bounds every collective: a rank waiting longer (at a barrier while rank 0 alone evaluates, say) fails
-    instead of hanging. None keeps torch's default, which for NCCL is a 10-minute watchdog.
+    ``timeout`` bounds every collective: a rank waiting longer (for a rank stuck in I/O, or one that died) fails
+    instead of hanging. The long phases are shared out so that no wait comes near it: the kNN evaluation gives every
+    rank its slice (:func:`fastclr.eval.knn_eval`) and collectives move their data in blocks.
     """
+    if not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -110,6 +121,17 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (batch-norm statistics) on every rank.
+
+    DDP broadcasts them at the start of every forward, so after the last step each rank holds the statistics updated
+    by its own batch; evaluating shards with those would score each shard with a different model.
+    """
+    if info.distributed:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def parameters_differ(model: torch.nn.Module, info: DistInfo) -> bool:
     """Does any rank hold a parameter that differs, bit for bit, from rank 0's copy? (Every rank gets the answer.)"""
     differing = torch.zeros((), device=info.device)
@@ -118,6 +140,25 @@ def parameters_differ(model: torch.nn.Module, info: DistInfo) -> bool:
         dist.broadcast(ref, src=0)
         differing += (ref != p.detach()).any().float()
     return bool(all_reduce_sum(differing, info).item())
+
+
+def run_on_every_rank(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """``fn()`` on every rank; if it raises a ValueError/OSError on any rank, every rank raises (the lowest rank's).
+
+    For work each rank does for itself (opening its shard of a data set) whose failure on one rank must not leave the
+    others waiting in the next collective.
+    """
+    result, error = None, None
+    try:
+        result = fn()
+    except (ValueError, OSError) as e:
+        if not info.distributed:
+            raise
+        error = e
+    errors = [e for e in all_gather_object(error, info) if e is not None]
+    if errors:
+        raise errors[0]
+    return result
 
 
 def run_on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
