@@ -10,6 +10,9 @@ Every backbone maps images ``(B, 3, H, W)`` to features ``(B, feat_dim)`` and ha
   change for 32x32 images (SimCLR appendix B.9).
 * ``cnn7``: seven conv-BN-ReLU layers with three 2x2 max-pools and global average pooling, base width
   32 by default, for short CPU runs.
+* ``timm:<name>``: any timm model (``timm:vit_small_patch16_224``, ``timm:convnext_tiny``...), built by
+  :mod:`fastclr.models.timm_backbone` as timm defines it (no ``width`` or ``cifar_stem``); timm is imported
+  only then.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "cnn7")
+from fastclr.models.timm_backbone import TIMM_PREFIX, build_timm_backbone, is_timm_arch
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "cnn7")  # plus any "timm:<name>"
 
 # arch -> (torchvision builder name, residual block, blocks per stage)
 _RESNETS = {
@@ -116,8 +121,32 @@ def _resnet(arch: str, cifar_stem: bool, width: int) -> tuple[ResNet, int]:
 
 
 def standard_width(arch: str) -> int:
-    """The base width ``build_backbone(arch, width=None)`` uses: 64 for the ResNets, 32 for cnn7."""
+    """The base width ``build_backbone(arch, width=None)`` uses: 64 for the ResNets, 32 for cnn7.
+
+    Raises:
+        ValueError: a ``timm:`` architecture, which has no single base width.
+    """
+    if is_timm_arch(arch):
+        raise ValueError(f"{arch} has no base width: timm builds it as defined")
     return _DEFAULT_WIDTH[arch]
+
+
+def unknown_arch(arch: str) -> str:
+    """The error message for an architecture that is neither built in nor ``timm:<name>``."""
+    return f"unknown arch {arch}; choose one of {', '.join(ARCHS)}, or {TIMM_PREFIX}<name> (any timm model)"
+
+
+def channels_last_helps(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` should run in channels-last (NHWC) layout.
+
+    Convolutional stages (the ResNets, cnn7, timm's ConvNeXt, EfficientNet, RegNet...) are what channels-last is
+    for: cuDNN's and oneDNN's NHWC convolution kernels under autocast, and ConvNeXt's channel MLPs then read NHWC
+    activations without a permute copy (not yet timed on a GPU for timm models).
+    Token models (ViT, DeiT, EVA, Swin...: a ``patch_embed`` followed by ``(B, N, D)`` sequences) hold a single
+    4-d weight, the patch projection, so the layout would change that one convolution only; they keep the
+    default layout.
+    """
+    return not isinstance(getattr(backbone, "patch_embed", None), nn.Module)
 
 
 def build_backbone(
@@ -126,20 +155,28 @@ def build_backbone(
     """Build a classifier-free backbone.
 
     Args:
-        arch: one of ``ARCHS``.
-        cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32 images.
+        arch: one of ``ARCHS``, or ``"timm:<name>"`` for a timm model (random weights, no classifier).
+        cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32 images (built-in archs only).
         width: base channel width; ``None`` means the architecture's standard one (64 for the
-            ResNets, 32 for ``cnn7``).
+            ResNets, 32 for ``cnn7``; timm models take only ``None``).
 
     Returns:
         ``(backbone, feat_dim)``: the module maps ``(B, 3, H, W)`` to ``(B, feat_dim)``; feat_dim is
-        ``8 * width`` (``32 * width`` for resnet50), i.e. 512 / 2048 at the standard width.
+        ``8 * width`` (``32 * width`` for resnet50), i.e. 512 / 2048 at the standard width, and the
+        model's own feature width for timm (384 for ``timm:vit_small_patch16_224``).
 
     Raises:
-        ValueError: unknown ``arch`` or a non-positive ``width``.
+        ValueError: unknown ``arch``, a non-positive ``width``, or ``width``/``cifar_stem`` with a timm arch.
+        ImportError: a ``timm:`` arch without timm installed.
     """
+    if is_timm_arch(arch):
+        if cifar_stem or width is not None:
+            raise ValueError(
+                f"--width and --cifar-stem apply to {', '.join(ARCHS)} only; {arch} is built as timm defines it"
+            )
+        return build_timm_backbone(arch)
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(unknown_arch(repr(arch)))
     if width is None:
         width = standard_width(arch)
     if isinstance(width, bool) or not isinstance(width, int) or width <= 0:

@@ -9,16 +9,28 @@ weight decay ``wd`` and trust coefficient ``eta`` (You et al. 2017; google-resea
     v     = m * v + lr * trust * g'    (classic momentum: lr lives inside the buffer)
     w     = w - v
 
-A group with ``"lars_exclude": True`` (biases and normalisation parameters) gets neither weight decay
-nor adaptation: ``v = m * v + lr * g``; ``w = w - v``.
+A group with ``"lars_exclude": True`` gets neither weight decay nor adaptation: ``v = m * v + lr * g``;
+``w = w - v``. :func:`lars_exclusions` decides which parameters go there: biases, normalisation parameters,
+and what a model declares (position embeddings, class tokens), whatever their shapes.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 
 import torch
 from torch import nn
+
+# Normalisation layers (BatchNorm/SyncBatchNorm/InstanceNorm through _NormBase): their scale and shift are excluded
+# whatever their shape. timm's norm layers subclass these or hold 1-d parameters.
+_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
 
 
 class LARS(torch.optim.Optimizer):
@@ -101,20 +113,70 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_sub_(params, bufs)
 
 
+def _declared_no_decay(model: nn.Module) -> list[str]:
+    """Full-name patterns of the parameters the modules of ``model`` declare free of weight decay.
+
+    timm's convention: a module's ``no_weight_decay()`` returns names relative to itself, exact (``pos_embed``),
+    a submodule (``pos_block``) or a wildcard (``pos_embed.*``); ViT's names its position embedding and its
+    class, register and distillation tokens, Swin its relative-position tables.
+    """
+    patterns = []
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "no_weight_decay", None)
+        if callable(declare):
+            patterns += [f"{prefix}.{name}" if prefix else str(name) for name in declare()]
+    return patterns
+
+
+def lars_exclusions(model: nn.Module) -> set[str]:
+    """Names of the trainable parameters that get no weight decay and no trust-ratio adaptation.
+
+    A parameter is excluded when it is
+
+    * at most 1-d (biases, norm scales and shifts, layer-scale gains; SimCLR's rule), or named ``bias``;
+    * owned by a normalisation layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm...), whatever its shape;
+    * declared by its model through ``no_weight_decay()`` (timm's convention): position embeddings
+      ``(1, N, D)``, class/register tokens ``(1, 1, D)``, relative-position tables.
+
+    Everything else, the conv and linear weights (patch projection, attention, MLP, stem), is decayed and adapted.
+    For torchvision's ResNets this is exactly the ``ndim <= 1`` rule.
+    """
+    modules = dict(model.named_modules())
+    declared = _declared_no_decay(model)
+    excluded = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if (
+            p.ndim <= 1
+            or leaf == "bias"
+            or isinstance(modules.get(owner), _NORMS)
+            or any(
+                name == pat or name.startswith(pat + ".") or fnmatch.fnmatchcase(name, pat)
+                for pat in declared
+            )
+        ):
+            excluded.add(name)
+    return excluded
+
+
 def lars_param_groups(model: nn.Module, weight_decay: float = 1e-6) -> list[dict]:
     """Split a model's trainable parameters into LARS groups.
 
-    Biases and normalisation weights (every parameter with ``ndim <= 1``) go into a group with
-    ``weight_decay=0`` and ``"lars_exclude": True``, as in SimCLR; everything else (conv and linear
-    weights) gets ``weight_decay``. Frozen parameters are left out, and so are empty groups.
+    The parameters :func:`lars_exclusions` names (biases, normalisation parameters, position embeddings and class
+    tokens) go into a group with ``weight_decay=0`` and ``"lars_exclude": True``, as in SimCLR; everything else
+    (conv and linear weights) gets ``weight_decay``. Frozen parameters are left out, and so are empty groups.
 
     Returns:
-        A list of param-group dicts for ``LARS`` (or any torch optimizer, which ignores the extra key).
+        A list of param-group dicts for ``LARS`` (or any torch optimizer, e.g. AdamW, which honours the groups'
+        ``weight_decay`` and ignores the extra key).
     """
+    excluded = lars_exclusions(model)
     decay, exclude = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (exclude if p.ndim <= 1 else decay).append(p)
+            (exclude if name in excluded else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
         {"params": exclude, "weight_decay": 0.0, "lars_exclude": True},
