@@ -1,10 +1,13 @@
 """The ``fastclr`` command (also ``python -m fastclr``).
 
     fastclr pretrain [--data DIR] [--test-data DIR] [--preset NAME | --config FILE] [flags]   # see --help
-    fastclr knn --ckpt CKPT [--data DIR --test-data DIR]
+    fastclr knn --ckpt CKPT [--data DIR --test-data DIR] [--bank-dtype fp16]   # also under torchrun: sharded
     fastclr linear --ckpt CKPT [--data DIR --test-data DIR] [--epochs 10 --lr 0.1]
-    fastclr export --ckpt CKPT --out FILE [--format pt|safetensors]
-    fastclr bench loss|pipeline|cpu_augment|train|dist|gpu|demo [benchmark flags]   # gpu: bench/gpu_check.py
+    fastclr export --ckpt CKPT --out FILE [--format pt|safetensors] [--with-head K]
+    fastclr finetune --ckpt CKPT --data DIR --test-data DIR (--label-fraction F | --labels-file FILE) [--from-head-layer K]
+    fastclr distill --teacher CKPT --data DIR [--student-arch A --student-width W] [--temperature 1.0]
+    fastclr shards DIR OUT [--shard-size 1000|500MB] [--verify]   # an ImageFolder as tar shards for --data
+    fastclr bench loss|pipeline|cpu_augment|train|dist|gpu|demo|semi [benchmark flags]   # gpu: bench/gpu_check.py
     fastclr info
 
 Bad input (missing data, impossible settings, unreadable checkpoints) ends with one ``fastclr: error: ...`` line on
@@ -29,6 +32,7 @@ BENCHMARKS = {
     "dist": "bench_dist",
     "gpu": "gpu_check",
     "demo": "bench_demo",
+    "semi": "bench_semi",
 }
 
 
@@ -78,16 +82,31 @@ def _parser() -> argparse.ArgumentParser:
             default="auto",
             help="compute device (default: auto)",
         )
+        p.add_argument(
+            "--dist-timeout",
+            type=float,
+            default=60.0,
+            metavar="MINUTES",
+            help="under torchrun: minutes a rank waits in a collective before failing (default: 60)",
+        )
 
     knn = sub.add_parser(
         "knn",
-        help="kNN top-1 of a checkpoint's backbone",
-        description="Weighted kNN (cosine) evaluation of a checkpoint.",
+        help="kNN top-1/top-5 of a checkpoint's backbone",
+        description="Weighted kNN (cosine) evaluation of a checkpoint. Under torchrun every rank extracts and "
+        "classifies its shard; the result equals one process's.",
     )
     eval_flags(knn)
     knn.add_argument("--k", type=int, default=200, help="neighbours (default: 200)")
     knn.add_argument(
         "--temperature", type=float, default=0.1, help="vote temperature (default: 0.1)"
+    )
+    knn.add_argument(
+        "--bank-dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="how every rank holds the gathered feature bank: fp16 halves its memory, each similarity moves by "
+        "at most 2^-11 (default: fp32)",
     )
 
     lin = sub.add_parser(
@@ -120,6 +139,64 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         choices=("pt", "safetensors"),
         help="torch.save (pt) or safetensors (default: safetensors for a .safetensors OUT, else pt)",
+    )
+    exp.add_argument(
+        "--with-head",
+        type=int,
+        metavar="K",
+        help="also keep the first K projection-head layers (a fine-tuned or distilled checkpoint exports its "
+        "whole classifier, head layers included, without this flag)",
+    )
+
+    from fastclr.train.stage_flags import add_distill_flags, add_finetune_flags  # argparse only
+
+    ft = sub.add_parser(
+        "finetune",
+        help="SimCLR v2 fine-tuning of a pretrained network on a few labels",
+        description="Fine-tune the whole pretrained network plus a linear classifier on a label subset (SimCLR v2 "
+        "defaults: LARS, lr 0.005*sqrt(B), no weight decay or warm-up, crop+flip). Under torchrun: DDP.",
+    )
+    add_finetune_flags(ft)
+    dis = sub.add_parser(
+        "distill",
+        help="SimCLR v2 distillation of a fine-tuned teacher into a student",
+        description="Train a student (the teacher's architecture or a smaller one) to match the teacher's tempered "
+        "predictions on the unlabelled images, optionally plus the cross-entropy on labelled ones.",
+    )
+    add_distill_flags(dis)
+
+    shards = sub.add_parser(
+        "shards",
+        help="write an image folder as tar shards (webdataset layout) for --data",
+        description="Write an ImageFolder (or flat folder, or file list) DIR as tar shards in OUT: OUT/<prefix>-"
+        "000000.tar, ... with <key>.<ext> and <key>.cls members, and OUT/manifest.json (classes, sha256 of every "
+        "shard). Resumable: run the same command again after an interruption. Read the result with --data OUT.",
+    )
+    shards.add_argument(
+        "source", metavar="DIR", help="ImageFolder, flat folder of images or file list"
+    )
+    shards.add_argument(
+        "out", metavar="OUT", help="folder for the shards (new, empty, or this conversion's)"
+    )
+    shards.add_argument(
+        "--shard-size",
+        default="1000",
+        help="images per shard (e.g. 1000) or bytes per shard (e.g. 500MB, 1GiB) (default: 1000)",
+    )
+    shards.add_argument("--prefix", help="shard file name prefix (default: DIR's name)")
+    shards.add_argument(
+        "--on-corrupt",
+        choices=("error", "skip"),
+        default="error",
+        help="a bad image stops the conversion (error) or is left out (skip) (default: error)",
+    )
+    shards.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash shards already written (sha256) before keeping them",
+    )
+    shards.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
     )
 
     bench = sub.add_parser(
@@ -175,10 +252,13 @@ def _knn(args: argparse.Namespace) -> int:
         workers=args.workers,
         backend=args.backend,
         device=args.device,
+        bank_dtype=args.bank_dtype,
+        dist_timeout=args.dist_timeout,
     )
-    print(
-        f"kNN top-1 (k={r['k']}): {100 * r['knn_top1']:.2f}%  ({r['train_images']} bank images from {r['train']}, {r['test_images']} test images from {r['test']})"
-    )
+    if r["rank"] == 0:
+        print(
+            f"kNN top-1 (k={r['k']}): {100 * r['knn_top1']:.2f}%, top-5 {100 * r['knn_top5']:.2f}%  ({r['train_images']} bank images from {r['train']}, {r['test_images']} test images from {r['test']})"
+        )
     return 0
 
 
@@ -197,22 +277,49 @@ def _linear(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         progress=args.progress,
+        dist_timeout=args.dist_timeout,
     )
-    print(
-        f"linear evaluation: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%  (train {r['train']}, test {r['test']})"
-    )
+    if r["rank"] == 0:
+        print(
+            f"linear evaluation: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%  (train {r['train']}, test {r['test']})"
+        )
     return 0
+
+
+def _stage(name: str, args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"fastclr.train.{name}")
+    return module.main(args)
 
 
 def _export(args: argparse.Namespace) -> int:
     from fastclr.train.evaluate import export_backbone
 
-    r = export_backbone(args.ckpt, args.out, args.format)
+    r = export_backbone(args.ckpt, args.out, args.format, args.with_head)
+    what = f"{r['arch']} backbone"
+    if r.get("head_layers"):
+        what += f" + {r['head_layers']} projection-head layer(s)"
+    if r.get("num_classes"):
+        what += f" + a {r['num_classes']}-class linear classifier"
     print(
-        f"wrote {r['out']} ({r['format']}): {r['arch']} backbone, {r['tensors']} tensors, {r['feat_dim']}-d features"
+        f"wrote {r['out']} ({r['format']}): {what}, {r['tensors']} tensors, {r['feat_dim']}-d features"
     )
     print(f"load it with (also in {r['info']}):")
     print(r["load"])
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from fastclr.pipelines.shards import write_shards
+
+    write_shards(
+        args.source,
+        args.out,
+        args.shard_size,
+        prefix=args.prefix,
+        on_corrupt=args.on_corrupt,
+        verify=args.verify,
+        progress=args.progress,
+    )
     return 0
 
 
@@ -299,6 +406,9 @@ COMMANDS = {
     "knn": _knn,
     "linear": _linear,
     "export": _export,
+    "finetune": lambda args: _stage("finetune", args),
+    "distill": lambda args: _stage("distill", args),
+    "shards": _shards,
     "bench": _bench,
     "info": _info,
 }

@@ -1,4 +1,4 @@
-"""SimCLR projection head and the backbone + head model."""
+"""SimCLR projection head, the backbone + head model, and the classifier fine-tuned from its first head layers."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class ProjectionHead(nn.Sequential):
             dim = hidden_dim
         layers.append(nn.Linear(dim, out_dim, bias=False))
         super().__init__(*layers)
-        self.in_dim, self.out_dim = in_dim, out_dim
+        self.in_dim, self.out_dim, self.num_layers = in_dim, out_dim, num_layers
 
 
 class SimCLRModel(nn.Module):
@@ -93,3 +93,104 @@ class SimCLRModel(nn.Module):
         """``x (B, 3, H, W) -> (h (B, feat_dim), z (B, proj_dim))``; h is what evaluation uses."""
         h = self.backbone(x)
         return h, self.head(h)
+
+
+def head_layers(head: ProjectionHead, k: int) -> nn.Sequential:
+    """The first ``k`` layers of a projection head, sharing its modules (and so its weights).
+
+    Layer ``i < depth`` is ``Linear -> BN -> ReLU`` (three modules), the last one a bare ``Linear``; ``k = 0`` is an
+    empty ``Sequential`` (the identity). SimCLR v2 fine-tunes from the output of layer ``k = 1`` (Chen et al. 2020b,
+    section 2; google-research/simclr ``tf2/model.py`` ``ft_proj_selector``), v1 from the backbone (``k = 0``).
+
+    Raises:
+        ValueError: ``k`` outside ``[0, depth]``.
+    """
+    depth = head.num_layers
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= depth:
+        raise ValueError(f"head layer must be an int in [0, {depth}] (the head's depth), got {k!r}")
+    modules = list(head)
+    return nn.Sequential(*(modules if k == depth else modules[: 3 * k]))
+
+
+def head_width(head: ProjectionHead, k: int) -> int:
+    """Width of the output of the first ``k`` layers of ``head``: the backbone's for ``k = 0``."""
+    if k == 0:
+        return head.in_dim
+    return head.out_dim if k == head.num_layers else head[3 * (k - 1)].out_features
+
+
+class SimCLRClassifier(nn.Module):
+    """Backbone f(.), the first ``head_layers`` projection-head layers, and a linear classifier: the fine-tuned model.
+
+    ``(B, 3, H, W) -> logits (B, num_classes)``. Parameter names are ``backbone.*`` and ``head.<i>.*`` as in
+    :class:`SimCLRModel` (a pretrained state_dict's entries load as they are) plus ``fc.weight`` / ``fc.bias``.
+    The classifier starts at zero, as the reference fine-tuning command sets (``--zero_init_logits_layer``): every
+    class starts equally likely and the first steps move only it. With ``num_classes=None`` there is no classifier
+    (``fc`` is the identity): the encoder ``backbone + head[:k]`` alone, as ``fastclr export --with-head K`` writes it.
+
+    Args:
+        arch, cifar_stem, width: the backbone, as for :class:`SimCLRModel`.
+        num_classes: classes of the linear layer, or None for none.
+        head_layers: projection-head layers kept, ``0 <= head_layers <= proj_layers``.
+        proj_layers, proj_hidden, proj_dim: the pretrained head's shape, as for :class:`SimCLRModel`.
+
+    Example:
+        >>> model = SimCLRClassifier("cnn7", num_classes=10, cifar_stem=True, width=8, head_layers=1)
+        >>> model(torch.randn(4, 3, 32, 32)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int | None = 1000,
+        *,
+        cifar_stem: bool = False,
+        width: int | None = None,
+        head_layers: int = 1,
+        proj_layers: int = 3,
+        proj_hidden: int | None = None,
+        proj_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        simclr = SimCLRModel(
+            arch,
+            cifar_stem=cifar_stem,
+            width=width,
+            proj_layers=proj_layers,
+            proj_hidden=proj_hidden,
+            proj_dim=proj_dim,
+        )
+        self._attach(simclr, head_layers, num_classes)
+
+    def _attach(self, simclr: SimCLRModel, k: int, num_classes: int | None) -> None:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
+        self.backbone, self.head = simclr.backbone, head_layers(simclr.head, k)
+        self.head_layers, self.num_classes = k, num_classes
+        self.feat_dim = head_width(simclr.head, k)
+        if num_classes is None:
+            self.fc = nn.Identity()
+        else:
+            self.fc = nn.Linear(self.feat_dim, num_classes)
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+
+    @classmethod
+    def from_pretrained(
+        cls, simclr: SimCLRModel, head_layers: int, num_classes: int | None
+    ) -> SimCLRClassifier:
+        """The classifier on top of a (pretrained) SimCLR model's backbone and first ``head_layers`` head layers.
+
+        The modules are ``simclr``'s own, not copies: the weights they hold are the pretrained ones.
+        """
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._attach(simclr, head_layers, num_classes)
+        return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, 3, H, W) -> logits (B, num_classes)`` (features ``(B, feat_dim)`` without a classifier)."""
+        return self.fc(self.head(self.backbone(x)))

@@ -87,6 +87,16 @@ def prepare_demo_data(cfg: PretrainConfig, info: dist.DistInfo) -> None:
 
 
 def check_data_dir(path: str, flag: str) -> None:
+    from fastclr.pipelines.shards import is_shard_source, shard_paths
+
+    if is_shard_source(path):  # tar shards: every one it names must be there
+        try:
+            shard_paths(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{flag} {path}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{flag} {path}: {e}") from None
+        return
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{flag} {path}: no such file or directory")
@@ -116,29 +126,39 @@ def _loader_placement(cfg: PretrainConfig, info: dist.DistInfo) -> dict:
 
 
 def build_train_loader(cfg: PretrainConfig, info: dist.DistInfo, dtype: torch.dtype):
-    """This rank's shard of the two-view SimCLR loader (DALI or the torchvision twin).
+    """This rank's shard of the two-view SimCLR loader (DALI or the torchvision twin); with ``--loss supcon`` it also
+    yields each batch's labels, ``(view_a, view_b, labels)``.
 
     ``--data`` may be a flat folder of unlabelled images, unless ``--test-data`` asks for the kNN monitor, whose memory
-    bank is ``--data`` with its labels: that combination is a :class:`ConfigError`, raised before any training.
+    bank is ``--data`` with its labels, or ``--loss supcon`` takes its positives from the labels: those combinations
+    are a :class:`ConfigError`, raised before any training.
     """
-    from fastclr.pipelines import make_loader
+    from fastclr.pipelines import UnlabelledDataError, make_loader
 
     d = cfg.data
-    loader = make_loader(
-        backend=d.backend,
-        eval=False,
-        root=d.data,
-        batch_size=cfg.optim.batch_size // info.world_size,
-        seed=cfg.run.seed,
-        shard_id=info.rank,
-        num_shards=info.world_size,
-        last_batch="drop",
-        dtype=dtype,
-        color_strength=d.color_strength,
-        blur_p=d.blur_p,
-        crop_scale=(d.min_scale, 1.0),
-        **_loader_placement(cfg, info),
-    )
+    supcon = cfg.loss.loss == "supcon"
+    try:
+        loader = make_loader(
+            backend=d.backend,
+            eval=False,
+            root=d.data,
+            batch_size=cfg.optim.batch_size // info.world_size,
+            seed=cfg.run.seed,
+            shard_id=info.rank,
+            num_shards=info.world_size,
+            last_batch="drop",
+            dtype=dtype,
+            color_strength=d.color_strength,
+            blur_p=d.blur_p,
+            crop_scale=(d.min_scale, 1.0),
+            labels=supcon,
+            **_loader_placement(cfg, info),
+        )
+    except UnlabelledDataError:
+        raise ConfigError(
+            f"--loss supcon takes its positives from the labels, but {unlabelled_data_hint('--data', d.data)}; "
+            "or pretrain with a self-supervised --loss (ntxent, dcl, dclw)"
+        ) from None
     if d.test_data is not None and not loader.labelled:
         loader.close()
         raise ConfigError(
@@ -149,7 +169,8 @@ def build_train_loader(cfg: PretrainConfig, info: dist.DistInfo, dtype: torch.dt
 
 
 def build_eval_loader(cfg: PretrainConfig, info: dist.DistInfo, root: str):
-    """Un-augmented (resize + centre crop) labelled images of ``root``, as the kNN monitor reads them."""
+    """This rank's shard (images ``rank, rank + W, ...``) of the un-augmented (resize + centre crop) labelled images
+    of ``root``, as the kNN monitor reads them (:func:`fastclr.eval.knn_eval` gathers the shards)."""
     from fastclr.pipelines import make_loader
 
     return make_loader(
@@ -157,8 +178,76 @@ def build_eval_loader(cfg: PretrainConfig, info: dist.DistInfo, root: str):
         eval=True,
         root=root,
         batch_size=256,
+        shard_id=info.rank,
+        num_shards=info.world_size,
         **_loader_placement(cfg, info),
     )
+
+
+def labelled_steps(num_images: int, batch_size: int, world_size: int) -> int:
+    """Batches every rank takes per epoch from :func:`build_labelled_loader`: the full batches of the shortest shard.
+
+    The shards of ``N`` images over ``W`` ranks hold ``ceil(N / W)`` or ``floor(N / W)`` images, so a longer shard
+    may have one more batch, and a rank that takes it waits forever in DDP's gradient all-reduce; BatchNorm wants
+    whole batches. Every rank takes ``floor(floor(N / W) / b)`` batches of ``b = batch_size`` (per rank), as
+    pretraining's ``last_batch="drop"`` does.
+    """
+    return num_images // world_size // batch_size
+
+
+class FullBatches:
+    """The first ``batches`` batches of every epoch of a loader (:func:`labelled_steps` of them in
+    :func:`build_labelled_loader`); everything else (``files``, ``classes``, ``close``...) is the wrapped loader's."""
+
+    def __init__(self, loader, batches: int) -> None:
+        self.loader, self.batches, self._skip = loader, batches, 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getattr__(self, name: str):
+        loader = self.__dict__.get("loader")
+        if loader is None:
+            raise AttributeError(name)
+        return getattr(loader, name)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.loader.set_epoch(epoch, skip_batches=skip_batches)
+        self._skip = skip_batches
+
+    def __iter__(self):
+        left, self._skip = self.batches - self._skip, 0
+        if left <= 0:
+            return
+        for i, batch in enumerate(self.loader):
+            yield batch
+            if i + 1 == left:
+                break  # the wrapped loader's iteration ends (and releases its pipeline) here
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def build_labelled_loader(cfg: PretrainConfig, info: dist.DistInfo, root: str, dtype: torch.dtype):
+    """This rank's shard of the labelled images of ``root`` (an ImageFolder or a ``path label`` file list) with random
+    resized crop + flip only, reshuffled every epoch: the view fine-tuning and distillation train on (SimCLR v2,
+    section 4). Full batches only, as many on every rank (:func:`labelled_steps`): a :class:`FullBatches`."""
+    from fastclr.pipelines import make_loader
+
+    batch = cfg.optim.batch_size // info.world_size
+    loader = make_loader(
+        backend=cfg.data.backend,
+        eval=True,
+        augment=True,
+        root=root,
+        batch_size=batch,
+        seed=cfg.run.seed,
+        shard_id=info.rank,
+        num_shards=info.world_size,
+        dtype=dtype,
+        **_loader_placement(cfg, info),
+    )
+    return FullBatches(loader, labelled_steps(len(loader.files), batch, info.world_size))
 
 
 def unlabelled_data_hint(flag: str, root: str) -> str:
@@ -177,7 +266,7 @@ def simclr_model(m: ModelConfig) -> nn.Module:
     """The SimCLR model (backbone + projection head) a model config describes, freshly initialised on the CPU."""
     from fastclr.models import SimCLRModel
 
-    return SimCLRModel(
+    model = SimCLRModel(
         m.arch,
         cifar_stem=m.cifar_stem,
         width=m.width,
@@ -185,19 +274,43 @@ def simclr_model(m: ModelConfig) -> nn.Module:
         proj_hidden=m.proj_hidden,
         proj_dim=m.proj_dim,
     )
+    if m.freeze_patch_embed:
+        from fastclr.models.timm_backbone import freeze_patch_embed
+
+        freeze_patch_embed(model.backbone)
+    return model
+
+
+def memory_format(model: nn.Module) -> torch.memory_format:
+    """channels-last for convolutional backbones, the default layout for token models such as ViTs
+    (:func:`fastclr.models.resnet.channels_last_helps`)."""
+    from fastclr.models.resnet import channels_last_helps
+
+    return torch.channels_last if channels_last_helps(model.backbone) else torch.contiguous_format
 
 
 def build_model(cfg: PretrainConfig, info: dist.DistInfo) -> nn.Module:
-    """The SimCLR model on the device in channels-last layout, identically initialised on every rank.
+    """The SimCLR model on the device in channels-last layout (ViTs: the default one, see :func:`memory_format`),
+    identically initialised on every rank.
 
-    Under DDP on GPUs its BatchNorms are SyncBatchNorms: SimCLR normalises over the global batch.
+    Under DDP on GPUs its BatchNorms are SyncBatchNorms: SimCLR normalises over the global batch. A timm model that
+    takes one input size only is refused here, before any step, when ``--size`` is another.
     """
     # same initial weights everywhere (DDP would broadcast rank 0's anyway)
     torch.manual_seed(cfg.run.seed)
     model = simclr_model(cfg.model)
+    from fastclr.models.timm_backbone import input_size_error, is_timm_arch
+
+    if is_timm_arch(cfg.model.arch) and (why := input_size_error(model.backbone, cfg.data.size)):
+        raise ConfigError(f"--arch {cfg.model.arch}: {why}")
+    return place_model(model, info)
+
+
+def place_model(model: nn.Module, info: dist.DistInfo) -> nn.Module:
+    """``model`` on this rank's device in its memory format; under DDP on GPUs with SyncBatchNorms (global BN)."""
     if info.distributed and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(info.device, memory_format=torch.channels_last)
+    return model.to(info.device, memory_format=memory_format(model))
 
 
 COMPILE_SKIPPED = (
@@ -235,6 +348,24 @@ def wrap_model(model: nn.Module, cfg: PretrainConfig, info: dist.DistInfo) -> nn
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def build_loss(cfg: PretrainConfig, info: dist.DistInfo) -> nn.Module:
+    """The contrastive loss of ``--loss`` on this rank's device, gathering every rank's embeddings under DDP."""
+    import fastclr
+
+    c, gather = cfg.loss, info.distributed
+    if c.loss == "ntxent":
+        bank = (c.memory_bank_size, cfg.model.proj_dim) if c.memory_bank_size else 0
+        loss = fastclr.NTXentLoss(c.temperature, bank, gather_distributed=gather, impl=c.loss_impl)
+    else:
+        family = {"dcl": fastclr.DCLLoss, "dclw": fastclr.DCLWLoss, "supcon": fastclr.SupConLoss}
+        loss = family[c.loss](c.temperature, gather_distributed=gather, impl=c.loss_impl)
+    return loss.to(info.device)  # a memory bank lives where the embeddings are
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Optimiser
 
 
@@ -248,17 +379,26 @@ def peak_lr(cfg: PretrainConfig) -> float:
 
 
 def build_optimizer(cfg: PretrainConfig, model: nn.Module, steps_per_epoch: int):
-    """LARS over the SimCLR parameter groups and the per-step warm-up + cosine schedule."""
+    """LARS (or AdamW, ``--optimizer adamw``) over the SimCLR parameter groups and the per-step warm-up + cosine
+    schedule. Both leave biases, normalisation parameters, position embeddings and class tokens undecayed
+    (:func:`fastclr.optim.lars.lars_exclusions`)."""
     from fastclr.optim import LARS, WarmupCosine, lars_param_groups
 
     o = cfg.optim
     lr = peak_lr(cfg)
-    optimizer = LARS(
-        lars_param_groups(model, o.weight_decay),
-        lr=lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-    )
+    groups = lars_param_groups(model, o.weight_decay)
+    if o.optimizer == "adamw":
+        # MoCo v3's ViT optimiser: beta2 0.999 as there. capturable keeps the step counts on the GPU, beside the
+        # moments, so saving, undoing and checking the optimiser state never mixes devices.
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=lr,
+            betas=(o.momentum, 0.999),
+            weight_decay=o.weight_decay,
+            capturable=next(model.parameters()).is_cuda,
+        )
+    else:
+        optimizer = LARS(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     total = o.epochs * steps_per_epoch
     warmup = min(total, round(o.warmup_epochs * steps_per_epoch))
     return optimizer, WarmupCosine(optimizer, total_steps=total, warmup_steps=warmup, base_lr=lr)

@@ -345,8 +345,11 @@ class TrainCheckpoint:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainCheckpoint:
-        """Read and check ``path`` (see :func:`load_checkpoint`), every tensor on the CPU.
+    def load(
+        cls, path: str | Path, config_type: type[PretrainConfig] = PretrainConfig
+    ) -> TrainCheckpoint:
+        """Read and check ``path`` (see :func:`load_checkpoint`), every tensor on the CPU; its config is read as a
+        ``config_type`` (fine-tuning and distillation checkpoints have their own, see :mod:`fastclr.train.stage`).
 
         Callers move what belongs on a device there themselves (``load_state_dict`` copies into the model's and the
         optimiser's tensors wherever they are); the RNG states must stay on the CPU, where numpy reads them.
@@ -365,7 +368,7 @@ class TrainCheckpoint:
         return cls(
             state=state,
             model=ckpt["model"],
-            config=PretrainConfig.from_dict(ckpt["config"]),
+            config=config_type.from_dict(ckpt["config"]),
             world_size=ckpt.get("world_size", 1),
             optimizer=ckpt.get("optimizer"),
             scheduler=ckpt.get("scheduler"),

@@ -93,7 +93,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("resnet50", "backbone architecture (resnet18, resnet34, resnet50, cnn7)")
+    arch: str = _opt(
+        "resnet50",
+        "backbone architecture (resnet18, resnet34, resnet50, cnn7), or timm:<name> for any timm model, e.g. "
+        "timm:vit_small_patch16_224 (pip install 'fastclr[timm]')",
+    )
     width: int | None = _opt(
         None,
         "base channel width of the backbone; none = the architecture's standard (64 for ResNets, 32 for cnn7)",
@@ -108,6 +112,10 @@ class ModelConfig:
         None, "projection-head hidden width; none = the backbone feature width"
     )
     proj_dim: int = _opt(128, "projection output dimension")
+    freeze_patch_embed: bool = _opt(
+        False,
+        "timm ViTs: a random, frozen patch projection (MoCo v3's fix for the instability of self-supervised ViTs)",
+    )
 
 
 @dataclass
@@ -119,6 +127,16 @@ class LossConfig:
         "auto",
         "NT-Xent implementation: auto (triton on CUDA, tiled torch elsewhere), triton, torch, reference",
         ("auto", "triton", "torch", "reference"),
+    )
+    loss: str = _opt(
+        "ntxent",
+        "contrastive loss: ntxent (SimCLR), dcl or dclw (decoupled, Yeh et al. 2022), supcon (supervised, "
+        "Khosla et al. 2020: needs labelled --data); all but plain ntxent run on the tiled torch path",
+        ("ntxent", "dcl", "dclw", "supcon"),
+    )
+    memory_bank_size: int = _opt(
+        0,
+        "ntxent: also use the last K embeddings of the second views as negatives (a memory bank); 0 = none",
     )
 
 
@@ -138,9 +156,15 @@ class OptimConfig:
         ("linear", "sqrt", "none"),
     )
     weight_decay: float = _opt(
-        1e-6, "LARS weight decay (biases and normalisation parameters excluded)"
+        1e-6,
+        "weight decay (biases, normalisation parameters, position embeddings and class tokens excluded)",
     )
-    momentum: float = _opt(0.9, "LARS momentum")
+    momentum: float = _opt(0.9, "LARS momentum (AdamW: beta1)")
+    optimizer: str = _opt(
+        "lars",
+        "lars (SimCLR; trust ratio per layer) or adamw (ViTs, as in MoCo v3; needs --lr, e.g. 1.5e-4)",
+        ("lars", "adamw"),
+    )
 
 
 @dataclass
@@ -171,6 +195,12 @@ class RunConfig:
     )
     knn_k: int = _opt(200, "neighbours in the kNN monitor")
     knn_temperature: float = _opt(0.1, "temperature of the kNN monitor's weighted votes")
+    knn_bank_dtype: str = _opt(
+        "fp32",
+        "how every rank holds the kNN monitor's gathered feature bank: fp16 halves its memory and transfer "
+        "(each similarity moves by at most 2^-11, about 5e-4)",
+        ("fp32", "fp16"),
+    )
     max_steps: int | None = _opt(
         None,
         "stop (with a checkpoint) after this many steps in total; the schedule still spans all epochs",
@@ -234,6 +264,7 @@ RANGES: dict[str, Range] = {
     "proj_hidden": Range(1, 1 << 20),
     "proj_dim": Range(1, 1 << 20),
     "temperature": Range(0, math.inf, low_open=True),
+    "memory_bank_size": Range(0, 1 << 24),
     "batch_size": Range(1, 1 << 24),
     "epochs": Range(1, 10**6),
     "warmup_epochs": Range(0, 10**6),
@@ -269,6 +300,7 @@ RESUME_FREE_KEYS = frozenset(
         "run.knn_every",
         "run.knn_k",
         "run.knn_temperature",
+        "run.knn_bank_dtype",
         "run.max_steps",
         "run.skip_nonfinite",
         "run.progress",
@@ -331,18 +363,55 @@ class PretrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError for values no run can use (independent of the data set)."""
-        from fastclr.models import ARCHS
-
-        if self.model.arch not in ARCHS:
-            raise ConfigError(
-                f"unknown arch {_show(self.model.arch)}; choose one of {', '.join(ARCHS)}"
-            )
+        self._check_arch()
         self._check_fields()
+        self._check_loss()
+        if self.optim.optimizer == "adamw" and self.optim.lr is None:
+            raise ConfigError(
+                "--optimizer adamw needs --lr: the default base lr 0.3 is LARS's (AdamW for ViTs: 1.5e-4, x B/256)"
+            )
         if self.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(TENSORBOARD_MISSING)
         if self.optim.batch_size % world_size:
             raise ConfigError(
                 f"batch_size {self.optim.batch_size} is not divisible by the world size {world_size}"
+            )
+
+    def _check_loss(self) -> None:
+        """ConfigError for a memory bank with another loss than ntxent, and for the fused kernel with a loss it does
+        not cover (the family runs on the tiled torch path)."""
+        loss = self.loss
+        if loss.memory_bank_size and loss.loss != "ntxent":
+            raise ConfigError(
+                f"--memory-bank-size applies to --loss ntxent (NT-Xent against a bank), not {loss.loss}"
+            )
+        if loss.loss_impl == "triton" and (loss.loss != "ntxent" or loss.memory_bank_size):
+            what = "a memory bank" if loss.loss == "ntxent" else f"--loss {loss.loss}"
+            raise ConfigError(
+                f"--loss-impl triton: the fused kernel does not cover {what} yet; use --loss-impl torch or auto"
+            )
+
+    def _check_arch(self) -> None:
+        """ConfigError for an unknown arch, a timm arch without timm or with --width/--cifar-stem, and
+        --freeze-patch-embed on a built-in arch."""
+        from fastclr.models.resnet import ARCHS, unknown_arch
+        from fastclr.models.timm_backbone import check_timm_arch, is_timm_arch
+
+        m = self.model
+        if is_timm_arch(m.arch):
+            try:
+                check_timm_arch(m.arch)
+            except (ImportError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+            if m.width is not None or m.cifar_stem:
+                raise ConfigError(
+                    f"--width and --cifar-stem apply to {', '.join(ARCHS)} only; {m.arch} is built as timm defines it"
+                )
+        elif m.arch not in ARCHS:
+            raise ConfigError(unknown_arch(_show(m.arch)))
+        elif m.freeze_patch_embed:
+            raise ConfigError(
+                f"--freeze-patch-embed applies to timm ViTs (e.g. --arch timm:vit_small_patch16_224), not {m.arch}"
             )
 
     def _check_fields(self) -> None:

@@ -223,7 +223,10 @@ class StepMeter:
 
 
 class KnnMonitor:
-    """kNN top-1 of the backbone on the held-out split, with the (unaugmented) training set as memory bank."""
+    """kNN top-1/top-5 of the backbone on the held-out split, with the (unaugmented) training set as memory bank.
+
+    Collective under torchrun: every rank opens its shard of both sets and is called at once (:func:`knn_eval`).
+    """
 
     def __init__(
         self,
@@ -253,23 +256,24 @@ class KnnMonitor:
         if self._loaders is None:
             self._loaders = self._build()
 
-    def __call__(self, backbone: nn.Module) -> float:
-        from fastclr.eval import extract_features, knn_accuracy
+    def __call__(self, backbone: nn.Module):
+        """The :class:`~fastclr.eval.knn.KnnResult` (the same on every rank)."""
+        from fastclr.eval.knn import BANK_DTYPES, knn_eval
 
         self.prepare()
         bank, test = self._loaders
-        dev = self.info.device
-        bank_f, bank_y = extract_features(backbone, bank, dev, autocast_dtype=self.autocast_dtype)
-        test_f, test_y = extract_features(backbone, test, dev, autocast_dtype=self.autocast_dtype)
+        dist.broadcast_buffers(backbone, self.info)  # every shard scored by the model rank 0 saves
         r = self.cfg.run
-        return knn_accuracy(
-            bank_f,
-            bank_y,
-            test_f,
-            test_y,
+        return knn_eval(
+            backbone,
+            bank,
+            test,
+            self.info.device,
+            num_classes=len(self.train_classes),
             k=r.knn_k,
             temperature=r.knn_temperature,
-            num_classes=len(self.train_classes),
+            autocast_dtype=self.autocast_dtype,
+            bank_dtype=BANK_DTYPES[r.knn_bank_dtype],
         )
 
     def close(self) -> None:

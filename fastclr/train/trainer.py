@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from fastclr.eval.knn import contrastive_accuracy
 from fastclr.losses.distributed import check_batches_once
 from fastclr.train import dist
 from fastclr.train.build import (
+    build_loss,
     build_model,
     build_optimizer,
     build_train_loader,
@@ -70,7 +72,7 @@ from fastclr.train.guard import (
     pack_pending,
     unpack_pending,
 )
-from fastclr.train.metrics import MetricsLog, plot_curves
+from fastclr.train.metrics import PRETRAIN_NAMES, MetricsLog, plot_curves
 from fastclr.train.monitor import KnnMonitor, StepMeter, describe, say, say_summary
 from fastclr.train.resume import check_position, pick_checkpoint
 from fastclr.train.runlock import OutputLock
@@ -85,8 +87,11 @@ class Trainer:
     """One pretraining run; build with :meth:`setup`, then :meth:`fit`. Most callers use :func:`pretrain`.
 
     ``on_phase(name)`` is called as each phase of :meth:`train_step` ends ("data", "forward", "loss", "backward",
-    "optimiser"); it does nothing unless a benchmark sets it to time the phases.
+    "optimiser"); it does nothing unless a benchmark sets it to time the phases. ``metric_names``: what the metric
+    files and curves call the logged numbers (:class:`~fastclr.train.metrics.MetricNames`).
     """
+
+    metric_names = PRETRAIN_NAMES
 
     def __init__(self, cfg: PretrainConfig, info: dist.DistInfo) -> None:
         self.cfg, self.info = cfg, info
@@ -105,13 +110,11 @@ class Trainer:
     def setup(self, loader=None) -> None:
         """Build the loader (unless given: the benchmark reuses one), model, optimiser, loss and kNN monitor."""
         cfg, info = self.cfg, self.info
-        from fastclr import NTXentLoss
-
         self.autocast_dtype, use_scaler = resolve_precision(cfg.run.precision, info.device)
         if loader is None:
             loader_dtype = torch.float16 if self.autocast_dtype == torch.float16 else torch.float32
             try:
-                loader = build_train_loader(cfg, info, loader_dtype)
+                loader = self.make_loader(loader_dtype)
             except ConfigError:  # already names the flags it is about
                 raise
             except ValueError as e:  # e.g. fewer images than one batch, a corrupt file: say which settings met which data
@@ -125,18 +128,16 @@ class Trainer:
                 f"batch_size {cfg.optim.batch_size} is larger than the data set ({len(self.loader.files)} "
                 f"images in {cfg.data.data} over {info.world_size} rank(s)); lower --batch-size"
             )
-        self.model = build_model(cfg, info)
+        self.model = self.make_model()
         self.net = wrap_model(self.model, cfg, info)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.steps_per_epoch)
+        self.optimizer, self.scheduler = self.make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.loss_fn = NTXentLoss(
-            cfg.loss.temperature, impl=cfg.loss.loss_impl, gather_distributed=info.distributed
-        )
-        self.knn = KnnMonitor(cfg, info, self.loader.classes, self.autocast_dtype)
+        self.loss_fn = build_loss(cfg, info)
+        self.knn = self.make_monitor()
         if self.knn.enabled:
-            # Rank 0 evaluates; open (and so validate) its data now, so a bad --test-data stops every rank at once.
-            dist.run_on_main(self.knn.prepare, info)
+            # Every rank evaluates its shard; open (and so validate) them now: a bad --test-data stops every rank at once.
+            dist.run_on_every_rank(self.knn.prepare, info)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         # fp16's overflowing steps are undone as non-finite ones are with --skip-nonfinite; without either, a
         # non-finite step stops the run at the next read, before anything is saved, so it need not be undone.
@@ -147,6 +148,32 @@ class Trainer:
         )
         # Per-process randomness differs by rank; the data order/augmentation is seeded by the loader itself.
         torch.manual_seed(cfg.run.seed + info.rank)
+
+    # What a run trains, made by setup(): SimCLR pretraining here; the fine-tuning and distillation trainers
+    # (fastclr.train.stage) override these, compute_loss, evaluate_knn, describe and summarize.
+
+    def make_loader(self, dtype: torch.dtype):
+        """This rank's training loader: pairs of SimCLR views."""
+        return build_train_loader(self.cfg, self.info, dtype)
+
+    def make_model(self) -> torch.nn.Module:
+        return build_model(self.cfg, self.info)
+
+    def make_optimizer(self):
+        """``(optimizer, scheduler)``."""
+        return build_optimizer(self.cfg, self.model, self.steps_per_epoch)
+
+    def make_monitor(self):
+        """The held-out evaluation :meth:`evaluate_knn` runs; ``enabled`` False without --test-data."""
+        return KnnMonitor(self.cfg, self.info, self.loader.classes, self.autocast_dtype)
+
+    def describe(self) -> str:
+        """The lines printed as the run starts."""
+        return describe(self.cfg, self.info, self.loader, self.model)
+
+    def summarize(self, result: dict[str, Any]) -> None:
+        """Print the end-of-run lines (main rank)."""
+        say_summary(result, self.loader, self.cfg.run.knn_k)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -163,7 +190,8 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint ``path``: weights, optimiser, schedule, scaler, this rank's RNGs, the position."""
-        ckpt = TrainCheckpoint.load(path)  # on the CPU: load_state_dict below copies to the device
+        # on the CPU: load_state_dict below copies to the device
+        ckpt = TrainCheckpoint.load(path, type(self.cfg))
         check_config(ckpt.config.to_dict(), self.cfg.to_dict(), ignore=RESUME_FREE_KEYS, path=path)
         if ckpt.world_size != self.info.world_size and ckpt.state.batch != 0:
             raise CheckpointError(
@@ -210,15 +238,20 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------------------------------
 
     def evaluate_knn(self, log: MetricsLog) -> float | None:
-        """kNN top-1 on rank 0 (the others wait at a barrier)."""
-        top1, s = None, self.state
-        if self.knn.enabled and self.info.is_main:
-            top1 = self.knn(self.model.backbone)
-            s.knn_history.append((s.step, top1))
-            log.log("knn", {"step": s.step, "epoch": s.epoch, "knn_top1": top1})
-            say(f"kNN top-1 (k={self.cfg.run.knn_k}) at step {s.step}: {100 * top1:.2f}%")
-        dist.barrier(self.info)
-        return top1
+        """kNN top-1, each rank evaluating its shard (rank 0 logs it; every rank gets it)."""
+        if not self.knn.enabled:
+            return None
+        s = self.state
+        r = self.knn(self.model.backbone)
+        # on every rank: all decide alike whether the end needs another evaluation
+        s.knn_history.append((s.step, r.top1))
+        if self.info.is_main:
+            log.log("knn", {"step": s.step, "epoch": s.epoch, "knn_top1": r.top1})
+            say(
+                f"kNN top-1 / top-5 (k={self.cfg.run.knn_k}) at step {s.step}: "
+                f"{100 * r.top1:.2f}% / {100 * r.top5:.2f}%"
+            )
+        return r.top1
 
     def check_ranks_in_sync(self) -> None:
         """Raise if DDP let any rank's parameters drift from rank 0's."""
@@ -231,18 +264,15 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------------------------
 
-    def train_step(
-        self, view_a: torch.Tensor, view_b: torch.Tensor, with_top1: bool = False
-    ) -> None:
-        """One optimisation step on a batch of view pairs, queued on the device: nothing is read back.
-
-        Its loss, whether the loss, the gradients or the updated weights were non-finite, and (``with_top1``) its
-        contrastive top-1 wait in :attr:`pending` for :meth:`read_back`. With --skip-nonfinite (and under fp16, for
-        overflowing gradients) a non-finite step is also undone on the device, BatchNorm statistics included.
-        """
-        s = self.state
-        if self.guard is not None:
-            self.guard.save()
+    def compute_loss(
+        self,
+        view_a: torch.Tensor,
+        view_b: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        with_top1: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss, top-1 or None)`` of a batch of view pairs (with their labels for --loss supcon), on the device:
+        the contrastive loss and the contrastive top-1."""
         x = (
             torch.cat([view_a, view_b])
             .to(self.info.device, non_blocking=True)
@@ -256,9 +286,26 @@ class Trainer:
         self.on_phase("forward")
 
         z_a, z_b = z.float().chunk(2)
-        loss = self.loss_fn(z_a, z_b)
+        if labels is None:
+            loss = self.loss_fn(z_a, z_b)
+        else:
+            loss = self.loss_fn(z_a, z_b, labels.to(self.info.device, non_blocking=True))
         top1 = contrastive_accuracy(z_a.detach(), z_b.detach()) if with_top1 else None
         self.on_phase("loss")
+        return loss, top1
+
+    def train_step(self, *batch: torch.Tensor, with_top1: bool = False) -> None:
+        """One optimisation step on a batch (``view_a, view_b`` when pretraining), queued on the device: nothing is
+        read back.
+
+        Its loss (:meth:`compute_loss`), whether the loss, the gradients or the updated weights were non-finite, and
+        (``with_top1``) its top-1 wait in :attr:`pending` for :meth:`read_back`. With --skip-nonfinite (and under fp16,
+        for overflowing gradients) a non-finite step is also undone on the device, BatchNorm statistics included.
+        """
+        s = self.state
+        if self.guard is not None:
+            self.guard.save()
+        loss, top1 = self.compute_loss(*batch, with_top1=with_top1)
 
         # A non-finite loss on this rank makes its gradients NaN, and DDP's gradient all-reduce spreads them: every
         # rank then sees non-finite gradients at the same step and undoes it, with no collective of our own.
@@ -318,10 +365,10 @@ class Trainer:
         cfg, s = self.cfg, self.state
         while s.step < limit:
             self.loader.set_epoch(s.epoch, skip_batches=s.batch)
-            for view_a, view_b in meter.timed(self.loader):
+            for batch in meter.timed(self.loader):
                 lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                 logged = (s.step + 1) % cfg.run.log_every == 0
-                self.train_step(view_a, view_b, with_top1=logged)
+                self.train_step(*batch, with_top1=logged)
                 s.step, s.batch = s.step + 1, s.batch + 1
                 meter.step_done()
                 epoch_ended = s.batch == self.steps_per_epoch
@@ -354,7 +401,11 @@ class Trainer:
         cfg, s = self.cfg, self.state
         # the rows of the steps this run trains (again) go: one row per step, however often it resumed
         log = MetricsLog(
-            self.out, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard, start_step=s.step
+            self.out,
+            enabled=self.info.is_main,
+            tensorboard=cfg.run.tensorboard,
+            start_step=s.step,
+            names=self.metric_names,
         )
         limit = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         start_step, t_start = s.step, time.perf_counter()
@@ -388,7 +439,7 @@ class Trainer:
         log.close()
         self.knn.close()
 
-        plot = plot_curves(self.out) if self.info.is_main else None
+        plot = plot_curves(self.out, self.metric_names) if self.info.is_main else None
         now = time.perf_counter()
         elapsed = now - t_start
         result = {
@@ -409,7 +460,7 @@ class Trainer:
             "total_s": now - launched_at,  # this process's, set-up and evaluations included
         }
         if self.info.is_main:
-            say_summary(result, self.loader, self.cfg.run.knn_k)
+            self.summarize(result)
         return result
 
 
@@ -418,6 +469,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     Works in one process or under torchrun (reads RANK/WORLD_SIZE/LOCAL_RANK from the environment).
     """
+    return run_training(cfg, Trainer, prepare_demo_data)
+
+
+def run_training(
+    cfg: PretrainConfig,
+    make_trainer: Callable[[PretrainConfig, dist.DistInfo], Trainer],
+    prepare: Callable[[PretrainConfig, dist.DistInfo], None] | None = None,
+) -> dict[str, Any]:
+    """The life of a run, whatever it trains: check the config, join the process group, lock the output folder,
+    ``prepare(cfg, info)`` (pretraining: the demo data), build ``make_trainer(cfg, info)`` (a :class:`Trainer` or
+    a subclass), resume, fit, clean up."""
     launched_at = time.perf_counter()
     # before joining the group: a bad config fails fast on every rank
     cfg.validate(world_size=dist.env_world_size())
@@ -428,17 +490,18 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     try:
         # rank 0 writes every file, so it alone holds the folder; if another run does, every rank stops here
         dist.run_on_main(lock.acquire, info)
-        prepare_demo_data(cfg, info)
+        if prepare is not None:
+            prepare(cfg, info)
         check_data_dir(cfg.data.data, "--data")
         if cfg.data.test_data is not None:
             check_data_dir(cfg.data.test_data, "--test-data")
-        trainer = Trainer(cfg, info)
+        trainer = make_trainer(cfg, info)
         trainer.setup()
         path = trainer.resume_path()
         if path is not None:
             trainer.restore(path)
         if info.is_main:
-            say(describe(cfg, info, trainer.loader, trainer.model))
+            say(trainer.describe())
             trainer.out.mkdir(parents=True, exist_ok=True)
             (trainer.out / "config.toml").write_text(cfg.to_toml())
         try:
@@ -450,4 +513,4 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         dist.cleanup_distributed()
 
 
-__all__ = ["Trainer", "TrainingError", "pretrain"]
+__all__ = ["Trainer", "TrainingError", "pretrain", "run_training"]
