@@ -1,7 +1,8 @@
 """The GPU check's loss sections: the Triton NT-Xent against the float64 reference, and the losses' speed.
 
 ``check_correctness`` compares ``nt_xent_triton``'s loss and gradients with ``nt_xent_reference`` in float64 on the same
-rounded inputs, per dtype (``DTYPE_CASES``, with their tolerances); ``time_loss`` times forward + backward of each loss
+rounded inputs, per dtype (``DTYPE_CASES``, with their tolerances), and runs the kernel twice: the column splits'
+partials are combined in a fixed order, so a second run must be bitwise the same; ``time_loss`` times forward + backward of each loss
 implementation and rates it against the device's tensor-core peak (``PEAK_TFLOPS``). Both take the check's context
 (device, sizes, time budget) from ``gpu_check.py``, which runs them; kernels are imported lazily, after a dry run has
 set TRITON_INTERPRET.
@@ -110,13 +111,22 @@ def check_correctness(ctx) -> list[dict]:
                     ctx.device, getattr(torch, dtype)
                 )
                 try:
-                    got = loss_and_grads(
-                        lambda a, b, p=precision: nt_xent_triton(a, b, ctx.tau, precision=p), *z
+                    got, again = (
+                        loss_and_grads(
+                            lambda a, b, p=precision: nt_xent_triton(a, b, ctx.tau, precision=p), *z
+                        )
+                        for _ in range(2)
                     )
                     want = loss_and_grads(
                         lambda a, b: nt_xent_reference(a, b, ctx.tau), *z.double()
                     )
-                    rows.append(row | compare(got, want, tol))
+                    result = compare(got, want, tol)
+                    if not all(torch.equal(x, y) for x, y in zip(got, again, strict=True)):
+                        result |= {
+                            "status": "MISMATCH",
+                            "worst": "a second run is not bitwise equal",
+                        }
+                    rows.append(row | result)
                 except RuntimeError as exc:  # a compile error, or no memory for the float64 logits
                     rows.append(row | {"status": f"failed: {str(exc).splitlines()[0][:120]}"})
     return rows

@@ -10,21 +10,38 @@ S = z_hat cols^T with cols = z_hat (or the z_hat of every rank, local row i at c
     chain      dL/dz_i = (dz_hat_i - z_hat_i <z_hat_i, dz_hat_i>) / ||z_i||       (dz_hat_i / eps for clamped rows)
 
 The trick that makes it cheap: S is symmetric, so the row block i of S alone yields the whole gradient of rows i
-(the P_ji term needs only lse_j, saved by the forward): no transpose pass, no atomics, and forward + backward cost three
+(the P_ji term needs only lse_j, saved by the forward): no transpose pass, no float atomics (an integer arrival counter
+per row block picks which split combines the partials, in a fixed order), and forward + backward cost three
 (2N)x(2N)xD GEMMs (S forward, S again and W @ cols backward). The (2N)x(2N) matrix never exists in memory.
 
-Launches (two each way):
+Launches (two forward, three backward):
     forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,); one process:
                                           z_hat rows zero-padded to a multiple of 16 elements, which the GEMM kernels
                                           read whole (aligned, unmasked: vector loads at any D, see ``padded_width``)
-               _nt_xent_fwd_kernel        row blocks x all column blocks: online logsumexp in fp32 -> per-row stats
-                                          (m_i, log l_i), the positive picked from the same S tiles, and the mean loss,
-                                          reduced in a fixed order by the last program to finish (no host sync)
-    backward   _nt_xent_bwd_kernel        row blocks (x output D chunks): acc_i = g_max sum_j W_ij cols_j with
+               _nt_xent_fwd_kernel        row blocks x column splits: online logsumexp in fp32 -> per-row partials
+                                          (m, l, positive logit) per split; the last split of a row block to arrive
+                                          combines them in split order into the stats (m_i, log l_i) and the row
+                                          block's loss, the last row block adds those in order (no host sync)
+    backward   _nt_xent_col_terms_kernel  per column j (M,): g_j / g_max (the rank's upstream gradient), times 1/l_j
+                                          on the fixed-shift path, once per column instead of per S element
+               _nt_xent_bwd_kernel        row blocks x output D chunks x column splits: per split, fp32 partial
+                                          acc_i = g_max sum_j W_ij cols_j with
                                           W_ij = (g P_ij + g_j P_ji - 2 g [j = pos(i)]) / g_max, W_ii = 0,
                                           g_max = max_r |g_r|: W (|W| <= 2) is rounded to the input dtype for the
                                           tensor cores, the upstream gradients' scale g_max is applied in fp32
-               _nt_xent_norm_bwd_kernel   dz_hat = acc / (A tau), then the chain through the normalisation
+               _nt_xent_norm_bwd_kernel   acc = the splits' partials added in split order, dz_hat = acc / (A tau),
+                                          then the chain through the normalisation
+
+Interior and boundary blocks (FlashAttention's split of its causal mask), fixed-shift path: a row block needs masks only
+in a few column blocks (the diagonal, the positives, a ragged last block). The main loops run every block without a
+mask, a boundary block's exponents S QK_SCALE - shift taking shift = +inf (its terms are exactly 0; the same FFMA), and
+a second loop runs the boundary blocks again with their masks: a few % more MMAs (``executed_macs``) for no
+per-element mask in the main loops.
+
+Column splits (FlashDecoding's split of the key axis): a row block's columns are dealt to several programs so that the
+grid has at least PROGRAMS_PER_SM x the SM count programs also where rows are few (a DDP rank's 2N = 1024 rows against
+8192 gathered columns is 8 row blocks). Partials are combined in a fixed order, never with float atomics, so the
+result is deterministic for a given device and config (``launch_grid`` says how many splits a launch takes).
 
 Exponentials are base 2 (``exp2`` is the native instruction): QK_SCALE = log2(e)/tau. Every exponent is a difference of
 cosines times QK_SCALE, never a difference of two numbers of size 1/tau (see _nt_xent_fwd_kernel).
@@ -77,6 +94,11 @@ EXACT_BLOCK_DO = 256
 ELEMENTWISE_BLOCK_R = 16
 ELEMENTWISE_BLOCK_D = 64
 REDUCE_BLOCK = 128  # partial sums the forward's last program adds per step
+COL_TERMS_BLOCK = 1024  # columns per program of the backward's per-column terms
+# Column splits (FlashDecoding-style): the GEMM kernels' grids get at least PROGRAMS_PER_SM x the SM count programs,
+# rows x splits of the columns. The interpreter pretends to have INTERPRETER_SMS, so small tests take several splits.
+PROGRAMS_PER_SM = 2
+INTERPRETER_SMS = 2
 PRECISIONS = ("tf32", "ieee")
 _TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -125,8 +147,10 @@ def _load_rows(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
-    """(BLOCK_R, BLOCK_D) tile at rows row0.., columns d0.. of a row-major (n_rows, D) buffer, zero outside.
+    """(BLOCK_R, BLOCK_D) tile at rows row0.., columns d0.. of a row-major (n_rows, D) buffer, zero outside. EVEN: the
+    caller knows every row is inside (row0 + BLOCK_R <= n_rows), so only the columns are masked (loop-invariant).
 
     The 64-bit part of the address is one scalar; in-tile offsets are int32 (BLOCK_R * D < 2^31), half the registers
     of a tile of 64-bit pointers.
@@ -134,11 +158,10 @@ def _load_rows(
     base = ptr + tl.cast(row0, tl.int64) * D
     r = tl.arange(0, BLOCK_R)
     offs_d = d0 + tl.arange(0, BLOCK_D)
-    tile = tl.load(
-        base + (r[:, None] * D + offs_d[None, :]),
-        mask=((row0 + r)[:, None] < n_rows) & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    mask = offs_d[None, :] < D
+    if not EVEN:
+        mask = mask & ((row0 + r)[:, None] < n_rows)
+    tile = tl.load(base + (r[:, None] * D + offs_d[None, :]), mask=mask, other=0.0)
     if INTERPRETER:
         # The interpreter's tl.dot on bf16/fp16 returns garbage, its fp32 dot is exact: upcast the (already rounded)
         # operands so the interpreter computes what the tensor cores compute up to the accumulation order.
@@ -162,16 +185,18 @@ def _logits_tile(
     D_BLOCKS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
-    """S for rows r0.. x columns c0.., (BLOCK_M, BLOCK_N) fp32. With D_BLOCKS == 1 the row tile q is preloaded."""
+    """S for rows r0.. x columns c0.., (BLOCK_M, BLOCK_N) fp32. With D_BLOCKS == 1 the row tile q is preloaded. EVEN:
+    columns c0 .. c0 + BLOCK_N all exist (no row mask on their loads)."""
     if D_BLOCKS == 1:
-        k = _load_rows(cols_ptr, c0, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER)
+        k = _load_rows(cols_ptr, c0, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER, EVEN)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     else:
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D_BLOCKS * BLOCK_D, BLOCK_D):
             q_d = _load_rows(zhat_ptr, r0, A, d0, D, BLOCK_M, BLOCK_D, INTERPRETER)
-            k_d = _load_rows(cols_ptr, c0, M, d0, D, BLOCK_N, BLOCK_D, INTERPRETER)
+            k_d = _load_rows(cols_ptr, c0, M, d0, D, BLOCK_N, BLOCK_D, INTERPRETER, EVEN)
             s = tl.dot(q_d, tl.trans(k_d), s, input_precision=INPUT_PRECISION)
     return s
 
@@ -195,6 +220,7 @@ def _nt_xent_norm_fwd_kernel(
     zhat_ptr,
     norm_ptr,
     count_ptr,
+    n_count,
     N,
     D,
     stride_a,
@@ -208,12 +234,12 @@ def _nt_xent_norm_fwd_kernel(
 ):
     """Rows r of z_a and of z_b -> z_hat rows r and N + r (input dtype; tf32 values for tf32 dots, so the GEMMs read
     them rounded to nearest, see _round_operand) and their norms max(||z||, eps) (fp32). z_hat rows are stride_zhat
-    >= D wide (see ``padded_width``): columns D.. are written as zeros, so the GEMM kernels read whole rows unmasked."""
+    >= D wide (see ``padded_width``): columns D.. are written as zeros, so the GEMM kernels read whole rows unmasked.
+    Also zeroes the forward kernel's n_count <= num_programs * BLOCK_R arrival counters."""
     pid = tl.program_id(0)
-    if pid == 0:
-        # The forward kernel's arrival counter starts at zero (stream order puts this store before that launch).
-        tl.store(count_ptr, 0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    # The forward kernel's arrival counters start at zero (stream order puts these stores before that launch).
+    tl.store(count_ptr + r, tl.zeros((BLOCK_R,), dtype=tl.int32), mask=r < n_count)
     ok = r < N
     ra = za_ptr + r[:, None].to(tl.int64) * stride_a
     rb = zb_ptr + r[:, None].to(tl.int64) * stride_b
@@ -262,10 +288,77 @@ def _nt_xent_norm_fwd_kernel(
 
 
 @triton.jit
+def _split_columns(M, BLOCK_N: tl.constexpr, AXIS: tl.constexpr):
+    """Columns [begin, end) of this program's split, program_id(AXIS) of num_programs(AXIS): the column blocks of
+    BLOCK_N dealt out in runs of cdiv(blocks, splits), so the last splits may be shorter, or empty (a split count chosen
+    for another tile width)."""
+    per = tl.cdiv(tl.cdiv(M, BLOCK_N), tl.num_programs(AXIS)) * BLOCK_N
+    begin = tl.program_id(AXIS) * per
+    return begin, tl.minimum(begin + per, M)
+
+
+@triton.jit
+def _blocks(lo, hi, BLOCK_N: tl.constexpr):
+    """Column blocks [first, last) that columns [lo, hi) touch (lo >= 0); empty when hi <= lo."""
+    first = lo // BLOCK_N
+    return first, tl.where(hi > lo, tl.cdiv(hi, BLOCK_N), first)
+
+
+@triton.jit
+def _boundary_runs(r0, r1, n, M, OFFSET, BLOCK_N: tl.constexpr):
+    """The column blocks where rows [r0, r1) need masks, as four runs [f, l) of block indices that may overlap or be
+    empty: the diagonal (columns OFFSET + r0 .. OFFSET + r1), the two runs of positives (pos(i) = (i + N) mod A) and
+    the ragged last block (columns >= M are padding). Every other block is interior: no mask touches it."""
+    f0, l0 = _blocks(OFFSET + r0, OFFSET + r1, BLOCK_N)
+    f1, l1 = _blocks(OFFSET + r0 + n, OFFSET + tl.minimum(r1, n) + n, BLOCK_N)
+    f2, l2 = _blocks(OFFSET + tl.maximum(r0, n) - n, OFFSET + r1 - n, BLOCK_N)
+    f3, l3 = _blocks(M - M % BLOCK_N, M, BLOCK_N)
+    return f0, l0, f1, l1, f2, l2, f3, l3
+
+
+@triton.jit
+def _in(t, f, l):
+    return (t >= f) & (t < l)
+
+
+@triton.jit
+def _block_shift(t, QK_SCALE, f0, l0, f1, l1, f2, l2):
+    """The shift of block t's exponents S QK_SCALE - shift: QK_SCALE (the fixed shift) for an interior block, +inf for a
+    block of the diagonal or positive runs, whose exp2 terms are then exactly 0 at no cost per element (the runs come
+    again, masked). The main loops stop before a ragged last block."""
+    boundary = _in(t, f0, l0) | _in(t, f1, l1) | _in(t, f2, l2)
+    return tl.where(boundary, float("inf"), QK_SCALE)
+
+
+@triton.jit
+def _clip(f, l, tb, te):
+    """Run [f, l) clipped to blocks [tb, te): (start, length)."""
+    g = tl.maximum(f, tb)
+    return g, tl.maximum(tl.minimum(l, te) - g, 0)
+
+
+@triton.jit
+def _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3):
+    """The v-th block of the clipped runs (g_k, n_k) laid end to end, and 1.0 unless an earlier run already had it
+    (0.0: overlapping runs are visited twice but counted once)."""
+    v1 = v - n0
+    v2 = v1 - n1
+    v3 = v2 - n2
+    t = tl.where(v < n0, g0 + v, tl.where(v1 < n1, g1 + v1, tl.where(v2 < n2, g2 + v2, g3 + v3)))
+    seen = (
+        ((v >= n0) & _in(t, g0, g0 + n0))
+        | ((v1 >= n1) & _in(t, g1, g1 + n1))
+        | ((v2 >= n2) & _in(t, g2, g2 + n2))
+    )
+    return t, tl.where(seen, 0.0, 1.0)
+
+
+@triton.jit
 def _nt_xent_fwd_kernel(
     zhat_ptr,
     cols_ptr,
     stats_ptr,
+    split_ptr,
     partial_ptr,
     count_ptr,
     loss_ptr,
@@ -285,19 +378,27 @@ def _nt_xent_fwd_kernel(
     INTERPRETER: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One program per BLOCK_M rows: the logsumexp over all M columns (diagonal masked), the positive logit picked from
-    the same S tiles, the per-row loss, and the fixed-order mean.
+    """Program (row block of BLOCK_M, column split): over the split's columns, the logsumexp terms of its rows (diagonal
+    masked) and the positive logit picked from the same S tiles, as partials (m, l, s_pos) per row in split_ptr
+    (3, splits, A). On the fixed-shift path the split's interior column blocks run without any mask and its boundary
+    blocks (diagonal, positives, ragged last block: ``_boundary_runs``) once more with them. The last split of a row block to finish combines them in split order into the per-row stats and
+    the row block's loss sum; the last row block to finish takes the mean in row-block order. No host sync, and the
+    result is deterministic: every sum runs in a fixed order (the arrival counters only pick who adds).
 
     Writes stats_ptr[i] = (m_i, log l_i) with lse_i = m_i/tau + log l_i: m_i the row max of S in cosine units (1 on the
-    fixed-shift path), l_i = sum_{j != i} exp((S_ij - m_i)/tau). Every exponent, here and in the backward, is then a
-    difference of cosines scaled by 1/tau, never a difference of two numbers of size 1/tau (at tau = 0.01 that alone
-    would cost fp32 ~1e-5 absolute, on a gradient that can be ~0).
+    fixed-shift path), l_i = sum_{j != i} exp((S_ij - m_i)/tau); a split's partial is the same pair over its columns,
+    and they combine as l_i = sum_s l_s exp((m_s - m_i)/tau), m_i = max_s m_s. Every exponent, here and in the
+    backward, is then a difference of cosines scaled by 1/tau, never a difference of two numbers of size 1/tau (at
+    tau = 0.01 that alone would cost fp32 ~1e-5 absolute, on a gradient that can be ~0).
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
     )
     tl.static_assert(D_BLOCKS >= 1)
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    c_begin, c_end = _split_columns(M, BLOCK_N, 1)
     n = A // 2
     r0 = pid * BLOCK_M
     r1 = tl.minimum(r0 + BLOCK_M, A)
@@ -316,29 +417,59 @@ def _nt_xent_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of S (cosine units)
     s_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        s = _logits_tile(
-            zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
-            BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
-        )  # fmt: skip
-        c0 = start_n - OFFSET
-        c1 = c0 + BLOCK_N
-        if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
-            # Only the (at most two) tiles holding positives pay for the select; the positive comes from the very S
-            # that enters the logsumexp, so identical rows give exactly log(A - 1).
-            s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
-        valid = col_ok[None, :] & (cols[None, :] != diag[:, None])
-        if SHIFT:
-            # |S| <= 1, so (S - 1)/tau <= 0 (up to rounding): the fixed shift 1/tau replaces the running max and exp
-            # cannot overflow; for tau >= SHIFT_MIN_TEMPERATURE the smallest term exp(-2/tau) is a normal fp32.
-            # QK_SCALE = log2(e)/tau turns exp into the native exp2.
-            p = tl.where(valid, tl.exp2((s - 1.0) * QK_SCALE), 0.0)
-            l_i += tl.sum(p, 1)
-        else:
+    if SHIFT:
+        # |S| <= 1, so (S - 1)/tau <= 0 (up to rounding): the fixed shift 1/tau replaces the running max and exp
+        # cannot overflow; for tau >= SHIFT_MIN_TEMPERATURE the smallest term exp(-2/tau) is a normal fp32.
+        # QK_SCALE = log2(e)/tau turns exp into the native exp2, and S QK_SCALE - QK_SCALE is one FFMA.
+        # Interior blocks, as FlashAttention splits its causal mask: no mask, and the row sums stay per element
+        # (l_acc, reduced once after the loop). A boundary block runs here too with an infinite shift (its terms are
+        # exactly 0), and again below with its masks. The loop stops before a ragged last block (also a boundary
+        # block), so every column it loads exists: no row masks on the loads.
+        f0, l0, f1, l1, f2, l2, f3, l3 = _boundary_runs(r0, r1, n, M, OFFSET, BLOCK_N)
+        l_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start_n in range(c_begin, tl.minimum(c_end, M - M % BLOCK_N), BLOCK_N):
+            s = _logits_tile(
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, True,
+            )  # fmt: skip
+            shift = _block_shift(start_n // BLOCK_N, QK_SCALE, f0, l0, f1, l1, f2, l2)
+            l_acc += tl.exp2(s * QK_SCALE - shift)
+        l_i = tl.sum(l_acc, 1)
+        # Boundary blocks of this split: diagonal and padding masked, the positive picked from the same S that enters
+        # the sum (so identical rows give exactly log(A - 1)).
+        tb = c_begin // BLOCK_N
+        te = tl.cdiv(c_end, BLOCK_N)
+        g0, n0 = _clip(f0, l0, tb, te)
+        g1, n1 = _clip(f1, l1, tb, te)
+        g2, n2 = _clip(f2, l2, tb, te)
+        g3, n3 = _clip(f3, l3, tb, te)
+        for v in range(0, n0 + n1 + n2 + n3):
+            t, keep = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
+            start_n = t * BLOCK_N
+            cols = start_n + tl.arange(0, BLOCK_N)
+            s = _logits_tile(
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
+            valid = (cols[None, :] < M) & (cols[None, :] != diag[:, None])
+            p = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
+            l_i += tl.sum(p, 1) * keep
+            s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1) * keep
+    else:
+        for start_n in range(c_begin, c_end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < M
+            s = _logits_tile(
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
+            c0 = start_n - OFFSET
+            c1 = c0 + BLOCK_N
+            if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
+                # Only the (at most two) tiles holding positives pay for the select.
+                s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
             # Online logsumexp: rescale the running sum when the running max grows.
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(col_ok[None, :] & (cols[None, :] != diag[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A tile can hold only masked columns for a row; subtract 0 then so that -inf - -inf never makes NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -346,31 +477,130 @@ def _nt_xent_fwd_kernel(
                 tl.exp2((s - m_safe[:, None]) * QK_SCALE), 1
             )
             m_i = m_new
-    if SHIFT:
-        m_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    log_l = tl.log(l_i)
-    tl.store(stats_ptr + 2 * rows, m_i, mask=row_ok)
-    tl.store(stats_ptr + 2 * rows + 1, log_l, mask=row_ok)
-    # loss_i = lse_i - S_pos/tau = log l_i + (m_i - S_pos)/tau
-    row_loss = tl.where(row_ok, log_l + (m_i - s_pos) * inv_t, 0.0)
-    tl.store(partial_ptr + pid, tl.sum(row_loss, 0))
-    # Mean without a host sync, deterministic: every program publishes its partial sum, the last one to arrive adds
-    # them in program order. The barrier orders all threads' stores before the (acq_rel) ticket.
+    # The split's partials, planes m, l, s_pos of (3, splits, A).
+    plane = n_splits * A
+    part = split_ptr + split * A + rows
+    tl.store(part, m_i, mask=row_ok)
+    tl.store(part + plane, l_i, mask=row_ok)
+    tl.store(part + 2 * plane, s_pos, mask=row_ok)
+    # The barrier orders all threads' stores before the (acq_rel) ticket; counter 1 + pid counts this row block's splits.
     tl.debug_barrier()
-    ticket = tl.atomic_add(count_ptr, 1)
-    n_prog = tl.num_programs(0)
-    if ticket == n_prog - 1:
-        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, n_prog, BLOCK_R):
-            k = k0 + tl.arange(0, BLOCK_R)
-            # .cg reads L2, where the other programs' partials are, never a stale L1 line.
-            total += tl.load(partial_ptr + k, mask=k < n_prog, other=0.0, cache_modifier=".cg")
-        tl.store(
-            loss_ptr, _round_to(tl.sum(total, 0) * inv_a, loss_ptr.dtype.element_ty, INTERPRETER)
+    if tl.atomic_add(count_ptr + 1 + pid, 1) == n_splits - 1:
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        if not SHIFT:
+            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            for k in range(0, n_splits):
+                # .cg reads L2, where the other programs' partials are, never a stale L1 line.
+                m_k = tl.load(
+                    split_ptr + k * A + rows, mask=row_ok, other=0.0, cache_modifier=".cg"
+                )
+                m_i = tl.maximum(m_i, m_k)
+            # -inf only in padding rows: every row has a candidate.
+            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+        for k in range(0, n_splits):
+            part = split_ptr + k * A + rows
+            l_k = tl.load(part + plane, mask=row_ok, other=0.0, cache_modifier=".cg")
+            if not SHIFT:
+                m_k = tl.load(part, mask=row_ok, other=0.0, cache_modifier=".cg")
+                l_k = l_k * tl.exp2((m_k - m_i) * QK_SCALE)  # an empty split's m_k = -inf adds 0
+            l_i += l_k
+            s_pos += tl.load(part + 2 * plane, mask=row_ok, other=0.0, cache_modifier=".cg")
+        log_l = tl.log(l_i)
+        tl.store(stats_ptr + 2 * rows, m_i, mask=row_ok)
+        tl.store(stats_ptr + 2 * rows + 1, log_l, mask=row_ok)
+        # loss_i = lse_i - S_pos/tau = log l_i + (m_i - S_pos)/tau
+        row_loss = tl.where(row_ok, log_l + (m_i - s_pos) * inv_t, 0.0)
+        tl.store(partial_ptr + pid, tl.sum(row_loss, 0))
+        # Re-armed, so a re-run of this launch alone (autotuning) reduces correctly.
+        tl.store(count_ptr + 1 + pid, 0)
+        # Mean without a host sync: every row block publishes its loss sum, the last one to arrive adds them in order.
+        tl.debug_barrier()
+        n_prog = tl.num_programs(0)
+        if tl.atomic_add(count_ptr, 1) == n_prog - 1:
+            total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for b0 in range(0, n_prog, BLOCK_R):
+                b = b0 + tl.arange(0, BLOCK_R)
+                total += tl.load(partial_ptr + b, mask=b < n_prog, other=0.0, cache_modifier=".cg")
+            tl.store(
+                loss_ptr,
+                _round_to(tl.sum(total, 0) * inv_a, loss_ptr.dtype.element_ty, INTERPRETER),
+            )
+            tl.store(count_ptr, 0)
+
+
+@triton.jit
+def _grad_max(g_ptr, g_cols_ptr, n_ranks):
+    """g_max = max_r |g_r| over every rank's upstream gradient (g_cols holds them all, this rank's too); 1 if all are 0.
+
+    W stays free of the upstream gradients' scale: they enter it as g / g_max (so |W| <= 2), and g_max multiplies the
+    fp32 accumulator at the end. A GradScaler makes g as large as 2^15, where a W of ~2g rounded to fp16 overflows
+    (and a tiny g would underflow)."""
+    g_max = tl.abs(tl.load(g_ptr).to(tl.float32))
+    for r in range(0, n_ranks):
+        g_max = tl.maximum(g_max, tl.abs(tl.load(g_cols_ptr + r).to(tl.float32)))
+    return tl.where(g_max > 0, g_max, 1.0)
+
+
+@triton.jit
+def _nt_xent_col_terms_kernel(
+    stats_cols_ptr,
+    g_ptr,
+    g_cols_ptr,
+    terms_ptr,
+    A,
+    M,
+    SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-column terms of the backward, once per column instead of once per S element: column j belongs to rank
+    j // A, whose upstream gradient weights its P_ji; terms_j = g_j / g_max times exp2(-log2 l_j) = 1/l_j on the
+    fixed-shift path (u_j: P_ji g_j / g_max = exp2(t_ij) u_j there), or g_j / g_max alone on the running-max path.
+    Local row i is column OFFSET + i, so the rows' own u_i are read from the same array."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = c < M
+    g_max = _grad_max(g_ptr, g_cols_ptr, M // A)
+    term = tl.load(g_cols_ptr + c // A, mask=ok, other=0.0).to(tl.float32) / g_max
+    if SHIFT:
+        term = term * tl.exp2(-tl.load(stats_cols_ptr + 2 * c + 1, mask=ok, other=0.0) * _LOG2E)
+    tl.store(terms_ptr + c, term, mask=ok)
+
+
+@triton.jit
+def _bwd_tile(
+    zhat_ptr,
+    cols_ptr,
+    q,
+    r0,
+    A,
+    start_n,
+    M,
+    D,
+    pid_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_BLOCKS: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    EVEN: tl.constexpr = False,
+):
+    """The backward's operands at column block start_n: S (BLOCK_M, BLOCK_N) fp32 and the (BLOCK_N, BLOCK_DO) rows of
+    cols for output chunk pid_d (with one D block, the very tile S was computed from). EVEN: as ``_logits_tile``."""
+    if D_BLOCKS == 1:
+        k = _load_rows(cols_ptr, start_n, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER, EVEN)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    else:
+        s = _logits_tile(
+            zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, EVEN,
+        )  # fmt: skip
+        k = _load_rows(
+            cols_ptr, start_n, M, pid_d * BLOCK_DO, D, BLOCK_N, BLOCK_DO, INTERPRETER, EVEN
         )
-        tl.store(
-            count_ptr, 0
-        )  # re-armed, so a re-run of this launch alone (autotuning) reduces correctly too
+    return s, k
 
 
 @triton.jit
@@ -381,6 +611,7 @@ def _nt_xent_bwd_kernel(
     stats_cols_ptr,
     g_ptr,
     g_cols_ptr,
+    terms_ptr,
     acc_ptr,
     A,
     M,
@@ -396,9 +627,11 @@ def _nt_xent_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """Program (row block, output D chunk): acc_i = sum_{j != i} (g P_ij + g_j P_ji - 2 g [j = pos(i)]) cols_j, fp32
-    (A, D), no atomics. With the forward's stats (m, log l): P_ij = exp((S_ij - m_i)/tau - log l_i). The W of the
+    """Program (row block, output D chunk, column split): the split's share of acc_i = sum_{j != i} (g P_ij + g_j P_ji -
+    2 g [j = pos(i)]) cols_j, fp32, into acc_ptr (splits, A, D); no atomics (_nt_xent_norm_bwd_kernel adds the splits
+    in order). With the forward's stats (m, log l): P_ij = exp((S_ij - m_i)/tau - log l_i). The W of the
     GEMM holds the g's divided by g_max = max_r |g_r|, and the fp32 accumulator is multiplied by g_max at the end.
+    terms_ptr (M,): the per-column terms of _nt_xent_col_terms_kernel.
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
@@ -409,6 +642,7 @@ def _nt_xent_bwd_kernel(
     )
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
+    c_begin, c_end = _split_columns(M, BLOCK_N, 2)
     r0 = pid_m * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < A
@@ -423,63 +657,97 @@ def _nt_xent_bwd_kernel(
     hi_a = tl.minimum(r1, n) + n
     lo_b = tl.maximum(r0, n) - n
     hi_b = r1 - n
-    # W stays free of the upstream gradients' scale: they enter it as g / g_max (so |W| <= 2), and g_max multiplies the
-    # fp32 accumulator at the end. A GradScaler makes g as large as 2^15, where a W of ~2g rounded to fp16 overflows
-    # (and a tiny g would underflow). Every rank's g is in g_cols (this rank's too); all zero: g_max = 1.
-    g_max = tl.abs(tl.load(g_ptr).to(tl.float32))
-    for r in range(0, M // A):
-        g_max = tl.maximum(g_max, tl.abs(tl.load(g_cols_ptr + r).to(tl.float32)))
-    g_max = tl.where(g_max > 0, g_max, 1.0)
+    g_max = _grad_max(g_ptr, g_cols_ptr, M // A)
     g = tl.load(g_ptr).to(tl.float32) / g_max
     m_i = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
     log2_l_i = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0) * _LOG2E
-    u_i = log2_l_i  # placeholder; only the shift form uses u
-    if SHIFT:
-        # m = 1 for every row: P_ij = exp2(t_ij) * exp2(-log2 l_i) with t = (S - 1) log2(e)/tau <= 0, so
-        # W_ij = exp2(t_ij) * (u_i + u_j) with u = g * exp2(-log2 l): one exponential per element instead of two.
-        u_i = g * tl.exp2(-log2_l_i)
+    # m = 1 for every row on the fixed-shift path: P_ij = exp2(t_ij) exp2(-log2 l_i) with t = (S - 1) log2(e)/tau <= 0,
+    # so W_ij = exp2(t_ij) (u_i + u_j) with u = g exp2(-log2 l) / g_max: one exponential per element instead of two.
+    # Local row i is column OFFSET + i: its u_i is a column term too.
+    u_i = tl.load(terms_ptr + OFFSET + rows, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        m_j = tl.load(stats_cols_ptr + 2 * cols, mask=col_ok, other=0.0)
-        log2_l_j = tl.load(stats_cols_ptr + 2 * cols + 1, mask=col_ok, other=0.0) * _LOG2E
-        # Column j belongs to rank j // A: weight its P_ji by that rank's upstream gradient (g itself when local).
-        g_j = tl.load(g_cols_ptr + cols // A, mask=col_ok, other=0.0).to(tl.float32) / g_max
-        if D_BLOCKS == 1:
-            k = _load_rows(cols_ptr, start_n, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        else:
-            s = _logits_tile(
-                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
-                BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+    if SHIFT:
+        # Interior blocks: W_ij = exp2(S QK_SCALE - QK_SCALE) (u_i + u_j), no mask (FlashAttention's split of its
+        # causal mask). A boundary block runs here too with an infinite shift (W = 0 exactly), and again below with its
+        # masks. The loop stops before a ragged last block (no row masks on its loads); the boundary loop needs no
+        # padding mask either: columns j >= M have zero rows in cols, so their finite W (S = 0 there) adds nothing.
+        f0, l0, f1, l1, f2, l2, f3, l3 = _boundary_runs(r0, r1, n, M, OFFSET, BLOCK_N)
+        for start_n in range(c_begin, tl.minimum(c_end, M - M % BLOCK_N), BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            shift = _block_shift(start_n // BLOCK_N, QK_SCALE, f0, l0, f1, l1, f2, l2)
+            u_j = tl.load(terms_ptr + cols)
+            s, k = _bwd_tile(
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
+                INPUT_PRECISION, INTERPRETER, True,
             )  # fmt: skip
-            k = _load_rows(
-                cols_ptr, start_n, M, pid_d * BLOCK_DO, D, BLOCK_N, BLOCK_DO, INTERPRETER
-            )
-        if SHIFT:
-            u_j = g_j * tl.exp2(-log2_l_j)
-            w = tl.exp2((s - 1.0) * QK_SCALE) * (u_i[:, None] + u_j[None, :])
-        else:
-            w = g * tl.exp2((s - m_i[:, None]) * QK_SCALE - log2_l_i[:, None])
-            w += g_j[None, :] * tl.exp2((s - m_j[None, :]) * QK_SCALE - log2_l_j[None, :])
-        valid = col_ok[None, :] & (cols[None, :] != diag[:, None])
-        w = tl.where(valid, w, 0.0)
-        c0 = start_n - OFFSET
-        c1 = c0 + BLOCK_N
-        if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
+            w = tl.exp2(s * QK_SCALE - shift) * (u_i[:, None] + u_j[None, :])
+            w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
+            if INTERPRETER:
+                w = w.to(tl.float32)
+            acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+        tb = c_begin // BLOCK_N
+        te = tl.cdiv(c_end, BLOCK_N)
+        g0, n0 = _clip(f0, l0, tb, te)
+        g1, n1 = _clip(f1, l1, tb, te)
+        g2, n2 = _clip(f2, l2, tb, te)
+        g3, n3 = _clip(f3, l3, tb, te)
+        for v in range(0, n0 + n1 + n2 + n3):
+            t, keep = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
+            start_n = t * BLOCK_N
+            cols = start_n + tl.arange(0, BLOCK_N)
+            u_j = tl.load(terms_ptr + cols, mask=cols < M, other=0.0)
+            s, k = _bwd_tile(
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
+                INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
+            w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
+            w = tl.where(cols[None, :] != diag[:, None], w, 0.0)
             # The positive's -2g joins W here, in fp32: W_pos = g (P_ij + P_ji) tends to 2g as the pair gets confident,
             # and subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
-            w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w)
-        # W goes through the tensor cores in the input dtype, or as tf32 (rounded to nearest like the GPU does, also
-        # when interpreting).
-        w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
-        if INTERPRETER:
-            w = w.to(tl.float32)
-        acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+            w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w) * keep
+            w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
+            if INTERPRETER:
+                w = w.to(tl.float32)
+            acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+    else:
+        for start_n in range(c_begin, c_end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < M
+            # g_j / g_max: P_ji weighted by the upstream gradient of column j's rank.
+            g_j = tl.load(terms_ptr + cols, mask=col_ok, other=0.0)
+            m_j = tl.load(stats_cols_ptr + 2 * cols, mask=col_ok, other=0.0)
+            log2_l_j = tl.load(stats_cols_ptr + 2 * cols + 1, mask=col_ok, other=0.0) * _LOG2E
+            s, k = _bwd_tile(
+                zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
+                INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
+            w = g * tl.exp2((s - m_i[:, None]) * QK_SCALE - log2_l_i[:, None])
+            w += g_j[None, :] * tl.exp2((s - m_j[None, :]) * QK_SCALE - log2_l_j[None, :])
+            # Padding columns stay masked here: their exp2((0 - m_i) QK_SCALE) overflows for a row whose best cosine
+            # is < 0.
+            w = tl.where(col_ok[None, :] & (cols[None, :] != diag[:, None]), w, 0.0)
+            c0 = start_n - OFFSET
+            c1 = c0 + BLOCK_N
+            if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
+                w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w)
+            # W goes through the tensor cores in the input dtype, or as tf32 (rounded to nearest like the GPU does,
+            # also when interpreting).
+            w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
+            if INTERPRETER:
+                w = w.to(tl.float32)
+            acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    out = acc_ptr + rows[:, None].to(tl.int64) * D + offs_o[None, :]
+    out = acc_ptr + (tl.program_id(2) * A + rows)[:, None].to(tl.int64) * D + offs_o[None, :]
     tl.store(out, acc * g_max, mask=row_ok[:, None] & (offs_o[None, :] < D))
+
+
+@triton.jit
+def _sum_splits(ptrs, mask, n_splits, split_stride):
+    """sum_k *(ptrs + k split_stride) for k = 0 .. n_splits - 1, in that order (fp32)."""
+    total = tl.load(ptrs, mask=mask, other=0.0)
+    for k in range(1, n_splits):
+        total += tl.load(ptrs + tl.cast(k, tl.int64) * split_stride, mask=mask, other=0.0)
+    return total
 
 
 @triton.jit
@@ -495,15 +763,19 @@ def _nt_xent_norm_bwd_kernel(
     stride_a,
     stride_b,
     stride_acc,
+    n_splits,
     grad_scale,
     EPS_: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """Rows r and N + r: dz_hat = grad_scale * acc, then the chain rule through the normalisation.
+    """Rows r and N + r: acc = the backward's n_splits partial sums (acc_ptr (splits, 2N, stride_acc)) added in split
+    order, dz_hat = grad_scale * acc, then the chain rule through the normalisation.
 
-    z_hat is recomputed in fp32 from the raw rows and the saved norms, so the projection is as exact as the input.
+    The first pass writes the sum over splits back into split 0 (these rows belong to this program alone), so the
+    second pass reads one split. z_hat is recomputed in fp32 from the raw rows and the saved norms, so the projection is
+    as exact as the input.
     """
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -521,10 +793,15 @@ def _nt_xent_norm_bwd_kernel(
         m = ok[:, None] & (offs[None, :] < D)
         ha = tl.load(ra + offs[None, :], mask=m, other=0.0).to(tl.float32) / na[:, None]
         hb = tl.load(rb + offs[None, :], mask=m, other=0.0).to(tl.float32) / nb[:, None]
-        dha = grad_scale * tl.load(acc_a + offs[None, :], mask=m, other=0.0)
-        dhb = grad_scale * tl.load(acc_b + offs[None, :], mask=m, other=0.0)
+        acc_sum_a = _sum_splits(acc_a + offs[None, :], m, n_splits, 2 * N * stride_acc)
+        acc_sum_b = _sum_splits(acc_b + offs[None, :], m, n_splits, 2 * N * stride_acc)
+        dha = grad_scale * acc_sum_a
+        dhb = grad_scale * acc_sum_b
         rad_a += tl.sum(ha * dha, 1)
         rad_b += tl.sum(hb * dhb, 1)
+        if n_splits > 1:
+            tl.store(acc_a + offs[None, :], acc_sum_a, mask=m)
+            tl.store(acc_b + offs[None, :], acc_sum_b, mask=m)
     # Clamped rows (norm == eps) have z_hat = z / eps, whose Jacobian is I / eps: no radial projection.
     rad_a = tl.where(na <= EPS_, 0.0, rad_a)
     rad_b = tl.where(nb <= EPS_, 0.0, rad_b)
@@ -592,13 +869,16 @@ KERNELS = ("fwd", "bwd")
 # BLOCK_M x BLOCK_DO fp32 accumulator next to the logits tile, which leaves no registers for 128-row blocks and at
 # BLOCK_DO = 256 needs 8 warps to share it. fp32 tiles take twice the shared memory per pipeline stage.
 _CANDIDATES = {
+    # D <= 128, 2-byte inputs: the first candidates issue the fewest instructions besides the MMAs per logit in their
+    # main loops (sm_90 SASS: forward BM128_BN128_W8 4.5 against 6.3 for BM128_BN64_W8; backward BM64_BN64_W4 8.3
+    # against 16.7 for W8, whose two warpgroups each compute the whole W tile for their half of the output D).
     # Unaligned D compiles the aligned kernel (z_hat's padded rows, ``padded_width``): before that, BM128_BN128_W8_S2
     # spilled on sm_80 at D = 100 (255 registers + 168 B of stack); now D = 100 and 128 share one binary. Dropped for
     # sm_80 spills on the running-max path: BM64_BN128_W4_S3 at D <= 128 (16 B), BM128_BN128_W8_S2 at D = 256 (32 B).
-    ("fwd", 0, 2): ("BM128_BN64_W8_S3", "BM128_BN128_W8_S2", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
+    ("fwd", 0, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
-    ("bwd", 0, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
+    ("bwd", 0, 2): ("BM64_BN64_W4_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
     ("bwd", 2, 2): ("BM64_BN32_W8_S2",),
     ("fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
@@ -611,9 +891,10 @@ _CANDIDATES = {
 # fp32 with precision="ieee": tl.dot runs on the FMA units, and Triton's FMA dot keeps both operands' K slices in
 # registers (the register blocking of a thread's m x n outputs costs (m + n) K registers). At one block of D = 128 or 256
 # only 1-4 outputs per thread compile spill-free, and which ones does not follow a pattern; in EXACT_BLOCK_D = 32 steps
-# (``d_tiling``) every D compiles the same loop body, the forward keeps 16 outputs per thread (BM64_BN64_W8) and the
+# (``d_tiling``) every D compiles the same loop body, the forward keeps 8 outputs per thread (BM64_BN32_W8) and the
 # backward's W @ cols GEMM 16-32; the backward's logits tile stays at 32 x 32, the largest that is clean on sm_80.
-_EXACT_FP32_FWD = ("BM64_BN64_W8_S3", "BM64_BN32_W8_S2")
+# (BM64_BN64_W8_S3 spilled 8 B on sm_90 once the fixed-shift loop kept its row sums per element.)
+_EXACT_FP32_FWD = ("BM64_BN32_W8_S2",)
 _EXACT_FP32_BWD = ("BM32_BN32_W8_S2",)
 _EXACT_FP32_CANDIDATES = {
     (kernel, tier, 4): _EXACT_FP32_FWD if kernel == "fwd" else _EXACT_FP32_BWD
@@ -654,17 +935,33 @@ def d_tier(d: int) -> int:
     return 2 if tiling.d_blocks > 1 else int(tiling.block_d > 128)
 
 
+def _bwd_fixed_shift(shift: bool, d: int, itemsize: int, precision: str) -> bool:
+    """Whether the backward takes the fixed-shift form (interior and boundary loops) for a fixed-shift forward. Its
+    general form is exact for any forward (it reads m_i = 1 from the stats); tf32 at one block of D = 256 takes it
+    because the fixed-shift form spills there on sm_90 (384-448 B of stack at BLOCK_N = 16-32)."""
+    tf32_256 = itemsize == 4 and precision == "tf32" and d_tier(d) == 1
+    return shift and not tf32_256
+
+
 def _exact_fp32(itemsize: int, precision: str) -> bool:
     """fp32 inputs with precision="ieee": the FMA-unit dots, their own tiling and candidates."""
     return itemsize == 4 and precision == "ieee"
 
 
 def candidate_configs(
-    kernel: str, a: int, d: int, itemsize: int = 2, precision: str = "tf32"
+    kernel: str,
+    a: int,
+    d: int,
+    itemsize: int = 2,
+    precision: str = "tf32",
+    m: int | None = None,
+    programs: int | None = None,
 ) -> list[KernelConfig]:
     """The configs worth trying for this kernel, (2N, D), input element size (2: bf16/fp16, 4: fp32) and fp32 dot
     precision ("ieee" multiplies on the FMA units, its own list), best guess first (blocks beyond the padded batch only
-    add masked work, so small batches keep the smallest tiles)."""
+    add masked work, so small batches keep the smallest tiles). Given m columns and a target number of programs, the
+    configs with at least that many tiles (row blocks x column blocks x output D chunks) come first, in list order:
+    the column splits can then fill the GPU."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if itemsize not in (2, 4):
@@ -675,18 +972,108 @@ def candidate_configs(
     listed = [CONFIGS[name] for name in table[(kernel, d_tier(d), itemsize)]]
     a_pad = max(64, triton.next_power_of_2(a))
     fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
-    return fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
+    fitting = fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
+    if m is not None and programs is not None:
+        chunks = _output_chunks(kernel, d, _exact_fp32(itemsize, precision))
+        tiles = {
+            c.name: triton.cdiv(a, c.block_m) * chunks * triton.cdiv(m, c.block_n) for c in fitting
+        }
+        fitting.sort(key=lambda c: tiles[c.name] < programs)  # stable: list order within each group
+    return fitting
+
+
+def _output_chunks(kernel: str, d: int, exact: bool) -> int:
+    """Programs along D per row block: the backward's output chunks, 1 for the forward."""
+    return triton.cdiv(d, d_tiling(d, exact).block_do) if kernel == "bwd" else 1
+
+
+def column_splits(row_programs: int, col_blocks: int, programs: int) -> int:
+    """The fewest column splits with row_programs x splits >= programs (at most one split per column block), each split
+    a run of cdiv(col_blocks, splits) blocks (``_split_columns``)."""
+    want = min(col_blocks, triton.cdiv(programs, row_programs))
+    per = triton.cdiv(col_blocks, want)
+    while triton.cdiv(col_blocks, per) < want:
+        per -= 1
+    return triton.cdiv(col_blocks, per)
+
+
+def launch_grid(
+    kernel: str,
+    a: int,
+    d: int,
+    m: int | None = None,
+    config: str | None = None,
+    itemsize: int = 2,
+    precision: str = "tf32",
+    sms: int | None = None,
+    splits: int | None = None,
+) -> tuple[int, ...]:
+    """The grid of a GEMM kernel's launch: forward (row blocks, splits), backward (row blocks, D chunks, splits).
+
+    a = 2N local rows, d = the GEMM row width (``padded_width(D)`` for one process), m = candidate columns (a unless
+    gathered), sms = the device's SM count (the active device when None). The config is the named one or the first
+    candidate for a grid of PROGRAMS_PER_SM x sms programs; splits = ``column_splits`` for it unless given.
+    """
+    m = a if m is None else m
+    programs = PROGRAMS_PER_SM * (sm_count() if sms is None else sms)
+    cfg = resolve_config(kernel, a, d, config, itemsize, precision, m=m, programs=programs)
+    rows = triton.cdiv(a, cfg.block_m)
+    chunks = _output_chunks(kernel, d, _exact_fp32(itemsize, precision))
+    if splits is None:
+        splits = column_splits(rows * chunks, triton.cdiv(m, cfg.block_n), programs)
+    return (rows, splits) if kernel == "fwd" else (rows, chunks, splits)
+
+
+_SM_COUNTS: dict[object, int] = {}
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the active device (INTERPRETER_SMS when interpreting)."""
+    if INTERPRET:
+        return INTERPRETER_SMS
+    drv = triton.runtime.driver.active
+    device = drv.get_current_device()
+    key = (device, drv.get_current_target())
+    if key not in _SM_COUNTS:
+        _SM_COUNTS[key] = drv.utils.get_device_properties(device)["multiprocessor_count"]
+    return _SM_COUNTS[key]
 
 
 def resolve_config(
-    kernel: str, a: int, d: int, config: str | None, itemsize: int = 2, precision: str = "tf32"
+    kernel: str,
+    a: int,
+    d: int,
+    config: str | None,
+    itemsize: int = 2,
+    precision: str = "tf32",
+    m: int | None = None,
+    programs: int | None = None,
 ) -> KernelConfig:
     """A named config (checked against CONFIGS) or the first candidate for this size."""
     if config is None:
-        return candidate_configs(kernel, a, d, itemsize, precision)[0]
+        return candidate_configs(kernel, a, d, itemsize, precision, m, programs)[0]
     if config not in CONFIGS:
         raise ValueError(f"unknown kernel config {config!r}; choose one of {list_configs()}")
     return CONFIGS[config]
+
+
+def boundary_visits(a: int, m: int, block_m: int, block_n: int, offset: int = 0) -> int:
+    """Boundary column blocks the fixed-shift kernels visit a second time (with masks), summed over row blocks: per
+    row block the diagonal run, the two runs of positives and a ragged last block (``_boundary_runs``), each counted
+    (overlaps run twice, counted once in the sums). The splits partition the column blocks, so their number does not
+    matter."""
+    n, col_blocks, visits = a // 2, triton.cdiv(m, block_n), 0
+
+    def run(lo: int, hi: int) -> int:
+        if hi <= lo:
+            return 0
+        return max(0, min(triton.cdiv(hi, block_n), col_blocks) - max(lo // block_n, 0))
+
+    for r0 in range(0, a, block_m):
+        r1 = min(r0 + block_m, a)
+        visits += run(offset + r0, offset + r1) + run(offset + r0 + n, offset + min(r1, n) + n)
+        visits += run(offset + max(r0, n) - n, offset + r1 - n) + run(m - m % block_n, m)
+    return visits
 
 
 def executed_macs(
@@ -696,9 +1083,12 @@ def executed_macs(
     m: int | None = None,
     itemsize: int = 2,
     precision: str = "tf32",
+    shift: bool = True,
+    offset: int = 0,
 ) -> dict[str, int]:
     """Multiply-accumulates the GEMM kernels execute (padding included; tensor cores, or FMA units for exact fp32),
-    counted from grid x loop trips.
+    counted from grid x loop trips: every column block once per row block, and on the fixed-shift path (shift, tau >=
+    SHIFT_MIN_TEMPERATURE) the boundary blocks once more (``boundary_visits``, for the rank at column ``offset``).
 
     a = 2N local rows, m = candidate columns (a unless negatives are gathered). Returns {"fwd", "bwd", "total", "ideal",
     "ratio"} with ideal = 3 m a d (the three-GEMM floor) and ratio = total / ideal.
@@ -710,12 +1100,17 @@ def executed_macs(
         cfg = resolve_config(kernel, a, d, config, itemsize, precision)
         rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
         cols = triton.cdiv(m, cfg.block_n) * cfg.block_n
-        logits = rows * cols * tiling.d_blocks * tiling.block_d
+        tiles = rows * cols  # logits computed
+        if shift if kernel == "fwd" else _bwd_fixed_shift(shift, d, itemsize, precision):
+            tiles += (
+                boundary_visits(a, m, cfg.block_m, cfg.block_n, offset) * cfg.block_m * cfg.block_n
+            )
+        logits = tiles * tiling.d_blocks * tiling.block_d
         if kernel == "fwd":
             out["fwd"] = logits
         else:
             chunks = triton.cdiv(d, tiling.block_do)
-            out["bwd"] = chunks * (logits + rows * cols * tiling.block_do)
+            out["bwd"] = chunks * (logits + tiles * tiling.block_do)
     out["total"] = out["fwd"] + out["bwd"]
     out["ideal"] = 3 * m * a * d
     out["ratio"] = out["total"] / out["ideal"]
@@ -739,7 +1134,10 @@ def _autotuned(fn, kernel: str):
         # The launch passes every argument by keyword, and the autotuner's named_args hold only positional ones.
         args = {**named_args, **kwargs}
         itemsize = args["zhat_ptr"].element_size()
-        cands = candidate_configs(kernel, args["A"], args["D"], itemsize, args["INPUT_PRECISION"])
+        cands = candidate_configs(
+            kernel, args["A"], args["D"], itemsize, args["INPUT_PRECISION"], args["M"],
+            PROGRAMS_PER_SM * sm_count(),
+        )  # fmt: skip
         # Best guess first: with equal timings (or none, see kernels/stub_driver.py) the autotuner keeps it.
         return [by_name[c.name] for c in cands]
 
@@ -765,7 +1163,9 @@ def _launch(
             tuned = _AUTOTUNED[(kernel, target)] = _autotuned(fn, kernel)
         tuned[grid_fn](**kwargs)
         return
-    cfg = resolve_config(kernel, a, d, config, itemsize, kwargs["INPUT_PRECISION"])
+    cfg = resolve_config(
+        kernel, a, d, config, itemsize, kwargs["INPUT_PRECISION"], kwargs["M"], PROGRAMS_PER_SM * sm_count()
+    )  # fmt: skip
     meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     fn[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -842,11 +1242,13 @@ def nt_xent_forward(
     group=None,
     precision: str = "tf32",
     config: str | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, ForwardState]:
     """Forward: z_a, z_b (N, D) raw embeddings -> (0-d loss in the input dtype, ForwardState). Two launches.
 
     group: a torch.distributed process group whose ranks' rows are gathered as candidate columns, or None.
     precision: "tf32" (default) or "ieee" for fp32 inputs' dot products. config: a name from ``list_configs()``.
+    splits: column splits of the logits kernel (None: enough to fill the device, see ``launch_grid``).
     """
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
@@ -856,24 +1258,34 @@ def nt_xent_forward(
     w = padded_width(d) if group is None else d
     zhat = torch.empty((a, w), dtype=z_a.dtype, device=dev)
     norm = torch.empty(a, dtype=torch.float32, device=dev)
-    count = torch.empty(1, dtype=torch.int32, device=dev)
+    # Arrival counters of the forward: the mean's, then one per row block (of the smallest BLOCK_M any config has).
+    max_programs = triton.cdiv(a, min(c.block_m for c in CONFIGS.values()))
+    norm_programs = triton.cdiv(n, ELEMENTWISE_BLOCK_R)
+    assert 1 + max_programs <= norm_programs * ELEMENTWISE_BLOCK_R, (
+        "the norm kernel zeroes them all"
+    )
+    count = torch.empty(1 + max_programs, dtype=torch.int32, device=dev)
     block_d = min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D)
-    _nt_xent_norm_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
-        za_ptr=z_a, zb_ptr=z_b, zhat_ptr=zhat, norm_ptr=norm, count_ptr=count, N=n, D=d,
+    _nt_xent_norm_fwd_kernel[(norm_programs,)](
+        za_ptr=z_a, zb_ptr=z_b, zhat_ptr=zhat, norm_ptr=norm, count_ptr=count, n_count=1 + max_programs, N=n, D=d,
         stride_a=z_a.stride(0), stride_b=z_b.stride(0), stride_zhat=w, EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R,
         BLOCK_D=block_d, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
     )  # fmt: skip
     cols, offset = all_gather_rows(zhat, group)
     m = cols.shape[0]
     stats = torch.empty((a, 2), dtype=torch.float32, device=dev)
-    max_programs = triton.cdiv(a, min(c.block_m for c in CONFIGS.values()))
     partial = torch.empty(max_programs, dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=z_a.dtype, device=dev)
     # The GEMM kernels work on the padded width (the same tiling as D's: every block is a multiple of 16).
     tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
+    # The split count is fixed for the launch (the autotuner's other tile widths share it, see _split_columns).
+    splits = launch_grid("fwd", a, w, m, config, z_a.element_size(), precision, splits=splits)[-1]
+    split_stats = torch.empty((3, splits, a), dtype=torch.float32, device=dev)
     _launch(
-        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]),), a, w, z_a.element_size(), config,
-        zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, partial_ptr=partial, count_ptr=count, loss_ptr=loss,
+        "fwd", _nt_xent_fwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), splits), a, w,
+        z_a.element_size(), config,
+        zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, split_ptr=split_stats, partial_ptr=partial, count_ptr=count,
+        loss_ptr=loss,
         A=a, M=m, D=w, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
         SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
         INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=REDUCE_BLOCK,
@@ -896,10 +1308,13 @@ def nt_xent_backward(
     group=None,
     precision: str = "tf32",
     config: str | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward: upstream gradient (0-d) -> (dz_a, dz_b), each (N, D) in the input dtype. Two launches, no atomics.
+    """Backward: upstream gradient (0-d) -> (dz_a, dz_b), each (N, D) in the input dtype. Three launches, no atomics.
 
     With ``group`` every rank's upstream gradient is gathered (one scalar each) to weight the P_ji of its columns.
+    splits: column splits of the backward GEMM kernel, whose fp32 partial sums the normalisation kernel adds in order
+    (None: enough to fill the device, see ``launch_grid``).
     """
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
@@ -913,22 +1328,31 @@ def nt_xent_backward(
         # of an all-zero row blows up to inf.
         return torch.zeros_like(z_a), torch.zeros_like(z_b)
     zhat, cols, w = _gemm_operands(state, d)
-    acc = torch.empty((a, w), dtype=torch.float32, device=z_a.device)
     tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
-    chunks = triton.cdiv(w, tiling.block_do)
+    _, chunks, splits = launch_grid(
+        "bwd", a, w, m, config, z_a.element_size(), precision, splits=splits
+    )
+    acc = torch.empty((splits, a, w), dtype=torch.float32, device=z_a.device)
+    shift = _bwd_fixed_shift(temperature >= SHIFT_MIN_TEMPERATURE, w, z_a.element_size(), precision)
+    terms = torch.empty(m, dtype=torch.float32, device=z_a.device)
+    _nt_xent_col_terms_kernel[(triton.cdiv(m, COL_TERMS_BLOCK),)](
+        stats_cols_ptr=state.stats_cols, g_ptr=g, g_cols_ptr=g_cols, terms_ptr=terms, A=a, M=m, SHIFT=shift,
+        BLOCK_C=COL_TERMS_BLOCK,
+    )  # fmt: skip
     _launch(
-        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks), a, w,
+        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks, splits), a, w,
         z_a.element_size(), config,
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
-        g_cols_ptr=g_cols, acc_ptr=acc, A=a, M=m, D=w, OFFSET=state.offset, QK_SCALE=LOG2E / temperature,
-        SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
+        g_cols_ptr=g_cols, terms_ptr=terms, acc_ptr=acc, A=a, M=m, D=w, OFFSET=state.offset,
+        QK_SCALE=LOG2E / temperature, SHIFT=shift, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
         BLOCK_DO=tiling.block_do, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
     )  # fmt: skip
     dz_a = torch.empty((n, d), dtype=z_a.dtype, device=z_a.device)
     dz_b = torch.empty_like(dz_a)
     _nt_xent_norm_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](
         za_ptr=z_a, zb_ptr=z_b, norm_ptr=state.norm, acc_ptr=acc, dza_ptr=dz_a, dzb_ptr=dz_b,
-        N=n, D=d, stride_a=z_a.stride(0), stride_b=z_b.stride(0), stride_acc=w, grad_scale=1.0 / (a * temperature),
+        N=n, D=d, stride_a=z_a.stride(0), stride_b=z_b.stride(0), stride_acc=w, n_splits=splits,
+        grad_scale=1.0 / (a * temperature),
         EPS_=EPS, BLOCK_R=ELEMENTWISE_BLOCK_R, BLOCK_D=min(triton.next_power_of_2(d), ELEMENTWISE_BLOCK_D),
         INTERPRETER=INTERPRET,
     )  # fmt: skip
@@ -939,13 +1363,12 @@ class NTXentTritonFunction(torch.autograd.Function):
     """Autograd glue: the forward saves z_a, z_b and the O(A D) state; the backward runs the two backward kernels."""
 
     @staticmethod
-    def forward(ctx, z_a, z_b, temperature, group, precision, config):
-        loss, state = nt_xent_forward(
-            z_a, z_b, temperature, group=group, precision=precision, config=config
-        )
+    def forward(ctx, z_a, z_b, temperature, group, precision, config, splits):
+        options = dict(group=group, precision=precision, config=config, splits=splits)
+        loss, state = nt_xent_forward(z_a, z_b, temperature, **options)
         ctx.save_for_backward(z_a, z_b, *state.tensors())
         ctx.offset, ctx.temperature = state.offset, temperature
-        ctx.options = dict(group=group, precision=precision, config=config)
+        ctx.options = options
         return loss
 
     @staticmethod
@@ -953,7 +1376,7 @@ class NTXentTritonFunction(torch.autograd.Function):
         z_a, z_b, *tensors = ctx.saved_tensors
         state = ForwardState(*tensors, offset=ctx.offset)
         dz_a, dz_b = nt_xent_backward(grad_out, z_a, z_b, state, ctx.temperature, **ctx.options)
-        return dz_a, dz_b, None, None, None, None
+        return dz_a, dz_b, None, None, None, None, None
 
 
 def nt_xent_triton(
@@ -964,6 +1387,7 @@ def nt_xent_triton(
     group=None,
     precision: str = "tf32",
     config: str | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Fused NT-Xent with autograd. z_a, z_b: (N, D) fp32/bf16/fp16 CUDA tensors (CPU under TRITON_INTERPRET=1).
 
@@ -976,8 +1400,12 @@ def nt_xent_triton(
         config: a kernel variant from ``list_configs()`` (e.g. "BM64_BN64_W4_S3") forced on both GEMM kernels, for
             microbenchmarks; None autotunes on the GPU over the spill-free candidates (``candidate_configs``) and takes
             the first candidate under the interpreter.
+        splits: column splits of the forward and backward GEMM kernels, for tests and microbenchmarks; None picks
+            enough to fill the device (``launch_grid``).
 
     Returns:
         0-d loss in the input dtype.
     """
-    return NTXentTritonFunction.apply(z_a, z_b, float(temperature), group, precision, config)
+    return NTXentTritonFunction.apply(
+        z_a, z_b, float(temperature), group, precision, config, splits
+    )

@@ -15,9 +15,19 @@ every dot, so one dot falling back to FMA shows; the PTX's MMA instruction count
 precision="ieee" multiplies exactly in fp32 on the FMA units by design (in D steps of ``EXACT_BLOCK_D``, its own
 candidates). Occupancy follows from registers, shared memory and threads per block.
 
+Instruction issue: the SASS of each GEMM kernel (``cuobjdump -sass``) is cut at its main loop (the outermost loop that
+holds tensor-core instructions, one column tile per trip) and its non-MMA instructions are counted per S element, i.e.
+per thread and trip x threads / (BLOCK_M x BLOCK_N): what the warp schedulers issue besides the MMAs for each logit.
+It is a static count of the loop body, so an instruction under a predicate or a rarely taken branch counts in full.
+
+Grids: for named (rows, columns) shapes the report prints each GEMM kernel's launch grid (``launch_grid``: row blocks x
+D chunks x column splits for the architecture's SM count) and the waves it takes at the compiled occupancy.
+
 Roofline (H100 SXM, stated constants below): forward + backward = three (2N)x(2N)xD GEMMs, 6 (2N)^2 D FLOPs, against
-the dense tensor-core peak; HBM bytes are the O(2N D) passes of the four launches. The exponentials run on the SFUs
-(16 per clock per SM), which the tensor cores do not help with: the report shows that bound too.
+the dense tensor-core peak; HBM bytes are the O(2N D) passes of the four launches. Every bound uses the clock the dense
+bf16 peak implies (989 TFLOP/s = 132 SMs x 4096 FLOP/clock x 1.83 GHz). The exponentials run on the SFUs (16 per clock
+per SM), which the tensor cores do not help with, and the non-MMA instructions issue at 4 warp instructions per clock
+per SM (one per scheduler): the report shows both bounds.
 """
 
 from __future__ import annotations
@@ -37,14 +47,24 @@ import triton
 from fastclr.kernels import nt_xent as K
 from fastclr.kernels.stub_driver import Launch, stub_driver
 
-# H100 SXM5 (NVIDIA datasheet): dense (no sparsity) tensor-core peaks, HBM3 bandwidth, 132 SMs at 1.98 GHz boost.
+# H100 SXM5 (NVIDIA datasheet): dense (no sparsity) tensor-core peaks, HBM3 bandwidth, 132 SMs. The clock is the one
+# the dense bf16 peak is quoted at (4096 bf16 FLOP per clock per SM), not the 1.98 GHz boost: every bound uses it.
 H100_BF16_TFLOPS = 989.0
 H100_TF32_TFLOPS = 494.7
 H100_HBM_TBPS = 3.35
 H100_SMS = 132
-H100_CLOCK_GHZ = 1.98
+BF16_FLOP_PER_CLOCK_PER_SM = 4096
+H100_CLOCK_GHZ = H100_BF16_TFLOPS * 1e3 / (H100_SMS * BF16_FLOP_PER_CLOCK_PER_SM)  # 1.83
 SFU_EXP2_PER_CLOCK_PER_SM = 16
+ISSUE_PER_CLOCK_PER_SM = 4  # warp instructions: one per scheduler
 ROOFLINE_SIZES = ((8192, 128), (32768, 128), (262144, 128))
+# SMs per architecture's data-centre part (A100, H100 SXM), as the stub driver reports them to the launch.
+SM_COUNT = {80: 108, 90: 132}
+# (rows, columns) the grid table shows at D = 128 bf16: DDP ranks of ImageNet batch 4096 on 8 GPUs (1024 x 8192),
+# smaller and larger rank batches, and one GPU at 2N = 8192.
+GRID_SHAPES = ((1024, 8192), (512, 4096), (4096, 8192), (8192, 8192))
+GRID_D = 128
+MMA_OPCODES = ("HGMMA", "HMMA")
 
 # Per-SM limits (CUDA occupancy tables): registers, threads, blocks, shared memory available to blocks.
 SM_LIMITS = {
@@ -61,10 +81,11 @@ D_CASES = (100, 128, 256, 2048)
 QUICK_D_CASES = (100, 128)
 # The batch each variant is specialised for: 2N divisible by 16, as any batch worth a GPU is.
 REPORT_ROWS = 4096
-ELEMENTWISE = ("norm_fwd", "norm_bwd")
+ELEMENTWISE = ("norm_fwd", "col_terms", "norm_bwd")
 KERNEL_NAMES = {
     "norm_fwd": "_nt_xent_norm_fwd_kernel",
     "fwd": "_nt_xent_fwd_kernel",
+    "col_terms": "_nt_xent_col_terms_kernel",
     "bwd": "_nt_xent_bwd_kernel",
     "norm_bwd": "_nt_xent_norm_bwd_kernel",
 }
@@ -125,6 +146,8 @@ def shipped_variants(
                             out.append(Variant(kernel, cfg.name, d, dtype, shift, precision))
                 for kernel in ELEMENTWISE:
                     out.append(Variant(kernel, "elementwise", d, dtype, True, precision))
+                if not quick:  # the running-max path's column terms (g_j / g_max only)
+                    out.append(Variant("col_terms", "elementwise", d, dtype, False, precision))
     return out
 
 
@@ -212,6 +235,68 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(registers=reg, stack_bytes=stack, static_shared_bytes=shared, local_bytes=local)
 
 
+_SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH_RE = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`?\(?\s*)?(0x[0-9a-f]+)")
+
+
+def sass(cubin: bytes) -> str:
+    """The cubin's SASS (``cuobjdump -sass``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run(
+            [cuobjdump_path(), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+def sass_instructions(text: str) -> list[tuple[int, str]]:
+    """(address, instruction without its predicate) of every SASS instruction, in address order."""
+    out = []
+    for addr, ins in _SASS_RE.findall(text):
+        ins = ins.strip()
+        if ins.startswith("@"):
+            ins = ins.split(None, 1)[1] if " " in ins else ""
+        if ins:
+            out.append((int(addr, 16), ins))
+    return out
+
+
+def main_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The body of the first outermost loop holding tensor-core instructions (a loop: from a backward branch's target to
+    the branch). The GEMM kernels put their main loop first: the interior column blocks on the fixed-shift path, every
+    block on the running-max path; the boundary blocks' loop follows. Empty when there is none."""
+    loops = []
+    for i, (addr, ins) in enumerate(instructions):
+        found = _BRANCH_RE.search(ins)
+        if not found or int(found.group(1), 16) >= addr:
+            continue
+        target = int(found.group(1), 16)
+        body = [x for a, x in instructions[: i + 1] if a >= target]
+        if any(x.split()[0].split(".")[0] in MMA_OPCODES for x in body):
+            loops.append((target, addr, body))
+    outer = [
+        (t, a, body)
+        for t, a, body in loops
+        if not any(t2 <= t and a <= a2 and (t2, a2) != (t, a) for t2, a2, _ in loops)
+    ]
+    return min(outer, key=lambda loop: loop[0])[2] if outer else []
+
+
+def loop_counts(text: str, block_m: int, block_n: int, threads: int) -> dict[str, float]:
+    """Per S element of the main loop (see the module docstring): non-MMA instructions, MUFU (SFU) instructions among
+    them, and MMA instructions; and the loop's length in instructions."""
+    body = main_loop(sass_instructions(text))
+    ops = [x.split()[0].split(".")[0] for x in body]
+    per_element = threads / (block_m * block_n)
+    mma = sum(op in MMA_OPCODES for op in ops)
+    return dict(
+        loop_instructions=len(body),
+        non_mma_per_element=(len(body) - mma) * per_element,
+        mufu_per_element=sum(op == "MUFU" for op in ops) * per_element,
+        mma_per_element=mma * per_element,
+    )
+
+
 def occupancy(arch: int, registers: int, threads: int, shared: int) -> dict[str, float]:
     """Resident blocks and warps per SM (registers allocated per warp in units of 256, per thread rounded up to 8)."""
     lim = SM_LIMITS[arch]
@@ -266,6 +351,11 @@ def launch_row(v: Variant, launch: Launch, arch: int) -> dict:
         compile_hash=compiled.hash,
     )
     row.update(occupancy(arch, res["registers"], num_warps * 32, shared))
+    if v.kernel in K.KERNELS:
+        cfg = K.CONFIGS[v.config]
+        row.update(
+            loop_counts(sass(compiled.asm["cubin"]), cfg.block_m, cfg.block_n, num_warps * 32)
+        )
     return row
 
 
@@ -293,7 +383,8 @@ def check_row(row: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class Roofline:
-    """Forward + backward on an H100 SXM for one (2N, D): the tensor-core, SFU and HBM bounds, in milliseconds."""
+    """Forward + backward on an H100 SXM for one (2N, D): the tensor-core, SFU, instruction-issue and HBM bounds, in
+    milliseconds (issue_ms None without instruction counts)."""
 
     two_n: int
     d: int
@@ -303,52 +394,151 @@ class Roofline:
     exp2_count: float
     tensor_core_ms: float
     sfu_ms: float
+    issue_ms: float | None
     hbm_ms: float
     bound_ms: float
     serial_ms: float
 
 
-def roofline(two_n: int, d: int, dtype: str = "bf16", config: str | None = None) -> Roofline:
-    """Lower bounds from the three-GEMM count (padding included via ``executed_macs``), the exp2s and the HBM passes.
+def roofline(
+    two_n: int,
+    d: int,
+    dtype: str = "bf16",
+    config: str | None = None,
+    instructions_per_element: float | None = None,
+) -> Roofline:
+    """Lower bounds from the three-GEMM count (padding included via ``executed_macs``), the exp2s, the non-MMA
+    instructions (forward + backward per S element, from the SASS) and the HBM passes, all at H100_CLOCK_GHZ.
 
-    bound_ms: max of the three (perfect overlap); serial_ms: tensor cores + SFU one after the other (no overlap).
+    bound_ms: max of the bounds (perfect overlap); serial_ms: their sum (no overlap at all).
     """
     b = 4 if dtype == "fp32" else 2
     a = two_n
     macs = K.executed_macs(a, d, config=config)["total"]
     flops = 2.0 * macs
     peak = (H100_TF32_TFLOPS if dtype == "fp32" else H100_BF16_TFLOPS) * 1e12
+    clock = H100_CLOCK_GHZ * 1e9
     # exp2 per (row, column): one in the forward, one in the backward's shift form.
     exp2_count = 2.0 * a * a
     # HBM: z read twice and z_hat written (norm fwd); z_hat read (fwd, its columns stay in L2); z_hat read, fp32 acc
-    # written (bwd); acc and z read, dz written (norm bwd).
-    hbm_bytes = a * d * (2 * b + b + b + b + 4 + 4 + b + b) + a * 8 * 3
+    # written (bwd); acc and z read, dz written (norm bwd). With the backward's column splits (on an H100's SMs) the
+    # acc partials are written and read once per split, and their sum written back and read again.
+    splits = K.launch_grid("bwd", a, d, sms=H100_SMS)[-1]
+    acc_passes = 2 if splits == 1 else 2 * splits + 2
+    hbm_bytes = a * d * (2 * b + b + b + b + 4 * acc_passes + b + b) + a * 8 * 3
     tc_ms = flops / peak * 1e3
-    sfu_ms = exp2_count / (SFU_EXP2_PER_CLOCK_PER_SM * H100_SMS * H100_CLOCK_GHZ * 1e9) * 1e3
+    sfu_ms = exp2_count / (SFU_EXP2_PER_CLOCK_PER_SM * H100_SMS * clock) * 1e3
+    issue_ms = None
+    if instructions_per_element is not None:
+        warp_instructions = a * a * instructions_per_element / 32
+        issue_ms = warp_instructions / (ISSUE_PER_CLOCK_PER_SM * H100_SMS * clock) * 1e3
     hbm_ms = hbm_bytes / (H100_HBM_TBPS * 1e12) * 1e3
+    bounds = [tc_ms, sfu_ms, hbm_ms] + ([issue_ms] if issue_ms is not None else [])
     return Roofline(
-        two_n, d, dtype, flops, hbm_bytes, exp2_count, tc_ms, sfu_ms, hbm_ms,
-        max(tc_ms, sfu_ms, hbm_ms), tc_ms + sfu_ms + hbm_ms,
+        two_n, d, dtype, flops, hbm_bytes, exp2_count, tc_ms, sfu_ms, issue_ms, hbm_ms, max(bounds), sum(bounds),
     )  # fmt: skip
 
 
+def _default_row(rows: list[dict], kernel: str, config: str, d: int = GRID_D) -> dict | None:
+    """The compiled bf16 fixed-shift row of this kernel, config and D, if the report built it."""
+    for r in rows:
+        if (r["kernel"], r["config"], r["d"], r["dtype"], r["path"]) == (
+            kernel,
+            config,
+            d,
+            "bf16",
+            "shift",
+        ):
+            return r
+    return None
+
+
+def grid_variants(arch: int) -> list[Variant]:
+    """The bf16 fixed-shift D = GRID_D variants that the named shapes launch on sm_{arch}."""
+    programs = K.PROGRAMS_PER_SM * SM_COUNT[arch]
+    out = []
+    for a, m in GRID_SHAPES:
+        for kernel in K.KERNELS:
+            cfg = K.resolve_config(kernel, a, GRID_D, None, 2, "tf32", m, programs)
+            v = Variant(kernel, cfg.name, GRID_D)
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def grid_rows(arch: int, rows: list[dict]) -> list[dict]:
+    """Launch grid, programs and waves (programs / (SMs x resident blocks per SM)) of each GEMM kernel at the named
+    shapes, D = GRID_D, bf16, for sm_{arch}'s SM count; "ok" when the grid has >= PROGRAMS_PER_SM x SMs programs."""
+    sms = SM_COUNT[arch]
+    programs = K.PROGRAMS_PER_SM * sms
+    out = []
+    for a, m in GRID_SHAPES:
+        for kernel in K.KERNELS:
+            cfg = K.resolve_config(kernel, a, GRID_D, None, 2, "tf32", m, programs)
+            grid = K.launch_grid(kernel, a, GRID_D, m, sms=sms)
+            count = 1
+            for g in grid:
+                count *= g
+            row = _default_row(rows, kernel, cfg.name)
+            per_sm = row["blocks_per_sm"] if row else None
+            out.append(
+                dict(
+                    rows=a, cols=m, kernel=kernel, config=cfg.name, grid=list(grid), programs=count, sms=sms,
+                    blocks_per_sm=per_sm, waves=count / (sms * per_sm) if per_sm else None, ok=count >= programs,
+                )
+            )  # fmt: skip
+    return out
+
+
+def instructions_per_element(rows: list[dict]) -> float | None:
+    """Forward + backward non-MMA instructions per S element of the default bf16 D = 128 variants (first candidates at
+    a large batch), when the report compiled both."""
+    total = 0.0
+    for kernel in K.KERNELS:
+        cfg = K.candidate_configs(kernel, 1 << 20, 128)[0]
+        row = _default_row(rows, kernel, cfg.name, 128)
+        if row is None or "non_mma_per_element" not in row:
+            return None
+        total += row["non_mma_per_element"]
+    return total
+
+
 def build_report(arch: int, variants: list[Variant] | None = None) -> dict:
-    """Compile every variant for sm_{arch}; returns {"arch", "variants": [rows with "problems"], "roofline": [...]}."""
-    variants = variants if variants is not None else shipped_variants()
+    """Compile every variant (and the named shapes' grid variants) for sm_{arch}; returns {"arch", "variants": [rows
+    with "problems"], "grids": [...], "roofline": [...]}."""
+    variants = list(variants if variants is not None else shipped_variants())
+    variants += [v for v in grid_variants(arch) if v not in variants]
     launches = launch_variants(variants, arch)
     rows = []
     for v in variants:
         row = launch_row(v, launches[v], arch)
         row["problems"] = check_row(row)
         rows.append(row)
-    lines = [asdict(roofline(two_n, d)) for two_n, d in ROOFLINE_SIZES]
-    return dict(arch=arch, triton=triton.__version__, variants=rows, roofline=lines)
+    per_element = instructions_per_element(rows) if arch == 90 else None
+    lines = [
+        asdict(roofline(two_n, d, instructions_per_element=per_element))
+        for two_n, d in ROOFLINE_SIZES
+    ]
+    return dict(
+        arch=arch,
+        triton=triton.__version__,
+        variants=rows,
+        grids=grid_rows(arch, rows),
+        roofline=lines,
+    )
+
+
+def _fmt(x, spec: str) -> str:
+    """x formatted, or "-" as wide as the spec asks."""
+    width = re.match(r">?(\d*)", spec).group(1)
+    return format("-", f">{width}") if x is None else format(x, spec)
 
 
 def format_report(report: dict) -> str:
     head = (
         f"{'kernel':8} {'config':17} {'D':>5} {'dtype':5} {'prec':4} {'path':5} {'regs':>4} {'spill':>5} "
-        f"{'smem KB':>7} {'tc dots':>7} {'tc instr':>12} {'blk/SM':>6} {'occ':>5}  status"
+        f"{'smem KB':>7} {'tc dots':>7} {'tc instr':>12} {'blk/SM':>6} {'occ':>5} {'instr/el':>8} {'mufu/el':>7}  "
+        "status"
     )
     lines = [f"sm_{report['arch']} (triton {report['triton']})", head, "-" * len(head)]
     for r in report["variants"]:
@@ -361,21 +551,34 @@ def format_report(report: dict) -> str:
             f"{r['kernel']:8} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['precision']:4} "
             f"{r['path'] if gemm else '-':5} {r['registers']:>4} "
             f"{spill:>5} {r['shared_bytes'] / 1024:>7.1f} {dots:>7} {tc:>12} {r['blocks_per_sm']:>6} "
-            f"{r['occupancy']:>5.2f}  {status}"
+            f"{r['occupancy']:>5.2f} {_fmt(r.get('non_mma_per_element'), '8.2f')} "
+            f"{_fmt(r.get('mufu_per_element'), '7.2f')}  {status}"
+        )
+    lines += [
+        "",
+        f"Grids at D = {GRID_D}, bf16 (>= {K.PROGRAMS_PER_SM} x {report['grids'][0]['sms']} SMs programs wanted):",
+        f"{'rows':>6} {'cols':>6} {'kernel':6} {'config':17} {'grid':>14} {'programs':>8} {'blk/SM':>6} "
+        f"{'waves':>6}  status",
+    ]
+    for g in report["grids"]:
+        grid = "x".join(str(x) for x in g["grid"])
+        lines.append(
+            f"{g['rows']:>6} {g['cols']:>6} {g['kernel']:6} {g['config']:17} {grid:>14} {g['programs']:>8} "
+            f"{_fmt(g['blocks_per_sm'], '>6')} {_fmt(g['waves'], '6.2f')}  {'ok' if g['ok'] else 'grid too small'}"
         )
     lines += [
         "",
         f"Roofline, forward + backward on an H100 SXM ({H100_BF16_TFLOPS:g} TFLOP/s dense bf16, "
-        f"{H100_HBM_TBPS:g} TB/s HBM, {SFU_EXP2_PER_CLOCK_PER_SM} exp2/clk/SM x {H100_SMS} SMs @ "
-        f"{H100_CLOCK_GHZ:g} GHz):",
-        f"{'2N':>7} {'D':>4} {'GFLOP':>8} {'MB HBM':>7} {'TC ms':>7} {'SFU ms':>7} {'HBM ms':>7} "
-        f"{'max ms':>7} {'TC+SFU+HBM':>10}",
+        f"{H100_HBM_TBPS:g} TB/s HBM, {SFU_EXP2_PER_CLOCK_PER_SM} exp2/clk/SM and {ISSUE_PER_CLOCK_PER_SM} warp "
+        f"instructions/clk/SM x {H100_SMS} SMs @ {H100_CLOCK_GHZ:.2f} GHz; issue from the sm_90 SASS counts):",
+        f"{'2N':>7} {'D':>4} {'GFLOP':>8} {'MB HBM':>7} {'TC ms':>7} {'SFU ms':>7} {'issue ms':>8} {'HBM ms':>7} "
+        f"{'max ms':>7} {'sum ms':>7}",
     ]
     for r in report["roofline"]:
         lines.append(
             f"{r['two_n']:>7} {r['d']:>4} {r['gemm_flops'] / 1e9:>8.1f} {r['hbm_bytes'] / 1e6:>7.1f} "
-            f"{r['tensor_core_ms']:>7.3f} {r['sfu_ms']:>7.3f} {r['hbm_ms']:>7.3f} {r['bound_ms']:>7.3f} "
-            f"{r['serial_ms']:>10.3f}"
+            f"{r['tensor_core_ms']:>7.3f} {r['sfu_ms']:>7.3f} {_fmt(r['issue_ms'], '8.3f')} {r['hbm_ms']:>7.3f} "
+            f"{r['bound_ms']:>7.3f} {r['serial_ms']:>7.3f}"
         )
     return "\n".join(lines)
 
@@ -398,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = shipped_variants(QUICK_D_CASES, ("bf16", "fp32"), quick=True) if args.quick else None
     report = build_report(args.arch, variants)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return 1 if any(r["problems"] for r in report["variants"]) else 0
+    broken = any(r["problems"] for r in report["variants"]) or not all(
+        g["ok"] for g in report["grids"]
+    )
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from triton.backends.nvidia.driver import ty_to_cpp
 
 # Per-block opt-in shared memory (CUDA occupancy tables); CompiledKernel refuses to load a kernel that needs more.
 MAX_SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# SMs of the data-centre part of each architecture (A100, H100 SXM): the kernels size their grids by it.
+SM_COUNT = {80: 108, 90: 132}
 FIXED_TIMING_MS = 1.0
 # The options a launch passes to the compiler; the rest are the backend's defaults for the target.
 _LAUNCH_OPTIONS = (
@@ -84,7 +86,7 @@ class _Utils:
     def get_device_properties(self, device) -> dict:
         return dict(
             max_shared_mem=MAX_SHARED_PER_BLOCK.get(self.arch, 99 * 1024),
-            multiprocessor_count=132,
+            multiprocessor_count=SM_COUNT.get(self.arch, 132),
             max_num_regs=65536,
             warpSize=32,
             sm_clock_rate=1_980_000,

@@ -65,7 +65,7 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
     assert_clean(report)
     assert code == 0
     rows = report["variants"]
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "norm_fwd", "norm_bwd"}
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "norm_fwd", "col_terms", "norm_bwd"}
     assert {r["dtype"] for r in rows} == {
         "bf16",
         "fp32",
@@ -78,9 +78,10 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
             assert r["num_stages"] == 3  # what a launch without num_stages compiles with
         if r["kernel"] in K.KERNELS:
             itemsize = R.ITEMSIZE[r["dtype"]]
-            assert (
-                r["config"] == K.candidate_configs(r["kernel"], 1 << 20, r["d"], itemsize)[0].name
-            )
+            # Each kernel's first candidate, and the configs the grid table's shapes launch.
+            first = K.candidate_configs(r["kernel"], 1 << 20, r["d"], itemsize)[0].name
+            grid_configs = {v.config for v in R.grid_variants(arch) if v.kernel == r["kernel"]}
+            assert r["config"] == first or r["config"] in grid_configs, r
             assert r["tensor_core_op"] == TC_OPS[arch] and r["tensor_core_instructions"] > 0, r
             assert r["dots"] == r["mma_dots"] >= 1, r
             # Launch-time specialisation: aligned pointers, and the width of z_hat's zero-padded rows (a multiple of 16
@@ -94,6 +95,19 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
                 r
             )  # cvt.rna.tf32.f32: tf32 dot operands rounded to nearest
     assert (32768, 128) in {(line["two_n"], line["d"]) for line in report["roofline"]}
+    # What the GEMM kernels' main loops issue besides the MMAs, per S element.
+    for r in rows:
+        if r["kernel"] in K.KERNELS:
+            assert r["loop_instructions"] > 0 and r["mma_per_element"] > 0, r
+            assert 0 < r["non_mma_per_element"] < 100, r
+    # The named DDP shapes fill the GPU: >= 2 programs per SM in both GEMM kernels.
+    grids = report["grids"]
+    assert {(g["rows"], g["cols"]) for g in grids} == set(R.GRID_SHAPES)
+    for g in grids:
+        assert g["ok"] and g["programs"] >= K.PROGRAMS_PER_SM * R.SM_COUNT[arch], g
+        assert g["blocks_per_sm"] >= 1 and g["waves"] > 0, g
+    if arch == 90:
+        assert all(line["issue_ms"] > 0 for line in report["roofline"])
 
 
 # (D, dtype, precision, tau): aligned and unaligned D, both paths, tf32 and a half dtype.
@@ -155,7 +169,7 @@ def test_report_compiles_what_the_launch_compiles(arch, triton_cache):
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     records = json.loads(proc.stdout)
-    assert len(records) == 4 * len(PARITY_CASES)
+    assert len(records) == len(R.KERNEL_NAMES) * len(PARITY_CASES)
     for r in records:
         for part in ("signature", "constexprs", "attrs", "options", "hash"):
             assert r["report"][part] == r["launch"][part], (
@@ -222,10 +236,57 @@ def test_occupancy_follows_the_tightest_limit():
 def test_roofline_uses_the_three_gemm_count():
     line = R.roofline(32768, 128)
     flops = 6.0 * 32768**2 * 128
-    assert line.gemm_flops == flops  # no padding at this size
-    assert line.tensor_core_ms == pytest.approx(flops / (R.H100_BF16_TFLOPS * 1e12) * 1e3)
+    # No padding at this size; the fixed-shift path's boundary blocks run twice (< 1% here).
+    assert flops < line.gemm_flops < 1.01 * flops
+    assert line.tensor_core_ms == pytest.approx(line.gemm_flops / (R.H100_BF16_TFLOPS * 1e12) * 1e3)
+    assert line.issue_ms is None
     assert line.bound_ms == max(line.tensor_core_ms, line.sfu_ms, line.hbm_ms)
     assert line.tensor_core_ms < 1.5  # the issue's 2N = 32768 target is reachable at >= 55% of peak
+
+
+def test_roofline_bounds_share_the_clock_of_the_bf16_peak():
+    # 989 TFLOP/s dense bf16 = 132 SMs x 4096 FLOP/clock x 1.83 GHz; the exp and issue bounds run at that clock.
+    assert abs(R.H100_CLOCK_GHZ - 1.829) < 1e-3
+    line = R.roofline(32768, 128, instructions_per_element=32.0)
+    clock = R.H100_CLOCK_GHZ * 1e9
+    assert line.sfu_ms == pytest.approx(2 * 32768**2 / (16 * 132 * clock) * 1e3)
+    # 32 instructions per element = one warp instruction per element; 4 issue per clock per SM.
+    assert line.issue_ms == pytest.approx(32768**2 / (4 * 132 * clock) * 1e3)
+    assert line.bound_ms == max(line.tensor_core_ms, line.sfu_ms, line.hbm_ms, line.issue_ms)
+    assert line.serial_ms == pytest.approx(
+        line.tensor_core_ms + line.sfu_ms + line.hbm_ms + line.issue_ms
+    )
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   BRA 0x60 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0040*/                   FFMA R2, R24, R3, -R3 ;
+        /*0050*/                   MUFU.EX2 R4, R2 ;
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0070*/                   FADD R5, R4, R5 ;
+        /*0080*/               @P0 BRA 0x30 ;
+        /*0090*/                   FADD R6, R6, R7 ;
+        /*00a0*/               @P1 BRA 0x90 ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_main_loop_counts_non_mma_instructions():
+    """The main loop is the backward branch's span that holds MMAs (not the later loop without), counted per element:
+    4 non-MMA instructions (FFMA, MUFU, FADD and the branch) x 128 threads / (64 x 64)."""
+    body = R.main_loop(R.sass_instructions(SASS))
+    assert [x.split()[0] for x in body] == [
+        "HGMMA.64x64x16.F32.BF16", "FFMA", "MUFU.EX2", "HGMMA.64x64x16.F32.BF16", "FADD", "BRA",
+    ]  # fmt: skip
+    counts = R.loop_counts(SASS, 64, 64, 128)
+    assert counts["loop_instructions"] == 6
+    assert counts["non_mma_per_element"] == pytest.approx(4 * 128 / 4096)
+    assert counts["mufu_per_element"] == pytest.approx(128 / 4096)
+    assert counts["mma_per_element"] == pytest.approx(2 * 128 / 4096)
+    assert R.main_loop(R.sass_instructions(SASS.replace("HGMMA", "FMUL"))) == []
 
 
 @pytest.mark.slow

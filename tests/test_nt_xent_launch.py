@@ -35,6 +35,7 @@ SLOW_CASES = {
 KERNEL_ORDER = [
     "_nt_xent_norm_fwd_kernel",
     "_nt_xent_fwd_kernel",
+    "_nt_xent_col_terms_kernel",
     "_nt_xent_bwd_kernel",
     "_nt_xent_norm_bwd_kernel",
 ]
@@ -141,7 +142,7 @@ def test_autotuner_prunes_and_keeps_the_best_guess(arch_launches):
     for name, rs in by_case(records).items():
         _, dtype, precision, n, d, _, _ = CASES[name]
         itemsize = 4 if dtype == "float32" else 2
-        for r, kernel in ((rs[1], "fwd"), (rs[2], "bwd")):
+        for r, kernel in ((rs[1], "fwd"), (rs[3], "bwd")):
             want = K.candidate_configs(kernel, 2 * n, d, itemsize, precision)[0]
             got = (
                 int(r["constexprs"]["BLOCK_M"]),
@@ -163,7 +164,7 @@ def test_launch_specialises_on_the_arguments(arch_launches):
     cases = by_case(records)
     for name, rs in cases.items():
         entry, dtype, precision, n, d, tau, distributed = CASES[name]
-        norm_fwd, fwd, bwd = rs[0], rs[1], rs[2]
+        norm_fwd, fwd, bwd = rs[0], rs[1], rs[3]
         # Exact fp32 loops over D in EXACT_BLOCK_D steps (FMA dots), every other launch takes the tensor-core tiling.
         exact = dtype == "float32" and precision == "ieee"
         width = d if distributed else K.padded_width(d)
@@ -197,6 +198,32 @@ def test_launch_specialises_on_the_arguments(arch_launches):
                 want_m,
                 want_offset,
             ), name
+
+
+def test_grid_is_the_launch_grid_for_the_architecture(arch_launches):
+    """The GEMM kernels launch ``launch_grid``'s grid for the stub's SM count (108 on sm_80, 132 on sm_90): forward (row
+    blocks, splits), backward (row blocks, D chunks, splits), and the normalisation backward adds that many splits. At
+    these small batches every column block is its own split, and the gathered case has several."""
+    from fastclr.kernels import nt_xent as K
+    from fastclr.kernels.stub_driver import SM_COUNT
+
+    arch, records = arch_launches
+    split_counts = []
+    for name, rs in by_case(records).items():
+        _, dtype, precision, n, d, _, distributed = CASES[name]
+        itemsize = 4 if dtype == "float32" else 2
+        fwd, bwd, norm_bwd = rs[1], rs[3], rs[4]
+        a, m, w = fwd["scalars"]["A"], fwd["scalars"]["M"], fwd["scalars"]["D"]
+        opts = dict(itemsize=itemsize, precision=precision, sms=SM_COUNT[arch])
+        want_fwd = K.launch_grid("fwd", a, w, m, **opts)
+        want_bwd = K.launch_grid("bwd", a, w, m, **opts)
+        assert tuple(fwd["grid"]) == (*want_fwd, 1), (name, fwd["grid"], want_fwd)
+        assert tuple(bwd["grid"]) == want_bwd, (name, bwd["grid"], want_bwd)
+        assert norm_bwd["scalars"]["n_splits"] == want_bwd[-1], name
+        block_n = int(fwd["constexprs"]["BLOCK_N"])
+        assert want_fwd[-1] == -(-m // block_n), (name, want_fwd)
+        split_counts.append(want_fwd[-1])
+    assert max(split_counts) > 1, split_counts
 
 
 @pytest.mark.slow

@@ -123,11 +123,14 @@ def triton_ieee(config=None):
     return lambda a, b, tau: K.nt_xent_triton(a, b, tau, precision="ieee", config=config)
 
 
-def check_fp32(n, d, tau, config=None, device=INTERPRETER):
+def check_fp32(n, d, tau, config=None, device=INTERPRETER, splits=None):
     z_a, z_b = pair(n, d, torch.float32, device=device.torch_device)
     kernel = device.kernels.nt_xent_triton
     got = loss_and_grads(
-        lambda a, b, t: kernel(a, b, t, precision="ieee", config=config), z_a, z_b, tau
+        lambda a, b, t: kernel(a, b, t, precision="ieee", config=config, splits=splits),
+        z_a,
+        z_b,
+        tau,
     )
     want = loss_and_grads(nt_xent_reference, z_a.double().cpu(), z_b.double().cpu(), tau)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
@@ -136,10 +139,12 @@ def check_fp32(n, d, tau, config=None, device=INTERPRETER):
     assert_close(got[2], want[2], **device.fp32_grad, what=f"dz_b n={n} d={d} tau={tau}")
 
 
-def check_half(n, d, tau, dtype, config=None, device=INTERPRETER):
+def check_half(n, d, tau, dtype, config=None, device=INTERPRETER, splits=None):
     z_a, z_b = pair(n, d, dtype, device=device.torch_device)
     kernel = device.kernels.nt_xent_triton
-    got = loss_and_grads(lambda a, b, t: kernel(a, b, t, config=config), z_a, z_b, tau)
+    got = loss_and_grads(
+        lambda a, b, t: kernel(a, b, t, config=config, splits=splits), z_a, z_b, tau
+    )
     got = tuple(x.cpu() for x in got)
     z_a, z_b = z_a.cpu(), z_b.cpu()
     ref = loss_and_grads(nt_xent_reference, z_a, z_b, tau)
@@ -192,6 +197,106 @@ def test_every_config_gives_the_same_result(config, dtype, device):
         check_fp32(96, 40, 0.1, config=config, device=device)
     else:
         check_half(96, 40, 0.1, dtype, config=config, device=device)
+
+
+# 2N = 80 rows, D = 24 in 64 x 32 tiles: 2 row blocks x 3 column blocks. splits = 5 leaves two splits empty (they
+# happen when the split count was chosen for another tile width).
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+@pytest.mark.parametrize("tau", [0.01, 0.5])
+def test_column_splits_match_reference(splits, tau, device):
+    check_fp32(40, 24, tau, config="BM64_BN32_W4_S2", device=device, splits=splits)
+
+
+def test_column_splits_half(device):
+    check_half(40, 24, 0.1, torch.bfloat16, config="BM64_BN32_W4_S2", device=device, splits=3)
+
+
+def test_column_splits_are_deterministic():
+    """The splits' partials are combined in split order (forward) and added in split order (backward): bitwise the same
+    on every run, however the programs finish."""
+    z_a, z_b = pair(40, 24, torch.float32)
+    fn = triton_ieee(config="BM64_BN32_W4_S2")
+    runs = [
+        loss_and_grads(lambda a, b, t: K.nt_xent_triton(a, b, t, precision="ieee", config="BM64_BN32_W4_S2",
+                                                        splits=3), z_a, z_b, 0.2)
+        for _ in range(2)
+    ]  # fmt: skip
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+    # Splitting only regroups fp32 sums: the one-split result agrees to rounding.
+    single = loss_and_grads(fn, z_a, z_b, 0.2)
+    for x, y in zip(runs[0], single, strict=True):
+        assert_close(x, y, 1e-6, 1e-5, "3 splits vs 1")
+
+
+WORLD = 2
+
+
+def _fake_two_ranks(monkeypatch):
+    """Rank 1 of a two-rank group whose other rank holds the same rows: the gathers concatenate two copies, so the
+    kernels see M = 2A columns with this rank's at OFFSET = A (rows != columns) without torch.distributed."""
+
+    def rows(x, group):
+        return (torch.cat([x] * WORLD), (WORLD - 1) * x.shape[0]) if group is not None else (x, 0)
+
+    def scalar(x, group):
+        return rows(x.reshape(1), group)[0]
+
+    monkeypatch.setattr(K, "all_gather_rows", rows)
+    monkeypatch.setattr(K, "all_gather_scalar", scalar)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("tau", [0.01, 0.5])
+def test_gathered_columns_with_splits_match_reference(splits, tau, monkeypatch):
+    """Rows != columns: each rank's loss is the mean over its rows of the logsumexp over every rank's rows, and its
+    gradient is that of the sum of all ranks' g-weighted losses with respect to its own rows. Both ranks holding the
+    same rows, that is the reference on the batch repeated WORLD times (the same loss; WORLD x its gradient for one
+    copy)."""
+    _fake_two_ranks(monkeypatch)
+    n, d = 20, 24
+    z_a, z_b = pair(n, d, torch.float32)
+    got = loss_and_grads(
+        lambda a, b, t: K.nt_xent_triton(
+            a, b, t, group=object(), precision="ieee", config="BM32_BN32_W8_S2", splits=splits
+        ),
+        z_a, z_b, tau,
+    )  # fmt: skip
+    full = loss_and_grads(
+        nt_xent_reference, z_a.double().repeat(WORLD, 1), z_b.double().repeat(WORLD, 1), tau
+    )
+    assert_close(got[0], full[0], **FP32_LOSS, what="loss")
+    assert_close(got[1], WORLD * full[1][-n:], **FP32_GRAD, what="dz_a")
+    assert_close(got[2], WORLD * full[2][-n:], **FP32_GRAD, what="dz_b")
+
+
+@pytest.mark.parametrize("sms", [108, 132])
+@pytest.mark.parametrize("a,m", [(1024, 8192), (512, 4096), (4096, 8192), (8192, 8192)])
+def test_grid_fills_the_gpu_at_ddp_shapes(a, m, sms):
+    """At least PROGRAMS_PER_SM x the SM count programs in both GEMM kernels (bf16, D = 128), with the default config."""
+    for kernel in K.KERNELS:
+        grid = K.launch_grid(kernel, a, 128, m, sms=sms)
+        programs = math.prod(grid)
+        assert programs >= K.PROGRAMS_PER_SM * sms, (kernel, a, m, sms, grid)
+        # No gratuitous splitting.
+        assert programs <= 4 * K.PROGRAMS_PER_SM * sms, (kernel, a, m, sms, grid)
+
+
+def test_column_splits_are_the_fewest_that_fill_the_gpu():
+    for rows in (1, 3, 8, 16, 64, 300):
+        for blocks in (1, 2, 5, 64, 128, 129):
+            for programs in (4, 216, 264):
+                splits = K.column_splits(rows, blocks, programs)
+                per = -(-blocks // splits)
+                assert 1 <= splits <= blocks
+                assert (splits - 1) * per < blocks, "an empty split"
+                case = (rows, blocks, programs, splits)
+                assert rows * splits >= programs or splits == blocks, case
+                for fewer in range(1, splits):
+                    even = -(-blocks // -(-blocks // fewer)) == fewer  # no split left empty
+                    assert not even or rows * fewer < programs, (case, fewer)
+    # Many rows: one split, the kernels' old grid.
+    assert K.launch_grid("fwd", 262144, 128, sms=132) == (2048, 1)
 
 
 def loss_of_rows(rows: torch.Tensor, tau: float) -> torch.Tensor:
@@ -364,15 +469,32 @@ def test_macs_within_three_gemms_at_sizes_that_matter(two_n, d):
 
 
 def test_macs_count_padding_and_d_chunks():
-    # 2N = 514 pads to 576 rows (64-row blocks) and 544 columns (32-column blocks); D = 130 pads to one 256 block.
-    macs = K.executed_macs(514, 130, config="BM64_BN32_W4_S2")
+    # The running-max path (shift=False) visits every block once. 2N = 514 pads to 576 rows (64-row blocks) and 544
+    # columns (32-column blocks); D = 130 pads to one 256 block.
+    macs = K.executed_macs(514, 130, config="BM64_BN32_W4_S2", shift=False)
     assert macs["fwd"] == 576 * 544 * 256
     assert macs["bwd"] == 2 * 576 * 544 * 256
     assert macs["ideal"] == 3 * 514 * 514 * 130
     # D = 2048: the forward loops over D, the backward recomputes S for each of its 16 output chunks of 128.
-    wide = K.executed_macs(4096, 2048, config="BM64_BN64_W4_S3")
+    wide = K.executed_macs(4096, 2048, config="BM64_BN64_W4_S3", shift=False)
     assert wide["fwd"] == 4096 * 4096 * 2048
     assert wide["bwd"] == 16 * 4096 * 4096 * 2048 + 4096 * 4096 * 2048
+
+
+def test_macs_count_boundary_blocks_twice():
+    """The fixed-shift path runs each row block's boundary blocks again with masks. 2N = 256 in 64 x 32 tiles: every
+    row block has a diagonal run of 2 blocks and one run of positives of 2 (N = 128 is a multiple of the tiles, and
+    nothing is ragged): 4 row blocks x 4 visits."""
+    assert K.boundary_visits(256, 256, 64, 32) == 16
+    macs = K.executed_macs(256, 128, config="BM64_BN32_W4_S2")
+    assert macs["fwd"] == 256 * 256 * 128 + 16 * 64 * 32 * 128
+    assert macs["bwd"] == 2 * macs["fwd"]
+    # 2N = 200: runs of positives straddle blocks, and the ragged last block (192..200) is a boundary block of every
+    # row block. Per row block: diagonal + positives (two runs) + last block.
+    per_row_block = [2 + 3 + 0 + 1, 2 + 2 + 1 + 1, 2 + 0 + 3 + 1, 1 + 0 + 2 + 1]
+    assert K.boundary_visits(200, 200, 64, 32) == sum(per_row_block)
+    # Gathered columns: rank 1 of 2 (offset A) has its diagonal and positives among the columns A.. 2A.
+    assert K.boundary_visits(256, 512, 64, 32, offset=256) == 16
 
 
 def test_candidates_cover_every_d_and_small_batches():
@@ -387,7 +509,7 @@ def test_candidates_cover_every_d_and_small_batches():
         K.candidate_configs("fwd", 64, 128, itemsize=8)
     # Tiny batches get the smallest listed tiles, large ones the first (preferred) entry.
     assert K.candidate_configs("fwd", 2, 128)[0].block_m == 64
-    assert K.candidate_configs("fwd", 1 << 20, 128)[0].name == "BM128_BN64_W8_S3"
+    assert K.candidate_configs("fwd", 1 << 20, 128)[0].name == "BM128_BN128_W8_S2"
 
 
 @pytest.fixture
