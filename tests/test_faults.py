@@ -504,6 +504,39 @@ def test_skip_nonfinite_skips_non_finite_gradients(data, tmp_path, capsys, nan_g
     assert final["step"] == 6 and final["extra"]["nonfinite_skipped"] >= 1
 
 
+def test_skip_nonfinite_puts_the_memory_bank_back(data, tmp_path, monkeypatch):
+    """A skipped step has already written its rows into the bank: the guard undoes that too, pointer included."""
+    from fastclr.cli import main
+    from fastclr.losses import memory_bank
+
+    bank_loss = memory_bank._bank_loss
+    nan_from = 2  # steps 0 and 1 train, every later step has a NaN loss
+    calls = []
+
+    def nan_after_two(*args):
+        calls.append(None)
+        loss = bank_loss(*args)
+        return loss * float("nan") if len(calls) > nan_from else loss
+
+    monkeypatch.setattr(memory_bank, "_bank_loss", nan_after_two)
+    out = tmp_path / "run"
+    flags = tiny_flags(
+        data, out, "--ckpt-every", "1", "--skip-nonfinite", "--memory-bank-size", "40"
+    )
+    assert main([*flags, "--max-steps", "4"]) == 0
+    by_step = {
+        load_checkpoint(p)["step"]: load_checkpoint(p)["loss"]
+        for p in list_checkpoints(out / "checkpoints")
+    }
+    assert sorted(by_step) == [2, 3, 4]
+    assert int(by_step[2]["memory_bank.bank_ptr"]) == 2 * 8
+    for step in (3, 4):  # skipped: the bank as step 2 left it
+        assert torch.equal(by_step[step]["memory_bank.bank"], by_step[2]["memory_bank.bank"]), step
+        assert torch.equal(
+            by_step[step]["memory_bank.bank_ptr"], by_step[2]["memory_bank.bank_ptr"]
+        ), step
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Broken images, both pipelines
 # ---------------------------------------------------------------------------------------------------------------------

@@ -486,6 +486,24 @@ def test_bad_memory_bank_size_raises(size, exc, match):
         fastclr.NTXentLoss(memory_bank_size=size)
 
 
+def test_tile_label_sums_are_refused_with_the_fixed_shift():
+    """With tau >= SHIFT_MIN_TEMPERATURE the label sums have one home, the per-class sums (``_label_terms``)."""
+    z = tiled.normalized(torch.randn(8, 4))
+    y = torch.arange(8) % 3
+    with pytest.raises(ValueError, match="label sums come from _label_terms"):
+        tiled.row_stats(z, z, 0.5, 0, 4, labels=(y, y))
+    assert tiled.row_stats(z, z, 0.01, 0, 4, labels=(y, y)).labelled.shape == (8, 2)
+
+
+def test_a_str_memory_bank_size_names_the_impl_keyword():
+    """``NTXentLoss(0.5, "torch")`` puts the impl where lightly's signature has memory_bank_size."""
+    with pytest.raises(
+        TypeError,
+        match=r"memory_bank_size must be 0 or a \(K, D\) pair, got 'torch'; impl is a keyword argument",
+    ):
+        fastclr.NTXentLoss(0.5, "torch")
+
+
 def test_lightly_rejects_what_we_reject():
     lightly_loss = pytest.importorskip("lightly.loss")
     for size in (-1, 128, (4, 8, 2), (-4, 8)):

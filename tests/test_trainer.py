@@ -106,6 +106,22 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(data, tmp_path):
     assert first["losses"] + second["losses"] == full["losses"]  # bit-identical, not approximately
 
 
+def test_resume_with_a_memory_bank_reproduces_the_uninterrupted_losses_exactly(data, tmp_path):
+    """The bank and its pointer are not in the loss's state_dict: the checkpoint carries them all the same."""
+
+    def config(out, **run):
+        cfg = tiny_config(data, out, **run)
+        cfg.optim.epochs, cfg.loss.memory_bank_size = 2, 64  # 4 steps of 16 rows fill the bank
+        return cfg
+
+    full = pretrain(config(tmp_path / "full"))
+    first = pretrain(config(tmp_path / "cut", max_steps=6))
+    saved = load_checkpoint(first["checkpoint"])["loss"]
+    assert int(saved["memory_bank.bank_ptr"]) == 6 * 16 % 64
+    second = pretrain(config(tmp_path / "cut", resume="auto"))
+    assert first["losses"] + second["losses"] == full["losses"]
+
+
 def test_resume_with_another_config_names_the_keys(data, tmp_path):
     pretrain(tiny_config(data, tmp_path / "run", max_steps=2))
     cfg = tiny_config(data, tmp_path / "run", resume="auto")

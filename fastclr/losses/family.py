@@ -52,6 +52,12 @@ def check_memory_bank_size(size) -> tuple[int, int] | None:
 
     Like lightly, a bare positive int is refused (the feature dimension D cannot be guessed) and (0, D) means no bank.
     """
+    # a str is a Sequence but never a size: most likely an impl passed by position
+    if isinstance(size, str):
+        raise TypeError(
+            f"memory_bank_size must be 0 or a (K, D) pair, got {size!r}; impl is a keyword argument "
+            f"(NTXentLoss(temperature, impl={size!r}))"
+        )
     if isinstance(size, bool) or not isinstance(size, int | Sequence | torch.Size):
         raise TypeError(
             f"memory_bank_size must be 0 or a (num_negatives, dim) pair of ints, got {type(size).__name__}"

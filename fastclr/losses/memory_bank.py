@@ -16,7 +16,8 @@ and one step of ``NTXentLoss`` is, as in lightly:
 The bank starts as K normalised standard-normal rows drawn from torch's global generator when the loss is built
 (``torch.randn((K, D))`` in the default dtype, then float32): the same seed gives lightly's bank. Like lightly's, the
 bank is a non-persistent float32 buffer (``memory_bank.bank``, pointer ``memory_bank.bank_ptr``), moved by ``.to()``
-and absent from ``state_dict``.
+and absent from ``state_dict`` (the trainer's checkpoints carry it, see ``fastclr.train.checkpoint``). The pointer
+stays on the device: a step never reads it back, so a skipped step can put the bank and the pointer back in place.
 
 The "torch" impl takes lse^bank from the tiled engine (the bank as extra columns without gradient, memory linear in N
 and K); "reference" materialises the (N, 1 + K) logits.
@@ -108,8 +109,8 @@ class MemoryBank(nn.Module):
         # The draw lightly makes: randn in the default dtype, to float32, then unit rows.
         bank = F.normalize(torch.randn(size).float(), dim=-1)
         self.register_buffer("bank", bank, persistent=False)
+        # the pointer lives on the device only: a step never reads it back, and a guard can undo it in place
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
-        self._ptr = 0  # bank_ptr's value, kept on the host so that a step never reads the device
         self._synced = False
 
     def snapshot(self, like: torch.Tensor) -> torch.Tensor:
@@ -128,21 +129,25 @@ class MemoryBank(nn.Module):
             shared = buf.to(_collective_device(group), copy=True)
             dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
             buf.copy_(shared)
-        self._ptr = int(self.bank_ptr)
         self._synced = True
 
     @torch.no_grad()
     def enqueue(self, rows: torch.Tensor, group) -> None:
-        """Write the unit rows (B, D) (of every rank of ``group``, when given) at the pointer; advance it or wrap."""
+        """Write the unit rows (B, D) (of every rank of ``group``, when given) at the pointer; advance it or wrap.
+
+        Without reading the pointer: with p = bank_ptr and B' = min(B, K) (a batch never writes more than K rows),
+        row r < B' goes to slot p + r when p + r < K and is dropped otherwise (its slot (p + r) - K, distinct from
+        every written one, is rewritten with its own value); the pointer becomes p + B', or 0 when p + B' >= K.
+        """
         rows, _ = all_gather_rows(rows, group)
-        k, ptr = self.size[0], self._ptr
-        if ptr + rows.shape[0] >= k:
-            self.bank[ptr:] = rows[: k - ptr]
-            self._ptr = 0
-        else:
-            self.bank[ptr : ptr + rows.shape[0]] = rows
-            self._ptr = ptr + rows.shape[0]
-        self.bank_ptr.fill_(self._ptr)
+        k = self.size[0]
+        rows = rows[:k].to(self.bank.dtype)
+        pos = self.bank_ptr + torch.arange(rows.shape[0], device=self.bank.device)
+        dropped = pos >= k
+        slots = pos - k * dropped
+        self.bank.index_copy_(0, slots, torch.where(dropped[:, None], self.bank[slots], rows))
+        end = self.bank_ptr + rows.shape[0]
+        self.bank_ptr.copy_(torch.where(end >= k, 0, end))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, gather_distributed={self.gather_distributed}"

@@ -193,7 +193,8 @@ def row_stats(
     positive's too (DCL), then the ``extra`` (K, D) columns, which have no gradient (a memory bank; their column
     indices k_i count on from M). With ``labels`` = (y (A,), y_cols (M,)) labels are compared inside each tile and
     labelled[i] = (sum_{p in P(i)} (S_ip/tau - m_i), |P(i)|), P(i) = {j != i : y_j = y_i} among ``cols``; not together
-    with ``exclude_pos``.
+    with ``exclude_pos``, and below SHIFT_MIN_TEMPERATURE only (with the fixed shift the label sums come from
+    per-class sums, ``_label_terms``).
 
     m_i is 1/tau (the fixed shift) for tau >= SHIFT_MIN_TEMPERATURE, else the row's largest logit. lse_i itself is never
     stored: it is about 1/tau, and rounded to the dtype it would be off by ~1e-7/tau, which exp(S_ij/tau - lse_i) turns
@@ -205,6 +206,8 @@ def row_stats(
 
     Works on (block_rows, block_cols) tiles that stay in cache, so memory is O((A + M + K) D + tile) whatever the batch.
     """
+    if labels is not None and temperature >= SHIFT_MIN_TEMPERATURE:
+        raise ValueError("row_stats: with the fixed shift the label sums come from _label_terms")
     inv_t = 1.0 / temperature
     a, m = z_hat.shape[0], cols.shape[0]
     sources = [(cols, True)] + ([] if extra is None else [(extra, False)])
@@ -223,10 +226,6 @@ def row_stats(
                 tile = _logits_tile(buf, z_hat[r0:r1], src[c0:c1], inv_t, inv_t)
                 if in_batch:
                     _copy_positives(pos, tile, r0, r1, c0, c1, offset, a)
-                    if labels is not None:
-                        same = _same_labels(labels, r0, r1, c0, c1, offset, device)
-                        label_sum[r0:r1] += torch.where(same, tile, 0.0).sum(dim=1)
-                        count[r0:r1] += same.sum(dim=1)
                 tile.exp_()
                 if in_batch:
                     for idx in _excluded(r0, r1, c0, c1, offset, a, exclude_pos, device):
@@ -234,7 +233,7 @@ def row_stats(
                 total[r0:r1] += tile.sum(dim=1)
         no_arg = torch.full_like(total, -1.0)
         stats = torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1)
-        return RowStats(stats, pos, None if labels is None else torch.stack([label_sum, count], 1))
+        return RowStats(stats, pos, None)
     # Online log-sum-exp (running max); finfo.min instead of -inf keeps exp(m_old - m_new) finite-or-zero, never NaN.
     low = torch.finfo(z_hat.dtype).min
     run_max = torch.full((a,), low, dtype=z_hat.dtype, device=device)
@@ -364,15 +363,14 @@ def symmetric_row_stats(
     block: int,
     *,
     exclude_pos: bool = False,
-    labels: torch.Tensor | None = None,
 ) -> RowStats:
     """``row_stats`` for one process and tau >= SHIFT_MIN_TEMPERATURE from the upper-triangle tiles alone.
 
     With the fixed shift m_i = 1/tau the row sums l_i = sum_{kept j} exp(S_ij/tau - 1/tau) are plain sums of a
     symmetric matrix, so tile (I, J), J > I, gives the sums of rows I (over its rows) and of rows J (over its columns):
     half the GEMM and half the exps of ``row_stats``. The positive pairs (i, i + N) lie in the upper triangle and give
-    the positive logit of both of their rows. What is left out (self, with ``exclude_pos`` the positives) and the label
-    positives (``labels`` (A,): y_i == y_j, j != i) are symmetric too, and summed the same way.
+    the positive logit of both of their rows. What is left out (self, with ``exclude_pos`` the positives) is symmetric
+    too. (Label positives with the fixed shift come from per-class sums, ``_label_terms``, not from the tiles.)
     """
     inv_t = 1.0 / temperature
     a, n = z_hat.shape[0], z_hat.shape[0] // 2
@@ -380,23 +378,11 @@ def symmetric_row_stats(
     buf = z_hat.new_empty(min(block, a), min(block, a))
     total = z_hat.new_zeros(a)
     pos = z_hat.new_empty(a)
-    label_sum = count = None
-    if labels is not None:
-        label_sum, count = z_hat.new_zeros(a), z_hat.new_zeros(a)
-        pairs = (labels, labels)
     for r0, r1, c0, c1 in _square_tiles(a, block):
         tile = _logits_tile(buf, z_hat[r0:r1], z_hat[c0:c1], inv_t, inv_t)
         if (found := _diagonal(r0, r1, c0, c1, n, device)) is not None:
             rows, cols, i = found
             pos[i] = pos[i + n] = tile[rows, cols]
-        if labels is not None:
-            same = _same_labels(pairs, r0, r1, c0, c1, 0, device)
-            kept = torch.where(same, tile, 0.0)
-            label_sum[r0:r1] += kept.sum(dim=1)
-            count[r0:r1] += same.sum(dim=1)
-            if r0 != c0:
-                label_sum[c0:c1] += kept.sum(dim=0)
-                count[c0:c1] += same.sum(dim=0)
         tile.exp_()
         if r0 == c0:
             tile.diagonal().zero_()
@@ -408,7 +394,7 @@ def symmetric_row_stats(
         total[r0:r1] += tile.sum(dim=1)
     no_arg = torch.full_like(total, -1.0)
     stats = torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1)
-    return RowStats(stats, pos, None if labels is None else torch.stack([label_sum, count], 1))
+    return RowStats(stats, pos, None)
 
 
 def symmetric_grad(
@@ -419,13 +405,10 @@ def symmetric_grad(
     block: int,
     *,
     exclude_pos: bool = False,
-    labels: torch.Tensor | None = None,
-    e: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rows_grad`` for one process and tau >= SHIFT_MIN_TEMPERATURE from the upper-triangle tiles alone.
 
-    The weights W_ij = c_i P_ij + c_j P_ji = exp(S_ij/tau - 1/tau) (u_i + u_j), u = c / l, (+ (e_i + e_j) for label
-    positives) are symmetric: tile (I, J), J > I, adds W @ z_hat_J to rows I and W^T @ z_hat_I to rows J. S is
+    The weights W_ij = c_i P_ij + c_j P_ji = exp(S_ij/tau - 1/tau) (u_i + u_j), u = c / l, are symmetric: tile (I, J), J > I, adds W @ z_hat_J to rows I and W^T @ z_hat_I to rows J. S is
     recomputed once per pair of blocks, so the backward is one GEMM for the products and half of one for S.
     """
     inv_t = 1.0 / temperature
@@ -444,9 +427,6 @@ def symmetric_grad(
         if exclude_pos:
             for idx in _pos_entries(r0, r1, c0, c1, 0, a, device):
                 weight[idx] = 0.0
-        if labels is not None:
-            same = _same_labels((labels, labels), r0, r1, c0, c1, 0, device)
-            weight.add_(torch.add(e[r0:r1, None], e[None, c0:c1]).mul_(same))
         if r0 != c0:
             grad[c0:c1].addmm_(weight.T, z_hat[r0:r1])
         grad[r0:r1].addmm_(weight, z_hat[c0:c1])
@@ -638,9 +618,7 @@ class RowTermsFunction(torch.autograd.Function):
         ctx.class_sums = labels is not None and temperature >= SHIFT_MIN_TEMPERATURE
         tile_labels = None if labels is None or ctx.class_sums else labels
         if ctx.symmetric:
-            found = symmetric_row_stats(
-                z_hat, temperature, block_rows, exclude_pos=exclude_pos, labels=tile_labels
-            )
+            found = symmetric_row_stats(z_hat, temperature, block_rows, exclude_pos=exclude_pos)
         else:
             found = row_stats(
                 z_hat, cols, temperature, offset, block_rows, block_cols, exclude_pos=exclude_pos,
@@ -675,9 +653,8 @@ class RowTermsFunction(torch.autograd.Function):
         tile_labels = None if labels is None or ctx.class_sums else labels
         if ctx.symmetric:
             grad = symmetric_grad(
-                z_hat, stats, c, ctx.temperature, ctx.blocks[0], exclude_pos=ctx.exclude_pos,
-                labels=tile_labels, e=e,
-            )  # fmt: skip
+                z_hat, stats, c, ctx.temperature, ctx.blocks[0], exclude_pos=ctx.exclude_pos
+            )
         else:
             grad = rows_grad(
                 z_hat, cols, stats, stats_cols, ctx.offset, c, c_cols, ctx.temperature, *ctx.blocks,

@@ -4,7 +4,7 @@ A checkpoint is a dict saved with ``torch.save`` under ``<dir>/ckpt-<step:09d>.p
 
     {"format": "fastclr-checkpoint", "version": 1, "step": int, "epoch": int, "batch": int, "world_size": int,
      "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
-     "rng": [{...} per rank], "config": {section: {key: value}},
+     "rng": [{...} per rank], "config": {section: {key: value}}, "loss": {buffer name: tensor} (a memory bank),
      "extra": {"knn_init": ..., "knn_history": [[step, top1], ...], "nonfinite_skipped": int, "elapsed_s": float}}
 
 ``epoch``/``batch`` is the data position: the next batch to train is batch ``batch`` of epoch ``epoch``.
@@ -317,6 +317,8 @@ class TrainCheckpoint:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     rng: list[dict[str, Any]] = field(default_factory=list)  # one rng_state() per rank
+    # the loss module's buffers, persistent or not (a memory bank and its pointer); None in older checkpoints
+    loss: dict[str, torch.Tensor] | None = None
 
     def save(self, directory: str | Path, *, keep: int = 3) -> Path:
         """Write atomically as ``checkpoint_path(directory, step)``, keeping the newest ``keep``."""
@@ -332,6 +334,7 @@ class TrainCheckpoint:
                 "scheduler": self.scheduler,
                 "scaler": self.scaler,
                 "rng": self.rng,
+                "loss": self.loss,
                 "config": self.config.to_dict(),
                 "extra": {
                     "knn_init": s.knn_init,
@@ -374,7 +377,28 @@ class TrainCheckpoint:
             scheduler=ckpt.get("scheduler"),
             scaler=ckpt.get("scaler"),
             rng=ckpt.get("rng", []),
+            loss=ckpt.get("loss"),
         )
+
+    def restore_loss(self, loss: torch.nn.Module, path: str | Path = "checkpoint") -> None:
+        """Copy the saved loss state into ``loss``'s buffers, wherever they are (nothing to do for a checkpoint
+        written without it).
+
+        Raises:
+            CheckpointError: the saved buffers are not the loss's (names or shapes differ).
+        """
+        if self.loss is None:
+            return
+        live = dict(loss.named_buffers())
+        shapes = {name: tuple(t.shape) for name, t in live.items()}
+        saved = {name: tuple(t.shape) for name, t in self.loss.items()}
+        if shapes != saved:
+            raise CheckpointError(
+                f"{path}: the loss state {saved} does not fit this run's loss {shapes}"
+            )
+        with torch.no_grad():
+            for name, t in live.items():
+                t.copy_(self.loss[name])
 
     def rng_for(self, rank: int, world_size: int) -> dict[str, Any]:
         """The RNG state rank ``rank`` resumes with: its own when the world size is unchanged, else rank 0's."""

@@ -121,19 +121,25 @@ class UpdateGuard:
     """Undoes a step on the device when a device flag says so, with no host read (as a GradScaler skips a step).
 
     Before each step :meth:`save` copies the weights, the optimiser state and the buffers (BatchNorm running
-    statistics, which the forward updates) into preallocated tensors, in place; after it :meth:`undo_if` puts them
-    back with ``torch.where``. Optimiser state the step created (momentum on the first step) is zeroed, which is
-    how LARS starts it.
+    statistics, which the forward updates; the loss's, e.g. a memory bank and its pointer, which the loss updates)
+    into preallocated tensors, in place; after it :meth:`undo_if` puts them back with ``torch.where``. Optimiser state
+    the step created (momentum on the first step) is zeroed, which is how LARS starts it.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: torch.nn.Module | None = None,
+    ) -> None:
         self.model, self.optimizer = model, optimizer
+        self.loss_buffers = [] if loss is None else list(loss.buffers())
         self.saved: list[torch.Tensor] = []
         self.copies: list[torch.Tensor] = []
 
     def _live(self) -> list[torch.Tensor]:
         state = optimizer_tensors(self.optimizer)
-        return [*self.model.parameters(), *self.model.buffers(), *state]
+        return [*self.model.parameters(), *self.model.buffers(), *self.loss_buffers, *state]
 
     @torch.no_grad()
     def save(self) -> None:

@@ -142,7 +142,7 @@ class Trainer:
         # fp16's overflowing steps are undone as non-finite ones are with --skip-nonfinite; without either, a
         # non-finite step stops the run at the next read, before anything is saved, so it need not be undone.
         self.guard = (
-            UpdateGuard(self.model, self.optimizer)
+            UpdateGuard(self.model, self.optimizer, self.loss_fn)
             if cfg.run.skip_nonfinite or self.scaler is not None
             else None
         )
@@ -189,7 +189,8 @@ class Trainer:
         )
 
     def restore(self, path: Path) -> None:
-        """Continue from checkpoint ``path``: weights, optimiser, schedule, scaler, this rank's RNGs, the position."""
+        """Continue from checkpoint ``path``: weights, optimiser, schedule, scaler, the loss's state (a memory bank),
+        this rank's RNGs, the position."""
         # on the CPU: load_state_dict below copies to the device
         ckpt = TrainCheckpoint.load(path, type(self.cfg))
         check_config(ckpt.config.to_dict(), self.cfg.to_dict(), ignore=RESUME_FREE_KEYS, path=path)
@@ -204,6 +205,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt.scheduler)
         if self.scaler is not None and ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
+        ckpt.restore_loss(self.loss_fn, path)
         set_rng_state(ckpt.rng_for(self.info.rank, self.info.world_size))
         self.state, self.last_ckpt = ckpt.state, path
         if self.info.is_main:
@@ -231,6 +233,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 rng=rngs,
+                loss=dict(self.loss_fn.named_buffers()),
             )
             path = ckpt.save(self.ckpt_dir, keep=self.cfg.run.keep)
         self.last_ckpt = path
