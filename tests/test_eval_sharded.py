@@ -298,3 +298,20 @@ def test_init_distributed_refuses_a_timeout_that_is_not_a_positive_timedelta():
     for bad in (None, datetime.timedelta(0), 60):
         with pytest.raises(ValueError, match="timeout must be a positive datetime.timedelta"):
             dist.init_distributed("cpu", timeout=bad)
+
+
+def test_fewer_images_than_ranks_is_refused_alike_on_every_rank(tmp_path):
+    """With N < W images a rank's shard is empty: every rank refuses the data, naming it and W, before any loader."""
+    from fastclr.train.config import PretrainConfig
+    from fastclr.train.evaluate import _data_paths, check_shards_not_empty
+
+    check_shards_not_empty("--data", "d", 3, 3)  # one image per rank is enough
+    with pytest.raises(ValueError, match=r"--data d: 2 image\(s\) for 3 ranks"):
+        check_shards_not_empty("--data", "d", 2, 3)
+    make_images(tmp_path / "train", 5, seed=0)
+    make_images(tmp_path / "test", 3, seed=1)
+    train, test = str(tmp_path / "train"), str(tmp_path / "test")
+    assert _data_paths(PretrainConfig(), train, test, "kNN", 3) == (train, test)
+    # the check reads only what every rank knows (the listing, W): every rank raises this, none waits
+    with pytest.raises(ValueError, match=rf"--test-data {test}: 3 image\(s\) for 4 ranks"):
+        _data_paths(PretrainConfig(), train, test, "kNN", 4)

@@ -364,3 +364,38 @@ def test_every_rank_takes_the_full_batches_of_the_shortest_shard(tmp_path):
             loader.close()
         counts.append((len(loader), batches))
     assert counts == [(1, [4]), (1, [4])]
+
+
+def test_the_held_out_monitor_scores_every_shard_with_rank_0s_batch_norm_statistics(monkeypatch):
+    """Like kNN's monitor, Top1Monitor broadcasts rank 0's buffers before scoring this rank's shard."""
+    from fastclr.train import dist, stage
+
+    calls = []
+    monkeypatch.setattr(dist, "broadcast_buffers", lambda m, info: calls.append(("buffers", m)))
+    monkeypatch.setattr(
+        stage, "classifier_top1", lambda m, *a, **k: calls.append(("top1", m)) or 0.5
+    )
+    info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    cfg = PretrainConfig()
+    cfg.data.test_data = "unused"
+    monitor = stage.Top1Monitor(cfg, info, ["a", "b"], None)
+    monitor._loader = [(torch.zeros(1, 3, 8, 8), torch.zeros(1))]  # prepared: no folder opened
+    model = torch.nn.BatchNorm2d(3)
+    assert monitor(model) == 0.5
+    assert calls == [("buffers", model), ("top1", model)]
+
+
+def test_tar_shards_as_data_are_refused_clearly_before_training(ckpt, data, tmp_path, capsys):
+    """Shards (their folder or a brace pattern) are refused with a clear error, not a missing file or a bad list."""
+    from fastclr.pipelines.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(data[1], shards, shard_size=8, progress=False)  # 24 images: 3 shards
+    out = tmp_path / "o"
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"test-00000{i}.tar" for i in range(3)]
+    for source in (str(shards), str(shards / "test-{000000..000002}.tar")):
+        args = ["finetune", "--ckpt", str(ckpt), "--data", source, "--out", str(out)]
+        assert main([*args, "--label-fraction", "0.5"]) == 1
+        err = capsys.readouterr().err
+        assert f"--data {source}: fine-tuning from tar shards is not supported yet" in err, err
+    assert not out.exists()  # nothing written

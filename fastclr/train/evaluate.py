@@ -41,10 +41,28 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device, memory_format=memory_format(model)).eval(), ckpt.config
 
 
+def check_shards_not_empty(flag: str, source: str, num_images: int, world_size: int) -> None:
+    """Refuse ``num_images`` images over ``world_size`` ranks if a rank's shard (images ``rank, rank + W, ...``)
+    would be empty: that rank alone would fail to build its loader while the others wait in a collective.
+
+    Every rank knows both numbers before any collective, so every rank raises alike.
+    """
+    if num_images < world_size:
+        raise ValueError(
+            f"{flag} {source}: {num_images} image(s) for {world_size} ranks; every rank needs at least one image "
+            f"of its shard (run on at most {num_images} ranks, or give more images)"
+        )
+
+
 def _data_paths(
-    cfg: PretrainConfig, data: str | None, test_data: str | None, evaluation: str
+    cfg: PretrainConfig,
+    data: str | None,
+    test_data: str | None,
+    evaluation: str,
+    world_size: int = 1,
 ) -> tuple[str, str]:
-    """The labelled ``(--data, --test-data)`` folders to evaluate on; a clear error for a missing or flat one."""
+    """The labelled ``(--data, --test-data)`` folders to evaluate on; a clear error for a missing or flat one, or for
+    one with fewer images than the ``world_size`` ranks that shard it (:func:`check_shards_not_empty`)."""
     from fastclr.pipelines.data import scan_images
     from fastclr.pipelines.shards import is_shard_source
 
@@ -58,11 +76,13 @@ def _data_paths(
         if not is_shard_source(p) and not Path(p).exists():
             raise FileNotFoundError(f"{flag} {p}: no such file or directory")
         # A run may pretrain on a flat folder; evaluation needs its labels (a listing with header checks, no decoding).
-        if not scan_images(p, on_corrupt="skip").labelled:
+        listing = scan_images(p, on_corrupt="skip")
+        if not listing.labelled:
             default = "" if given else " (the checkpoint's; it was pretrained on unlabelled images)"
             raise ConfigError(
                 f"{evaluation} evaluation needs labelled images, but {unlabelled_data_hint(flag, p)}{default}"
             )
+        check_shards_not_empty(flag, p, len(listing.files), world_size)
     return train, test
 
 
@@ -140,7 +160,9 @@ def run_knn(
     with _process_group(device, dist_timeout) as info:
         dev = info.device
         model, cfg = dist.run_on_every_rank(lambda: load_model(ckpt, dev), info)
-        train, test = dist.run_on_every_rank(lambda: _data_paths(cfg, data, test_data, "kNN"), info)
+        train, test = dist.run_on_every_rank(
+            lambda: _data_paths(cfg, data, test_data, "kNN", info.world_size), info
+        )
         opts = dict(batch_size=batch_size, size=size, workers=workers, backend=backend, info=info)
         with (
             _eval_loader(train, cfg, dev, **opts) as bank,
@@ -205,7 +227,7 @@ def run_linear(
         dev = info.device
         model, cfg = dist.run_on_every_rank(lambda: load_model(ckpt, dev), info)
         train, test = dist.run_on_every_rank(
-            lambda: _data_paths(cfg, data, test_data, "linear"), info
+            lambda: _data_paths(cfg, data, test_data, "linear", info.world_size), info
         )
         opts = dict(
             batch_size=batch_size // info.world_size,

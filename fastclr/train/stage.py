@@ -213,6 +213,7 @@ class Top1Monitor:
 
     def __call__(self, model: torch.nn.Module) -> float:
         self.prepare()
+        dist.broadcast_buffers(model, self.info)  # every shard scored by the model rank 0 saves
         return classifier_top1(
             model, self._loader, self.info.device, self.autocast_dtype, self.info
         )
