@@ -99,6 +99,9 @@ COL_TERMS_BLOCK = 1024  # columns per program of the backward's per-column terms
 # rows x splits of the columns. The interpreter pretends to have INTERPRETER_SMS, so small tests take several splits.
 PROGRAMS_PER_SM = 2
 INTERPRETER_SMS = 2
+# The upper-triangle forward keeps the column sums of at most SYM_MAX_SLOTS row blocks at once (SYM_MAX_SLOTS x 2N fp32:
+# 256 MiB at 2N = 262144); more row blocks run in chunks of SYM_MAX_SLOTS / 2 row-block pairs, one launch each.
+SYM_MAX_SLOTS = 256
 PRECISIONS = ("tf32", "ieee")
 _TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -186,18 +189,29 @@ def _logits_tile(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EVEN: tl.constexpr = False,
+    TRANS: tl.constexpr = False,
 ):
-    """S for rows r0.. x columns c0.., (BLOCK_M, BLOCK_N) fp32. With D_BLOCKS == 1 the row tile q is preloaded. EVEN:
-    columns c0 .. c0 + BLOCK_N all exist (no row mask on their loads)."""
+    """S for rows r0.. x columns c0.., (BLOCK_M, BLOCK_N) fp32, or with TRANS its transpose (BLOCK_N, BLOCK_M): the
+    column tile as the MMA's rows. With D_BLOCKS == 1 the row tile q is preloaded. EVEN: columns c0 .. c0 + BLOCK_N
+    all exist (no row mask on their loads)."""
     if D_BLOCKS == 1:
         k = _load_rows(cols_ptr, c0, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER, EVEN)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if TRANS:
+            s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     else:
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if TRANS:
+            s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D_BLOCKS * BLOCK_D, BLOCK_D):
             q_d = _load_rows(zhat_ptr, r0, A, d0, D, BLOCK_M, BLOCK_D, INTERPRETER)
             k_d = _load_rows(cols_ptr, c0, M, d0, D, BLOCK_N, BLOCK_D, INTERPRETER, EVEN)
-            s = tl.dot(q_d, tl.trans(k_d), s, input_precision=INPUT_PRECISION)
+            if TRANS:
+                s = tl.dot(k_d, tl.trans(q_d), s, input_precision=INPUT_PRECISION)
+            else:
+                s = tl.dot(q_d, tl.trans(k_d), s, input_precision=INPUT_PRECISION)
     return s
 
 
@@ -338,6 +352,16 @@ def _clip(f, l, tb, te):
 
 
 @triton.jit
+def _clip_runs(f0, l0, f1, l1, f2, l2, f3, l3, tb, te):
+    """The four runs of ``_boundary_runs`` clipped to blocks [tb, te): (start, length) each, for ``_boundary_block``."""
+    g0, n0 = _clip(f0, l0, tb, te)
+    g1, n1 = _clip(f1, l1, tb, te)
+    g2, n2 = _clip(f2, l2, tb, te)
+    g3, n3 = _clip(f3, l3, tb, te)
+    return g0, n0, g1, n1, g2, n2, g3, n3
+
+
+@triton.jit
 def _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3):
     """The v-th block of the clipped runs (g_k, n_k) laid end to end, and 1.0 unless an earlier run already had it
     (0.0: overlapping runs are visited twice but counted once)."""
@@ -351,6 +375,27 @@ def _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3):
         | ((v2 >= n2) & _in(t, g2, g2 + n2))
     )
     return t, tl.where(seen, 0.0, 1.0)
+
+
+@triton.jit
+def _publish_mean(
+    partial_ptr, count_ptr, loss_ptr, pid, n_prog, value, inv_a, BLOCK_R: tl.constexpr, INTERPRETER: tl.constexpr
+):
+    """The mean without a host sync: program pid of n_prog publishes its loss sum (value) in partial_ptr, and the last
+    one to arrive (arrival counter at count_ptr, re-armed to 0) adds them all in program order: loss = sum * inv_a."""
+    tl.store(partial_ptr + pid, value)
+    # The barrier orders all threads' stores before the (acq_rel) ticket.
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr, 1) == n_prog - 1:
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for b0 in range(0, n_prog, BLOCK_R):
+            b = b0 + tl.arange(0, BLOCK_R)
+            # .cg reads L2, where the other programs' partials are, never a stale L1 line.
+            total += tl.load(partial_ptr + b, mask=b < n_prog, other=0.0, cache_modifier=".cg")
+        tl.store(
+            loss_ptr, _round_to(tl.sum(total, 0) * inv_a, loss_ptr.dtype.element_ty, INTERPRETER)
+        )
+        tl.store(count_ptr, 0)
 
 
 @triton.jit
@@ -437,12 +482,9 @@ def _nt_xent_fwd_kernel(
         l_i = tl.sum(l_acc, 1)
         # Boundary blocks of this split: diagonal and padding masked, the positive picked from the same S that enters
         # the sum (so identical rows give exactly log(A - 1)).
-        tb = c_begin // BLOCK_N
-        te = tl.cdiv(c_end, BLOCK_N)
-        g0, n0 = _clip(f0, l0, tb, te)
-        g1, n1 = _clip(f1, l1, tb, te)
-        g2, n2 = _clip(f2, l2, tb, te)
-        g3, n3 = _clip(f3, l3, tb, te)
+        g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
+            f0, l0, f1, l1, f2, l2, f3, l3, c_begin // BLOCK_N, tl.cdiv(c_end, BLOCK_N)
+        )
         for v in range(0, n0 + n1 + n2 + n3):
             t, keep = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
             start_n = t * BLOCK_N
@@ -512,22 +554,225 @@ def _nt_xent_fwd_kernel(
         tl.store(stats_ptr + 2 * rows + 1, log_l, mask=row_ok)
         # loss_i = lse_i - S_pos/tau = log l_i + (m_i - S_pos)/tau
         row_loss = tl.where(row_ok, log_l + (m_i - s_pos) * inv_t, 0.0)
-        tl.store(partial_ptr + pid, tl.sum(row_loss, 0))
         # Re-armed, so a re-run of this launch alone (autotuning) reduces correctly.
         tl.store(count_ptr + 1 + pid, 0)
-        # Mean without a host sync: every row block publishes its loss sum, the last one to arrive adds them in order.
-        tl.debug_barrier()
-        n_prog = tl.num_programs(0)
-        if tl.atomic_add(count_ptr, 1) == n_prog - 1:
-            total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for b0 in range(0, n_prog, BLOCK_R):
-                b = b0 + tl.arange(0, BLOCK_R)
-                total += tl.load(partial_ptr + b, mask=b < n_prog, other=0.0, cache_modifier=".cg")
-            tl.store(
-                loss_ptr,
-                _round_to(tl.sum(total, 0) * inv_a, loss_ptr.dtype.element_ty, INTERPRETER),
-            )
-            tl.store(count_ptr, 0)
+        _publish_mean(
+            partial_ptr, count_ptr, loss_ptr, pid, tl.num_programs(0), tl.sum(row_loss, 0), inv_a,
+            BLOCK_R, INTERPRETER,
+        )  # fmt: skip
+
+
+@triton.jit
+def _sym_piece(
+    zhat_ptr,
+    rowpart_ptr,
+    colpart_ptr,
+    spos_ptr,
+    blk,
+    jb,
+    je,
+    slot,
+    split,
+    write,
+    A,
+    D,
+    QK_SCALE,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_BLOCKS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Row block blk (rows r0 = blk BLOCK_M ..) over its column blocks [jb, je), all at or right of its diagonal
+    square (columns r0 .. r0 + BLOCK_M, blocks blk R .. (blk + 1) R with R = BLOCK_M / BLOCK_N).
+
+    Tiles are computed transposed, E^T (BLOCK_N, BLOCK_M) with E = exp2(S QK_SCALE - QK_SCALE): a column's sum over
+    the row block is a reduction within each thread's registers (the MMA layout spreads the tile's rows over threads),
+    and the row sums stay per element (l_acc, reduced once). Right of the diagonal square each tile adds its row sums
+    to the rows and stores its column sums in colpart_ptr[slot, columns]: E is symmetric, so they are the sums of
+    those columns' rows over this row block's columns. The diagonal square gives row sums only (it holds both E_ij
+    and E_ji). Masks only in the second loop: the diagonal square, the blocks holding the positives of rows < N
+    (pos(i) = i + N, the only positives right of the square) and a ragged last block; the first loop runs the other
+    blocks with none, each visited once (its index skips the positives' run).
+
+    Positive logits: each S_{i,pos(i)} is stored once, in spos_ptr[i]: by the row of the tile holding it, and right of
+    the diagonal square also by its column (S_{i, i + N} is the positive of row i + N). The row sums over [jb, je)
+    go to rowpart_ptr[split, rows] when write (an empty piece writes zeros).
+    """
+    R: tl.constexpr = BLOCK_M // BLOCK_N
+    n = A // 2
+    r0 = blk * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, A)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < A
+    q = rows  # placeholder; the row tile is preloaded only when all of D fits one block
+    if D_BLOCKS == 1:
+        q = _load_rows(zhat_ptr, r0, A, 0, D, BLOCK_M, BLOCK_D, INTERPRETER)
+    pos_col = tl.where(rows < n, rows + n, rows - n)
+    off = (blk + 1) * R  # the first block right of the diagonal square
+    n_blocks = tl.cdiv(A, BLOCK_N)
+    full = A // BLOCK_N  # blocks before a ragged last one
+    # The positives right of the diagonal square: columns r0 + N .. min(r1, N) + N (rows < N).
+    f1, l1 = _blocks(r0 + n, tl.minimum(r1, n) + n, BLOCK_N)
+    f1 = tl.maximum(f1, off)
+    l1 = tl.maximum(l1, f1)
+    # Interior blocks: [lo, hi) without the positives' run [gp, gp + n_pos), visited in order by a compact index.
+    lo = tl.maximum(jb, off)
+    hi = tl.minimum(je, full)
+    gp, n_pos = _clip(f1, l1, lo, hi)
+    cp = colpart_ptr + tl.cast(slot, tl.int64) * A
+    l_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for v in range(0, tl.maximum(hi - lo, 0) - n_pos):
+        b = lo + v
+        start_n = tl.where(b >= gp, b + n_pos, b) * BLOCK_N
+        # |S| <= 1: the fixed shift (one FFMA with the scale), no mask, no select.
+        e = tl.exp2(
+            _logits_tile(
+                zhat_ptr, zhat_ptr, q, r0, A, start_n, A, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, True, True,
+            ) * QK_SCALE - QK_SCALE
+        )  # fmt: skip
+        l_acc += e
+        tl.store(cp + start_n + tl.arange(0, BLOCK_N), tl.sum(e, 1))
+    l_i = tl.sum(l_acc, 0)
+    # Boundary blocks, each once: the diagonal square, the positives' run and a ragged last block outside it.
+    ragged = (full >= off) & ((full < f1) | (full >= l1))
+    g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
+        blk * R, tl.minimum(off, n_blocks), f1, l1, 0, 0, full, tl.where(ragged, n_blocks, full), jb, je
+    )  # fmt: skip
+    for v in range(0, n0 + n1 + n2 + n3):
+        t, _ = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
+        start_n = t * BLOCK_N
+        cols = start_n + tl.arange(0, BLOCK_N)
+        s = _logits_tile(
+            zhat_ptr, zhat_ptr, q, r0, A, start_n, A, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, False, True,
+        )  # fmt: skip
+        valid = (cols[:, None] < A) & (cols[:, None] != rows[None, :])
+        e = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
+        l_i += tl.sum(e, 0)
+        right = t >= off
+        tl.store(cp + cols, tl.sum(e, 1), mask=(cols < A) & right)
+        # The positive picked from the same S that enters the sums (identical rows give exactly log(A - 1)).
+        here = (pos_col >= start_n) & (pos_col < start_n + BLOCK_N)
+        pick = tl.sum(tl.where(cols[:, None] == pos_col[None, :], s, 0.0), 0)
+        tl.store(spos_ptr + rows, pick, mask=row_ok & here)
+        pick = tl.sum(tl.where(cols[:, None] == rows[None, :] + n, s, 0.0), 1)
+        tl.store(spos_ptr + cols, pick, mask=(cols >= r0 + n) & (cols < r1 + n) & right)
+    tl.store(rowpart_ptr + tl.cast(split, tl.int64) * A + rows, l_i, mask=row_ok & write)
+
+
+@triton.jit
+def _nt_xent_sym_fwd_kernel(
+    zhat_ptr,
+    rowpart_ptr,
+    colpart_ptr,
+    spos_ptr,
+    A,
+    M,
+    D,
+    PAIR0,
+    QK_SCALE,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_BLOCKS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """The upper-triangle forward (one process, M = A columns, fixed shift): program (pair, column split).
+
+    Row block p = PAIR0 + program_id(0) is paired with row block nB - 1 - p (nB = cdiv(A, BLOCK_M); the middle one of
+    an odd count alone): row block b has U_b = cdiv(A, BLOCK_N) - b R column blocks at and right of its diagonal
+    square, and a pair's U_p + U_q is the same for every pair, so the splits of all pairs are equal in work. Split s
+    takes the s-th run of cdiv(U_p + U_q, splits) blocks of p's blocks followed by q's (``_sym_piece`` for each part).
+    Outputs (``_nt_xent_sym_combine_kernel`` adds them in a fixed order): row sums rowpart_ptr (splits, A), column sums
+    colpart_ptr (2 pairs, A) in slots 2 (p - PAIR0) and 2 (p - PAIR0) + 1, positive logits spos_ptr (A,). M is unused
+    (the autotuner's key and pruning read it).
+    """
+    tl.static_assert(
+        BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
+    )
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal square is R = BLOCK_M / BLOCK_N column blocks")
+    R: tl.constexpr = BLOCK_M // BLOCK_N
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    p = PAIR0 + pid
+    qb = tl.cdiv(A, BLOCK_M) - 1 - p
+    n_blocks = tl.cdiv(A, BLOCK_N)
+    u_p = n_blocks - p * R
+    u_q = tl.where(qb > p, n_blocks - qb * R, 0)
+    per = tl.cdiv(u_p + u_q, n_splits)
+    lo = tl.minimum(split * per, u_p + u_q)
+    hi = tl.minimum(lo + per, u_p + u_q)
+    _sym_piece(
+        zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, p, p * R + tl.minimum(lo, u_p), p * R + tl.minimum(hi, u_p),
+        2 * pid, split, p >= 0, A, D, QK_SCALE, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+    )  # fmt: skip
+    _sym_piece(
+        zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, qb, qb * R + tl.maximum(lo - u_p, 0),
+        qb * R + tl.maximum(hi - u_p, 0), 2 * pid + 1, split, qb > p, A, D, QK_SCALE,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+    )  # fmt: skip
+
+
+@triton.jit
+def _nt_xent_sym_combine_kernel(
+    rowpart_ptr,
+    colpart_ptr,
+    colacc_ptr,
+    spos_ptr,
+    stats_ptr,
+    partial_ptr,
+    count_ptr,
+    loss_ptr,
+    A,
+    n_splits,
+    PAIR0,
+    n_pairs,
+    inv_t,
+    inv_a,
+    BLOCK_M: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Rows i (BLOCK_R per program) after one chunk of ``_nt_xent_sym_fwd_kernel``: l_i = (the earlier chunks' column
+    sums, colacc_ptr, unless FIRST) + the chunk's column sums of row blocks b < i // BLOCK_M in slot order, the slots
+    the tile kernel wrote (row i is right of b's diagonal square exactly then) + (LAST) the row sums in split order.
+    Not LAST: l_i so far goes to colacc_ptr. LAST: stats (1, log l_i) and loss_i = log l_i + (1 - S_{i,pos(i)}) / tau,
+    their mean through ``_publish_mean``. Every sum runs in a fixed order: the result is deterministic."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < A
+    last_block = tl.cdiv(A, BLOCK_M) - 1
+    blk = r // BLOCK_M
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if not FIRST:
+        total = tl.load(colacc_ptr + r, mask=ok, other=0.0)
+    for k in range(0, 2 * n_pairs):
+        p = PAIR0 + k // 2
+        b = tl.where(k % 2 == 0, p, last_block - p)
+        # The middle row block of an odd count has no second slot.
+        use = ok & (b < blk) & ((k % 2 == 0) | (b > p))
+        total += tl.load(colpart_ptr + tl.cast(k, tl.int64) * A + r, mask=use, other=0.0)
+    if LAST:
+        for k in range(0, n_splits):
+            total += tl.load(rowpart_ptr + tl.cast(k, tl.int64) * A + r, mask=ok, other=0.0)
+        log_l = tl.log(total)
+        tl.store(stats_ptr + 2 * r, tl.full((BLOCK_R,), 1.0, dtype=tl.float32), mask=ok)
+        tl.store(stats_ptr + 2 * r + 1, log_l, mask=ok)
+        s_pos = tl.load(spos_ptr + r, mask=ok, other=0.0)
+        row_loss = tl.where(ok, log_l + (1.0 - s_pos) * inv_t, 0.0)
+        _publish_mean(
+            partial_ptr, count_ptr, loss_ptr, pid, tl.num_programs(0), tl.sum(row_loss, 0), inv_a,
+            BLOCK_R, INTERPRETER,
+        )  # fmt: skip
+    else:
+        tl.store(colacc_ptr + r, total, mask=ok)
 
 
 @triton.jit
@@ -685,12 +930,9 @@ def _nt_xent_bwd_kernel(
             if INTERPRETER:
                 w = w.to(tl.float32)
             acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
-        tb = c_begin // BLOCK_N
-        te = tl.cdiv(c_end, BLOCK_N)
-        g0, n0 = _clip(f0, l0, tb, te)
-        g1, n1 = _clip(f1, l1, tb, te)
-        g2, n2 = _clip(f2, l2, tb, te)
-        g3, n3 = _clip(f3, l3, tb, te)
+        g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
+            f0, l0, f1, l1, f2, l2, f3, l3, c_begin // BLOCK_N, tl.cdiv(c_end, BLOCK_N)
+        )
         for v in range(0, n0 + n1 + n2 + n3):
             t, keep = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
             start_n = t * BLOCK_N
@@ -860,7 +1102,9 @@ CONFIGS = {
         KernelConfig(32, 32, 8, 2),
     )
 }
-KERNELS = ("fwd", "bwd")
+# The GEMM kernels: the forward (row blocks x column splits), the upper-triangle forward (one process, fixed shift) and
+# the backward.
+KERNELS = ("fwd", "sym_fwd", "bwd")
 
 # The pruned autotune sets, best guess first, by kernel, D tier (0: one block of D <= 128, 1: one block of 256, 2: the D
 # loop) and input element size: the configs that compile with no spills and within the shared memory of sm_80 and
@@ -878,12 +1122,19 @@ _CANDIDATES = {
     ("fwd", 0, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    # The upper-triangle forward: the candidates a batch keeps share one BLOCK_M (see ``candidate_configs``).
+    ("sym_fwd", 0, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
+    ("sym_fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    ("sym_fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("bwd", 0, 2): ("BM64_BN64_W4_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
     ("bwd", 2, 2): ("BM64_BN32_W8_S2",),
     ("fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 4): ("BM64_BN32_W4_S2",),
     ("fwd", 2, 4): ("BM64_BN32_W8_S2",),
+    ("sym_fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
+    ("sym_fwd", 1, 4): ("BM64_BN32_W4_S2",),
+    ("sym_fwd", 2, 4): ("BM64_BN32_W8_S2",),
     ("bwd", 0, 4): ("BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 4): ("BM64_BN32_W8_S2",),
     ("bwd", 2, 4): ("BM64_BN32_W8_S1",),
@@ -897,8 +1148,8 @@ _CANDIDATES = {
 _EXACT_FP32_FWD = ("BM64_BN32_W8_S2",)
 _EXACT_FP32_BWD = ("BM32_BN32_W8_S2",)
 _EXACT_FP32_CANDIDATES = {
-    (kernel, tier, 4): _EXACT_FP32_FWD if kernel == "fwd" else _EXACT_FP32_BWD
-    for kernel in ("fwd", "bwd")
+    (kernel, tier, 4): _EXACT_FP32_BWD if kernel == "bwd" else _EXACT_FP32_FWD
+    for kernel in KERNELS
     for tier in (0, 1, 2)
 }
 
@@ -961,7 +1212,8 @@ def candidate_configs(
     precision ("ieee" multiplies on the FMA units, its own list), best guess first (blocks beyond the padded batch only
     add masked work, so small batches keep the smallest tiles). Given m columns and a target number of programs, the
     configs with at least that many tiles (row blocks x column blocks x output D chunks) come first, in list order:
-    the column splits can then fill the GPU."""
+    the column splits can then fill the GPU. The upper-triangle forward's candidates share the first one's BLOCK_M:
+    its combine kernel reads the column sums per row block of that size, whichever candidate the autotuner keeps."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if itemsize not in (2, 4):
@@ -973,6 +1225,8 @@ def candidate_configs(
     a_pad = max(64, triton.next_power_of_2(a))
     fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
     fitting = fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
+    if kernel == "sym_fwd":
+        fitting = [c for c in fitting if c.block_m == fitting[0].block_m]
     if m is not None and programs is not None:
         chunks = _output_chunks(kernel, d, _exact_fp32(itemsize, precision))
         tiles = {
@@ -997,6 +1251,35 @@ def column_splits(row_programs: int, col_blocks: int, programs: int) -> int:
     return triton.cdiv(col_blocks, per)
 
 
+class SymSchedule(NamedTuple):
+    """The upper-triangle forward's launches: row-block pairs in all, pairs per launch (a chunk), column splits."""
+
+    pairs: int
+    chunk_pairs: int
+    splits: int
+
+    @property
+    def chunks(self) -> int:
+        return triton.cdiv(self.pairs, self.chunk_pairs)
+
+
+def symmetric_schedule(
+    a: int, block_m: int, block_n: int, programs: int, splits: int | None = None
+) -> SymSchedule:
+    """Row block b of cdiv(a, block_m) pairs with the last but b (``_nt_xent_sym_fwd_kernel``); a launch takes up to
+    SYM_MAX_SLOTS / 2 pairs (their column sums are its workspace, SYM_MAX_SLOTS x a fp32 at most), and each pair's
+    column blocks are dealt to ``column_splits`` splits so that a launch has about ``programs`` programs."""
+    row_blocks = triton.cdiv(a, block_m)
+    pairs = triton.cdiv(row_blocks, 2)
+    chunk = min(pairs, max(1, SYM_MAX_SLOTS // 2))
+    col_blocks = triton.cdiv(a, block_n)
+    # U_p + U_q: a pair's column blocks at and right of its two diagonal squares.
+    per_pair = col_blocks + (col_blocks - (row_blocks - 1) * (block_m // block_n) if row_blocks > 1 else 0)
+    if splits is None:
+        splits = column_splits(chunk, per_pair, programs)
+    return SymSchedule(pairs, chunk, splits)
+
+
 def launch_grid(
     kernel: str,
     a: int,
@@ -1008,7 +1291,8 @@ def launch_grid(
     sms: int | None = None,
     splits: int | None = None,
 ) -> tuple[int, ...]:
-    """The grid of a GEMM kernel's launch: forward (row blocks, splits), backward (row blocks, D chunks, splits).
+    """The grid of a GEMM kernel's launch: forward (row blocks, splits), upper-triangle forward (row-block pairs per
+    launch, splits; m must be a), backward (row blocks, D chunks, splits).
 
     a = 2N local rows, d = the GEMM row width (``padded_width(D)`` for one process), m = candidate columns (a unless
     gathered), sms = the device's SM count (the active device when None). The config is the named one or the first
@@ -1017,6 +1301,11 @@ def launch_grid(
     m = a if m is None else m
     programs = PROGRAMS_PER_SM * (sm_count() if sms is None else sms)
     cfg = resolve_config(kernel, a, d, config, itemsize, precision, m=m, programs=programs)
+    if kernel == "sym_fwd":
+        if m != a:
+            raise ValueError(f"the upper-triangle forward needs m = a columns (one process), got m={m}, a={a}")
+        sched = symmetric_schedule(a, cfg.block_m, cfg.block_n, programs, splits)
+        return (sched.chunk_pairs, sched.splits)
     rows = triton.cdiv(a, cfg.block_m)
     chunks = _output_chunks(kernel, d, _exact_fp32(itemsize, precision))
     if splits is None:
@@ -1076,6 +1365,13 @@ def boundary_visits(a: int, m: int, block_m: int, block_n: int, offset: int = 0)
     return visits
 
 
+def symmetric_visits(a: int, block_m: int, block_n: int) -> int:
+    """Column blocks the upper-triangle forward visits, summed over row blocks, each once: per row block b its diagonal
+    square (R = block_m / block_n blocks, fewer at a ragged end) and every block right of it."""
+    r, col_blocks = block_m // block_n, triton.cdiv(a, block_n)
+    return sum(col_blocks - b * r for b in range(triton.cdiv(a, block_m)))
+
+
 def executed_macs(
     a: int,
     d: int,
@@ -1085,28 +1381,34 @@ def executed_macs(
     precision: str = "tf32",
     shift: bool = True,
     offset: int = 0,
+    symmetric: bool = True,
 ) -> dict[str, int]:
     """Multiply-accumulates the GEMM kernels execute (padding included; tensor cores, or FMA units for exact fp32),
     counted from grid x loop trips: every column block once per row block, and on the fixed-shift path (shift, tau >=
-    SHIFT_MIN_TEMPERATURE) the boundary blocks once more (``boundary_visits``, for the rank at column ``offset``).
+    SHIFT_MIN_TEMPERATURE) the boundary blocks once more (``boundary_visits``, for the rank at column ``offset``). One
+    process on the fixed-shift path (m = a, shift) runs the upper-triangle forward (``symmetric_visits``: half the
+    tiles) unless symmetric=False, as ``nt_xent_forward(symmetric=False)``.
 
     a = 2N local rows, m = candidate columns (a unless negatives are gathered). Returns {"fwd", "bwd", "total", "ideal",
     "ratio"} with ideal = 3 m a d (the three-GEMM floor) and ratio = total / ideal.
     """
     m = a if m is None else m
     tiling = d_tiling(d, _exact_fp32(itemsize, precision))
+    sym = symmetric and shift and m == a
     out = {}
-    for kernel in KERNELS:
+    for kernel in ("sym_fwd" if sym else "fwd", "bwd"):
         cfg = resolve_config(kernel, a, d, config, itemsize, precision)
         rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
         cols = triton.cdiv(m, cfg.block_n) * cfg.block_n
         tiles = rows * cols  # logits computed
-        if shift if kernel == "fwd" else _bwd_fixed_shift(shift, d, itemsize, precision):
+        if kernel == "sym_fwd":
+            tiles = symmetric_visits(a, cfg.block_m, cfg.block_n) * cfg.block_m * cfg.block_n
+        elif shift if kernel == "fwd" else _bwd_fixed_shift(shift, d, itemsize, precision):
             tiles += (
                 boundary_visits(a, m, cfg.block_m, cfg.block_n, offset) * cfg.block_m * cfg.block_n
             )
         logits = tiles * tiling.d_blocks * tiling.block_d
-        if kernel == "fwd":
+        if kernel != "bwd":
             out["fwd"] = logits
         else:
             chunks = triton.cdiv(d, tiling.block_do)
@@ -1141,9 +1443,11 @@ def _autotuned(fn, kernel: str):
         # Best guess first: with equal timings (or none, see kernels/stub_driver.py) the autotuner keeps it.
         return [by_name[c.name] for c in cands]
 
+    # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A.
+    key = ["A", "D", "INPUT_PRECISION"] if kernel == "sym_fwd" else ["A", "M", "D", "SHIFT", "INPUT_PRECISION"]
     return triton.autotune(
         configs=list(by_name.values()),
-        key=["A", "M", "D", "SHIFT", "INPUT_PRECISION"],
+        key=key,
         prune_configs_by={"early_config_prune": prune},
     )(fn)
 
@@ -1243,12 +1547,17 @@ def nt_xent_forward(
     precision: str = "tf32",
     config: str | None = None,
     splits: int | None = None,
+    symmetric: bool = True,
 ) -> tuple[torch.Tensor, ForwardState]:
-    """Forward: z_a, z_b (N, D) raw embeddings -> (0-d loss in the input dtype, ForwardState). Two launches.
+    """Forward: z_a, z_b (N, D) raw embeddings -> (0-d loss in the input dtype, ForwardState). Two launches; three on
+    the upper-triangle path (one process and tau >= SHIFT_MIN_TEMPERATURE, unless symmetric=False), one more tile
+    and combine launch per chunk of SYM_MAX_SLOTS / 2 row-block pairs beyond the first.
 
     group: a torch.distributed process group whose ranks' rows are gathered as candidate columns, or None.
     precision: "tf32" (default) or "ieee" for fp32 inputs' dot products. config: a name from ``list_configs()``.
     splits: column splits of the logits kernel (None: enough to fill the device, see ``launch_grid``).
+    symmetric: False runs the row blocks x column splits forward also where the upper-triangle one applies (tests and
+    the compile report build both).
     """
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
@@ -1278,6 +1587,11 @@ def nt_xent_forward(
     loss = torch.empty((), dtype=z_a.dtype, device=dev)
     # The GEMM kernels work on the padded width (the same tiling as D's: every block is a multiple of 16).
     tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
+    if symmetric and group is None and temperature >= SHIFT_MIN_TEMPERATURE:
+        _symmetric_forward(
+            zhat, stats, partial, count, loss, w, tiling, temperature, config, precision, splits
+        )
+        return loss, ForwardState.local(zhat[:, :d], norm, stats)
     # The split count is fixed for the launch (the autotuner's other tile widths share it, see _split_columns).
     splits = launch_grid("fwd", a, w, m, config, z_a.element_size(), precision, splits=splits)[-1]
     split_stats = torch.empty((3, splits, a), dtype=torch.float32, device=dev)
@@ -1296,6 +1610,54 @@ def nt_xent_forward(
     return loss, ForwardState(
         zhat=zhat_d, norm=norm, stats=stats, cols=cols_d, stats_cols=stats_cols, offset=offset
     )
+
+
+def _symmetric_forward(
+    zhat: torch.Tensor,
+    stats: torch.Tensor,
+    partial: torch.Tensor,
+    count: torch.Tensor,
+    loss: torch.Tensor,
+    w: int,
+    tiling: BlockD,
+    temperature: float,
+    config: str | None,
+    precision: str,
+    splits: int | None,
+) -> None:
+    """The upper-triangle forward of ``nt_xent_forward`` (one process, fixed shift): per chunk of row-block pairs a tile
+    launch and a combine launch (``symmetric_schedule``); writes stats and loss. Workspace: row sums (splits, A),
+    column sums (2 x pairs per chunk <= SYM_MAX_SLOTS, A), their running sum (A,) when there are several chunks, and
+    the positive logits (A,), all fp32."""
+    a, dev, itemsize = zhat.shape[0], zhat.device, zhat.element_size()
+    programs = PROGRAMS_PER_SM * sm_count()
+    # The combine reads the column sums per row block: BLOCK_M is fixed here (the autotuner's candidates share it).
+    block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision, a, programs).block_m
+    chunk_pairs, splits = launch_grid("sym_fwd", a, w, a, config, itemsize, precision, splits=splits)
+    pairs = triton.cdiv(triton.cdiv(a, block_m), 2)
+    chunks = triton.cdiv(pairs, chunk_pairs)
+    f32 = dict(dtype=torch.float32, device=dev)
+    rowpart = torch.empty((splits, a), **f32)
+    colpart = torch.empty((2 * chunk_pairs, a), **f32)
+    colacc = torch.empty(a if chunks > 1 else 1, **f32)
+    spos = torch.empty(a, **f32)
+    dot_precision = _dot_precision(zhat.dtype, precision)
+    for c in range(chunks):
+        pair0 = c * chunk_pairs
+        n_pairs = min(chunk_pairs, pairs - pair0)
+        _launch(
+            "sym_fwd", _nt_xent_sym_fwd_kernel, lambda meta, n_pairs=n_pairs: (n_pairs, splits), a, w, itemsize,
+            config,
+            zhat_ptr=zhat, rowpart_ptr=rowpart, colpart_ptr=colpart, spos_ptr=spos, A=a, M=a, D=w, PAIR0=pair0,
+            QK_SCALE=LOG2E / temperature, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
+            INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
+        )  # fmt: skip
+        _nt_xent_sym_combine_kernel[(triton.cdiv(a, REDUCE_BLOCK),)](
+            rowpart_ptr=rowpart, colpart_ptr=colpart, colacc_ptr=colacc, spos_ptr=spos, stats_ptr=stats,
+            partial_ptr=partial, count_ptr=count, loss_ptr=loss, A=a, n_splits=splits, PAIR0=pair0, n_pairs=n_pairs,
+            inv_t=1.0 / temperature, inv_a=1.0 / a, BLOCK_M=block_m, FIRST=c == 0, LAST=c == chunks - 1,
+            BLOCK_R=REDUCE_BLOCK, INTERPRETER=INTERPRET,
+        )  # fmt: skip
 
 
 def nt_xent_backward(

@@ -269,8 +269,9 @@ def _scan_folder(root: Path) -> ImageList:
     return ImageList(files, labels, classes)
 
 
-def _scan_file_list(list_file: Path) -> ImageList:
-    """Read ``path`` or ``path label`` lines; relative paths are relative to the list file."""
+def _read_file_list(list_file: Path) -> list[tuple[str, int | None]]:
+    """The ``(path, label or None)`` of the ``path`` or ``path label`` lines; relative paths are relative to the
+    list file."""
     if reason := not_regular_file(list_file):
         raise ValueError(f"data set {list_file} {reason}: expected a folder or a file list")
     base = list_file.parent
@@ -289,6 +290,11 @@ def _scan_file_list(list_file: Path) -> ImageList:
             entries.append((str(base / path), label))
     if not entries:
         raise ValueError(f"file list {list_file} names no images")
+    return entries
+
+
+def _scan_file_list(list_file: Path, entries: list[tuple[str, int | None]]) -> ImageList:
+    """The images of a file list's ``entries`` (:func:`_read_file_list`), labelled by the list or by folder."""
     with_label = sum(label is not None for _, label in entries)
     if with_label == len(entries):
         num_classes = max(label for _, label in entries) + 1
@@ -310,14 +316,26 @@ def scan_images(source: str | os.PathLike, on_corrupt: str = "error") -> ImageLi
     """List and validate a data set (see :func:`list_images`), keeping the skipped files."""
     _check_policy("on_corrupt", on_corrupt, ON_CORRUPT_POLICIES)
     # Imported here: the shard reader builds on this module (its checks and ImageList), not the other way round.
-    from fastclr.pipelines.shards import is_shard_source, scan_shards
+    from fastclr.pipelines.shards import (
+        is_shard_source,
+        scan_shards,
+        select_samples,
+        split_sample_name,
+    )
 
     if is_shard_source(source):
         return scan_shards(source, on_corrupt)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"data set not found: {source}")
-    listing = _scan_folder(source) if source.is_dir() else _scan_file_list(source)
+    if source.is_dir():
+        listing = _scan_folder(source)
+    else:
+        entries = _read_file_list(source)
+        # samples of tar shards (a label subset of them)
+        if split_sample_name(entries[0][0]) is not None:
+            return select_samples(entries, str(source), on_corrupt)
+        listing = _scan_file_list(source, entries)
     kept_files, kept_labels, skipped = [], [], []
     for path, label in zip(listing.files, listing.labels, strict=True):
         reason = check_image(path)

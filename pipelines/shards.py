@@ -430,6 +430,68 @@ def scan_shards(source: str | os.PathLike, on_corrupt: str = "error") -> ImageLi
     return images
 
 
+def split_sample_name(name: str) -> tuple[str, str] | None:
+    """``(shard path, member)`` of a sample name ``<shard>.tar:<member>`` whose shard is a file; None otherwise."""
+    at = name.find(".tar:")
+    if at < 0:
+        return None
+    shard = name[: at + 4]
+    return (shard, name[at + 5 :]) if os.path.isfile(shard) else None
+
+
+def select_samples(
+    entries: list[tuple[str, int | None]], where: str, on_corrupt: str = "error"
+) -> ImageList:
+    """The samples a file list names as ``<shard>.tar:<member>`` (its ``(name, label)`` lines), in its order.
+
+    This is how a subset of a data set in shards (the labelled images of ``fastclr finetune``) reaches the loaders:
+    each named shard is indexed once, as :func:`scan_shards` does, and the list's labels replace the ``.cls`` ones.
+    ``where`` names the list in errors. A listed sample that ``on_corrupt`` skips is left out and recorded.
+
+    Raises:
+        ValueError: a line that names no sample of its shard, or labels on some lines only.
+        CorruptImageError: (``on_corrupt="error"``) a bad sample or a damaged shard, named.
+    """
+    parts = [split_sample_name(name) for name, _ in entries]
+    if None in parts:
+        bad = entries[parts.index(None)][0]
+        raise ValueError(
+            f"file list {where} mixes images in tar shards with {bad!r}, which is not one: list either image files "
+            "or <shard>.tar:<member> samples"
+        )
+    paths = list(dict.fromkeys(shard for shard, _ in parts))
+    skipped: list[tuple[str, str]] = []
+    found: dict[str, tuple[int, _Sample]] = {}
+    for k, path in enumerate(paths):
+        found |= {s.name: (k, s) for s in _scan_shard(path, skipped, on_corrupt)}
+    dropped = {name for name, _ in skipped}
+    names, labels, shard, offset, size = [], [], [], [], []
+    for name, label in entries:
+        if name in dropped:
+            continue
+        if name not in found:
+            raise ValueError(f"file list {where}: {name} is not a sample of its shard")
+        k, s = found[name]
+        names.append(name)
+        labels.append(label)
+        shard.append(k)
+        offset.append(s.offset)
+        size.append(s.size)
+    if not names:
+        raise ValueError(f"no readable images in {where}: all {len(entries)} samples were skipped")
+    with_label = sum(label is not None for label in labels)
+    if with_label not in (0, len(labels)):
+        raise ValueError(
+            f"file list {where}: {with_label} of {len(labels)} lines have a label; give a label on every line"
+        )
+    labelled = with_label > 0
+    labels = [int(y) for y in labels] if labelled else [0] * len(names)
+    classes = [str(i) for i in range(max(labels) + 1)] if labelled else []
+    return ImageList(
+        names, labels, classes, skipped, labelled, ShardIndex(paths, names, shard, offset, size)
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
 

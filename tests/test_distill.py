@@ -155,3 +155,24 @@ def test_teacher_and_student_mismatches_are_refused(setup, tmp_path):
         small(pre, data, tmp_path / "o")
     assert main(["distill", "--teacher", str(tmp_path / "none.pt"), "--data", str(data[0])]) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_distillation_on_unlabelled_tar_shards_equals_their_folder(setup):
+    """Shards without labels (written from a flat folder) give the student the same batches: the same losses."""
+    from fastclr.pipelines.shards import write_shards
+
+    data, teacher, root = setup
+    flat = root / "flat-for-shards"
+    flat.mkdir()
+    for i, f in enumerate(sorted(data[0].rglob("*.jpg"))):
+        shutil.copy(f, flat / f"{i:03d}.jpg")
+    write_shards(flat, root / "flat-shards", shard_size=24, progress=False)  # 64 images: 3 shards
+    kw = dict(overrides={"epochs": 1, "backend": "torch"})
+    from_folder = distill(*small(teacher, (flat, None), root / "from-folder", **kw))
+    cfg, model, subset, files = small(
+        teacher, (root / "flat-shards", None), root / "from-shards", **kw
+    )
+    assert subset is None and len(files) == 64 and all(".tar:" in f for f in files)
+    from_shards = distill(cfg, model, subset, files)
+    assert from_shards["status"] == "completed" and from_shards["step"] == 4
+    assert from_shards["losses"] == from_folder["losses"]

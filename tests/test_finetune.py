@@ -1,6 +1,7 @@
 """``fastclr finetune``: head truncation per K, the v2 defaults, an end-to-end run with exact resume, export, bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -385,17 +386,59 @@ def test_the_held_out_monitor_scores_every_shard_with_rank_0s_batch_norm_statist
     assert calls == [("buffers", model), ("top1", model)]
 
 
-def test_tar_shards_as_data_are_refused_clearly_before_training(ckpt, data, tmp_path, capsys):
-    """Shards (their folder or a brace pattern) are refused with a clear error, not a missing file or a bad list."""
+def test_finetune_from_tar_shards_equals_finetune_from_their_folder(ckpt, data, tmp_path):
+    """The same label subset, samples, batches and (torchvision twin) augmentations: bit-identical losses. The
+    subset is written as the samples' names and read back through --labels-file, and the official lists' bare
+    names (``x.JPEG``) find the members ``fastclr shards`` wrote (``x.jpeg``)."""
+    from fastclr.pipelines.shards import write_shards
+    from fastclr.train.labels import read_subset
+
+    # the images of data[0] under names unique across classes, as ImageNet's are
+    train = tmp_path / "train"
+    for f in sorted(data[0].rglob("*.jpg")):
+        (train / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, train / f.parent.name / f"{f.parent.name}_{f.name}")
+    shards = tmp_path / "shards"
+    write_shards(train, shards, shard_size=20, progress=False)  # 64 images: 4 shards
+    source = str(shards / "train-{000000..000003}.tar")
+    common = dict(backend="torch", test_data=None, epochs=1)
+    folder = finetune(*tiny(ckpt, (str(train), data[1]), tmp_path / "folder", **common))
+    cfg, subset = tiny(ckpt, (source, data[1]), tmp_path / "shard", **common)
+    assert all(".tar:" in f for f in subset.files)
+    # the shards' folder draws the same subset as their pattern
+    assert tiny(ckpt, (str(shards), data[1]), tmp_path / "x", **common)[1] == subset
+    from_shards = finetune(cfg, subset)
+    assert from_shards["status"] == "completed" and from_shards["step"] == 4
+    assert from_shards["losses"] == folder["losses"]
+
+    written = (tmp_path / "shard" / "labels.txt").read_text().splitlines()
+    assert len(written) == 32 and all(line.startswith(str(shards.resolve())) for line in written)
+    again = configure(
+        ckpt, source, labels_file=tmp_path / "shard" / "labels.txt", overrides={"size": 16}
+    )[1]
+    assert again.files == subset.files and again.labels == subset.labels
+    official = tmp_path / "official.txt"
+    official.write_text(
+        "".join(f.rsplit("/", 1)[1].replace(".jpg", ".JPEG") + "\n" for f in written)
+    )
+    listed = read_subset(official, source, subset.files, subset.labels, subset.classes)
+    assert listed.files == subset.files
+
+
+def test_unlabelled_tar_shards_are_refused_for_fine_tuning_naming_the_labels(
+    ckpt, tmp_path, capsys
+):
     from fastclr.pipelines.shards import write_shards
 
-    shards = tmp_path / "shards"
-    write_shards(data[1], shards, shard_size=8, progress=False)  # 24 images: 3 shards
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    make_image_folder(tmp_path / "tmp", classes=1, per_class=6)
+    for f in (tmp_path / "tmp").rglob("*.jpg"):
+        f.rename(flat / f.name)
+    write_shards(flat, tmp_path / "shards", shard_size=3, progress=False)
     out = tmp_path / "o"
-    assert sorted(p.name for p in shards.glob("*.tar")) == [f"test-00000{i}.tar" for i in range(3)]
-    for source in (str(shards), str(shards / "test-{000000..000002}.tar")):
-        args = ["finetune", "--ckpt", str(ckpt), "--data", source, "--out", str(out)]
-        assert main([*args, "--label-fraction", "0.5"]) == 1
-        err = capsys.readouterr().err
-        assert f"--data {source}: fine-tuning from tar shards is not supported yet" in err, err
+    args = ["finetune", "--ckpt", str(ckpt), "--data", str(tmp_path / "shards"), "--out", str(out)]
+    assert main([*args, "--label-fraction", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'shards'} holds tar shards without .cls members" in err, err
     assert not out.exists()  # nothing written

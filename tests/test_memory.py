@@ -14,9 +14,11 @@ import pytest
 
 from fastclr.bench.bench_loss import run_one
 
-SIZES = (1024, 2048, 4096, 8192)  # the materialising paths: 2N = 8192 is already 256 MiB per (2N)^2 matrix
+# the materialising paths: 2N = 8192 is already 256 MiB per (2N)^2 matrix
+SIZES = (1024, 2048, 4096, 8192)
 LINEAR_SIZES = (2048, 4096, 8192, 16384)
-LINEAR_SLOPE = 1.35  # linear is 1.0; run-to-run RSS noise adds up to ~0.3; quadratic paths measure 1.5 ... 2.3
+# linear is 1.0; run-to-run RSS noise adds up to ~0.3; quadratic paths measure 1.5 ... 2.3
+LINEAR_SLOPE = 1.35
 
 
 def loglog_slope(xs, ys):
@@ -41,7 +43,8 @@ def peak_mb(impl, two_n, loss="ntxent"):
     [
         ("ntxent", "torch", 0.0, LINEAR_SLOPE),
         ("ntxent", "reference", 1.5, 2.3),
-        pytest.param("supcon", "torch", 0.0, LINEAR_SLOPE, marks=pytest.mark.slow),  # ~70 s on 2 busy cores
+        # ~70 s on 2 busy cores
+        pytest.param("supcon", "torch", 0.0, LINEAR_SLOPE, marks=pytest.mark.slow),
         pytest.param("dcl", "torch", 0.0, LINEAR_SLOPE, marks=pytest.mark.slow),
         pytest.param("dclw", "torch", 0.0, LINEAR_SLOPE, marks=pytest.mark.slow),
         pytest.param("ntxent-bank", "torch", 0.0, LINEAR_SLOPE, marks=pytest.mark.slow),

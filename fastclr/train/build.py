@@ -252,6 +252,13 @@ def build_labelled_loader(cfg: PretrainConfig, info: dist.DistInfo, root: str, d
 
 def unlabelled_data_hint(flag: str, root: str) -> str:
     """The shared half of every "this needs labels" error: what ``root`` is and what to pass instead."""
+    from fastclr.pipelines.shards import is_shard_source
+
+    if is_shard_source(root):
+        return (
+            f"{flag} {root} holds tar shards without .cls members (unlabelled images): pass a labelled {flag}, "
+            "shards with <key>.cls labels or an ImageFolder root/<class>/<img>"
+        )
     return (
         f"{flag} {root} is a flat folder of unlabelled images: pass a labelled {flag}, an ImageFolder "
         "root/<class>/<img>"

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclr.train import dist
-from fastclr.train.build import build_labelled_loader, memory_format, place_model
+from fastclr.train.build import build_labelled_loader, check_data_dir, memory_format, place_model
 from fastclr.train.config import COMMAND_LINE, ConfigError
 from fastclr.train.labels import LabelSubset, read_subset, write_file_list, write_subset
 from fastclr.train.stage import (
@@ -297,8 +297,7 @@ def configure(
         )
 
     root = cfg.data.data
-    if not Path(root).exists():
-        raise FileNotFoundError(f"--data {root}: no such file or directory")
+    check_data_dir(root, "--data")
     images = scan_images(root, on_corrupt=cfg.data.on_corrupt)
     if images.labelled and images.classes != classes:
         raise ConfigError(

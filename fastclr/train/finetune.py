@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclr.train import dist
-from fastclr.train.build import build_labelled_loader, place_model, simclr_model
+from fastclr.train.build import build_labelled_loader, check_data_dir, place_model, simclr_model
 from fastclr.train.checkpoint import TrainCheckpoint, load_checkpoint
 from fastclr.train.config import COMMAND_LINE, ConfigError, PretrainConfig
 from fastclr.train.labels import (
@@ -191,9 +191,7 @@ def configure(
         {k: v for k, v in overrides.items() if k not in ("epochs", "batch_size")},
         source=COMMAND_LINE,
     )
-    check_not_shards(cfg.data.data)
-    if not Path(cfg.data.data).exists():
-        raise FileNotFoundError(f"--data {cfg.data.data}: no such file or directory")
+    check_data_dir(cfg.data.data, "--data")
     subset = label_subset(
         cfg.data.data,
         fraction=label_fraction,
@@ -218,21 +216,6 @@ def configure(
         classes=json.dumps(subset.classes),
     )
     return cfg, subset
-
-
-def check_not_shards(data: str) -> None:
-    """Refuse tar shards as ``--data`` (a ``.tar`` path or pattern, or a folder with a shard manifest), clearly.
-
-    A label subset names images by path (``OUT/labels.txt``, the loaders' ``path label`` list), which a sample inside
-    a shard does not have.
-    """
-    from fastclr.pipelines.shards import is_shard_source
-
-    if is_shard_source(data):
-        raise ConfigError(
-            f"--data {data}: fine-tuning from tar shards is not supported yet; pass the labelled images as a folder, "
-            "an ImageFolder root/<class>/<img> (e.g. the folder the shards were written from by fastclr shards)"
-        )
 
 
 def finetune(cfg: FinetuneConfig, subset: LabelSubset) -> dict[str, Any]:

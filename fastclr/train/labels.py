@@ -126,6 +126,11 @@ def _shown(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:_SHOWN]) + more
 
 
+def _stem(name: str) -> str:
+    """A file name without its extension, lower-cased: the key a bare name falls back to."""
+    return os.path.splitext(name)[0].lower()
+
+
 def read_subset(
     path: str | os.PathLike,
     root: str | os.PathLike,
@@ -135,8 +140,10 @@ def read_subset(
 ) -> LabelSubset:
     """The images of ``--data`` (``root``: its ``files``, ``labels``, ``classes``) that the list ``path`` names.
 
-    A line holding a path separator is a path, relative to ``root`` unless absolute; a bare name is matched by file
-    name, which must then be unique under ``root``. The subset keeps the order of ``files``.
+    A line holding a path separator is a path, relative to ``root`` unless absolute (for tar shards, a sample's
+    absolute name ``<shard>.tar:<member>``); a bare name is matched by file name, which must then be unique under
+    ``root``, or failing that by file name without its extension, case aside: ``n01440764_10026.JPEG`` of the official
+    lists finds ``n01440764_10026.jpeg``, as ``fastclr shards`` writes it. The subset keeps the order of ``files``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -150,8 +157,11 @@ def read_subset(
     base = Path(root).resolve()
     index = {os.path.normpath(Path(f).resolve()): i for i, f in enumerate(files)}
     by_name: dict[str, list[int]] = {}
+    by_stem: dict[str, list[int]] = {}
     for i, f in enumerate(files):
-        by_name.setdefault(os.path.basename(f), []).append(i)
+        name = os.path.basename(f)
+        by_name.setdefault(name, []).append(i)
+        by_stem.setdefault(_stem(name), []).append(i)
 
     chosen: dict[int, int] = {}  # image index -> first line naming it
     unknown, ambiguous, twice = [], [], []
@@ -160,7 +170,7 @@ def read_subset(
             i = index.get(os.path.normpath(base / line))  # an absolute line replaces base
             matches = [] if i is None else [i]
         else:
-            matches = by_name.get(line, [])
+            matches = by_name.get(line) or by_stem.get(_stem(line), [])
         if not matches:
             unknown.append(line)
         elif len(matches) > 1:
@@ -195,9 +205,17 @@ def read_subset(
 
 
 def write_subset(subset: LabelSubset, root: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Write the subset as ``--labels-file`` reads it: one path per line, relative to ``root`` (atomically)."""
-    base = Path(root).resolve()
-    lines = [os.path.relpath(Path(f).resolve(), base) for f in subset.files]
+    """Write the subset as ``--labels-file`` reads it: one path per line, relative to ``root`` (atomically).
+
+    Samples of tar shards are written as their absolute names, ``/data/train-000003.tar:n01440764/x.jpeg``.
+    """
+    from fastclr.pipelines.shards import is_shard_source
+
+    if is_shard_source(root):
+        lines = [str(Path(f).resolve()) for f in subset.files]
+    else:
+        base = Path(root).resolve()
+        lines = [os.path.relpath(Path(f).resolve(), base) for f in subset.files]
     text = "".join(line + "\n" for line in lines)
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -233,10 +251,9 @@ def label_subset(
         check_fraction(fraction)  # before listing a large data set
     images = scan_images(root, on_corrupt=on_corrupt)
     if not images.labelled:
-        raise LabelError(
-            f"--data {root} is a flat folder of unlabelled images: fine-tuning needs its labels, an ImageFolder "
-            "root/<class>/<img>"
-        )
+        from fastclr.train.build import unlabelled_data_hint
+
+        raise LabelError(f"fine-tuning needs labels, but {unlabelled_data_hint('--data', str(root))}")
     if len(images.classes) < 2:
         raise LabelError(
             f"--data {root} has {len(images.classes)} class folder(s); a classifier needs at least 2"
