@@ -659,7 +659,7 @@ def _sym_piece(
         pick = tl.sum(tl.where(cols[:, None] == pos_col[None, :], s, 0.0), 0)
         tl.store(spos_ptr + rows, pick, mask=row_ok & here)
         pick = tl.sum(tl.where(cols[:, None] == rows[None, :] + n, s, 0.0), 1)
-        tl.store(spos_ptr + cols, pick, mask=(cols >= r0 + n) & (cols < r1 + n) & right)
+        tl.store(spos_ptr + cols, pick, mask=(cols >= r0 + n) & (cols < r1 + n) & (cols < A) & right)
     tl.store(rowpart_ptr + tl.cast(split, tl.int64) * A + rows, l_i, mask=row_ok & write)
 
 
