@@ -176,3 +176,54 @@ def test_distillation_on_unlabelled_tar_shards_equals_their_folder(setup):
     from_shards = distill(cfg, model, subset, files)
     assert from_shards["status"] == "completed" and from_shards["step"] == 4
     assert from_shards["losses"] == from_folder["losses"]
+
+
+@pytest.mark.parametrize("stage", ["finetune", "distill"])
+def test_sigterm_stops_each_stage_with_a_checkpoint_that_resumes(setup, tmp_path, stage):
+    """SIGTERM mid-epoch: exit 0, a checkpoint at the interrupted step (no temp file left), and --resume auto goes on
+    from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_trainer import REPO
+
+    from fastclr.train.checkpoint import list_checkpoints, load_checkpoint
+
+    data, teacher, root = setup
+    out = tmp_path / stage
+    if stage == "finetune":
+        pre = next((root / "pre").glob("ckpt-*.pt"))
+        args = ["--ckpt", str(pre), "--label-fraction", "0.5", "--batch-size", "8", "--size", "16"]
+    else:
+        args = ["--teacher", teacher, "--batch-size", "16"]
+    flags = [stage, *args, "--data", str(data[0]), "--out", str(out), "--workers", "0"]
+    flags += ["--backend", "torch", "--log-every", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "fastclr", *flags, "--epochs", "100"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+    try:
+        metrics = out / "metrics.csv"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) > 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output, output
+    logged = len(metrics.read_text().splitlines()) - 1
+    ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert ckpt["step"] == logged  # saved where the signal came, not at an epoch end
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    more = [*flags, "--epochs", "100", "--resume", "auto", "--max-steps", str(ckpt["step"] + 1)]
+    assert main(more) == 0
+    assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["step"] == ckpt["step"] + 1
