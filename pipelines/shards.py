@@ -12,10 +12,13 @@ name up to the first dot of its file name: one image (``.jpg``, ``.jpeg``, ``.pn
 Class names come from that manifest where there is one beside the shards (``fastclr shards`` records the
 ImageFolder's), else they are the class indices, ``"0" ... "C-1"``.
 
-How the loaders read shards: the shards are indexed once (:func:`scan_shards` reads each tar's member headers, the
-small ``.cls`` members and ~1 KiB of each image for the up-front check, :func:`~fastclr.pipelines.data.check_encoded`)
-into a flat list of samples, in pattern order and, within a shard, in tar order; sample ``i`` is then ``(shard,
-byte offset, size)`` (:class:`ShardIndex`), read with one ``pread`` from a file descriptor kept open. From there on
+How the loaders read shards: the shards are indexed once into a flat list of samples. A shard written by
+:func:`write_shards` has its index beside it, ``<shard>.tar.index.json`` (each sample's member name, byte offset, size
+and label, and the shard's size), so start-up reads one small file per shard; a shard without a valid index (another
+tool's, or one whose size no longer matches) is scanned: its member headers, the small ``.cls`` members and ~1 KiB of
+each image for the up-front check (:func:`~fastclr.pipelines.data.check_encoded`). The list holds the samples in
+pattern order and, within a shard, in tar order; sample ``i`` is then ``(shard, byte offset, size)``
+(:class:`ShardIndex`), read with one ``pread`` from a file descriptor kept open. From there on
 shards are just another source of the same samples: :func:`~fastclr.pipelines.data.epoch_indices` orders them,
 ranks take their strided slices, augmentation seeds depend on ``(seed, epoch, rank)``, undecodable samples get the
 same stand-ins, and ``set_epoch(e, skip_batches=k)`` resumes exactly, as for a folder. A folder and its shards give
@@ -60,6 +63,9 @@ from fastclr.pipelines.data import (
 )
 
 MANIFEST_NAME = "manifest.json"
+INDEX_SUFFIX = ".index.json"  # beside each shard fastclr writes: its samples' members, offsets, sizes and labels
+INDEX_FORMAT = "fastclr-shard-index"
+INDEX_VERSION = 1
 MANIFEST_FORMAT = "fastclr-shards"
 MANIFEST_VERSION = 1
 LABEL_EXTENSION = "cls"
@@ -331,6 +337,11 @@ def _scan_shard(path: str, skipped: list, on_corrupt: str) -> list[_Sample]:
                     else:
                         sample.name = f"{path}:{info.name}"
                         sample.offset, sample.size = info.offset_data, info.size
+                if end - tar.offset < 2 * _TAR_BLOCK and samples:
+                    # no end-of-archive marker (two zero blocks): the shard was cut after a whole member, maybe
+                    # between a sample's image and its label
+                    last = next(reversed(samples.values()))
+                    last.reason = last.reason or f"is cut off: the shard ends at byte {end}"
         except tarfile.TarError as e:
             reason = f"is damaged after {len(samples)} samples ({e})"
             if on_corrupt == "error":
@@ -356,6 +367,65 @@ def _scan_shard(path: str, skipped: list, on_corrupt: str) -> list[_Sample]:
             else:
                 skipped.append((sample.name, sample.reason))
     return kept
+
+
+def _write_index(shard: Path, samples: list[_Sample], scanned_as: str) -> None:
+    """Write ``<shard>.index.json`` atomically: the shard's size and, per sample, ``[member, offset, size, label]``
+    (``samples`` as :func:`_scan_shard` found them in the file ``scanned_as``)."""
+    skip = len(scanned_as) + 1
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "bytes": os.stat(scanned_as).st_size,
+        "samples": [[x.name[skip:], x.offset, x.size, x.label] for x in samples],
+    }
+    path = Path(str(shard) + INDEX_SUFFIX)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _indexed_samples(path: str) -> list[_Sample] | None:
+    """The samples of the shard ``path`` from its ``.index.json`` (no tar header or image read), or None when there is
+    none or it does not describe this file (another size, a malformed entry): then the shard is scanned.
+
+    The index is written by ``fastclr shards`` after the images passed their checks, so the up-front check is skipped;
+    an image that fails to decode later still meets the loaders' ``on_corrupt`` policy.
+    """
+    index_path = path + INDEX_SUFFIX
+    try:
+        if os.stat(index_path).st_size > _MAX_MANIFEST_BYTES or not_regular_file(index_path):
+            return None
+        index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+        end = os.stat(path).st_size
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (
+        not isinstance(index, dict)
+        or index.get("format") != INDEX_FORMAT
+        or index.get("version") != INDEX_VERSION
+        or index.get("bytes") != end
+        or not isinstance(index.get("samples"), list)
+    ):
+        return None
+    samples = []
+    for entry in index["samples"]:
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)):
+            return None
+        member, offset, size, label = entry
+        numbers = (offset, size) if label is None else (offset, size, label)
+        if not all(type(v) is int and v >= 0 for v in numbers) or offset + size > end:
+            return None
+        sample = _Sample(f"{path}:{member}")
+        sample.offset, sample.size, sample.label = offset, size, label
+        samples.append(sample)
+    return samples
+
+
+def _shard_samples(path: str, skipped: list, on_corrupt: str) -> list[_Sample]:
+    """The samples of one shard: from its index where it has a valid one, else scanned (:func:`_scan_shard`)."""
+    indexed = _indexed_samples(path)
+    return indexed if indexed is not None else _scan_shard(path, skipped, on_corrupt)
 
 
 # The last few scans, keyed by the shards' identities and the policy: a run's loaders and its evaluation scan the
@@ -386,7 +456,7 @@ def scan_shards(source: str | os.PathLike, on_corrupt: str = "error") -> ImageLi
     skipped: list[tuple[str, str]] = []
     names, labels, shard, offset, size = [], [], [], [], []
     for k, path in enumerate(paths):
-        for s in _scan_shard(path, skipped, on_corrupt):
+        for s in _shard_samples(path, skipped, on_corrupt):
             names.append(s.name)
             labels.append(s.label)
             shard.append(k)
@@ -463,7 +533,7 @@ def select_samples(
     skipped: list[tuple[str, str]] = []
     found: dict[str, tuple[int, _Sample]] = {}
     for k, path in enumerate(paths):
-        found |= {s.name: (k, s) for s in _scan_shard(path, skipped, on_corrupt)}
+        found |= {s.name: (k, s) for s in _shard_samples(path, skipped, on_corrupt)}
     dropped = {name for name, _ in skipped}
     names, labels, shard, offset, size = [], [], [], [], []
     for name, label in entries:
@@ -582,6 +652,9 @@ def _write_shard(path: Path, samples: list[tuple[str, str, int | None]]) -> dict
                     tar.addfile(_tar_info(f"{key}.{LABEL_EXTENSION}", len(text)), io.BytesIO(text))
         raw.flush()
         os.fsync(raw.fileno())
+    # The index first: a shard in place always has its index (a crash in between leaves an index without a shard,
+    # written again with it when the conversion resumes).
+    _write_index(path, _scan_shard(str(partial), [], "error"), str(partial))
     os.replace(partial, path)
     return {
         "name": path.name,

@@ -293,6 +293,60 @@ def test_shards_list_the_folders_samples(identity):
     assert len(part.files) == 14 and part.classes == ["c0", "c1", "c2"]
 
 
+def _scan_fresh(source, monkeypatch, on_corrupt="error"):
+    monkeypatch.setattr(shards_module, "_SCANS", type(shards_module._SCANS)())  # no cached scan
+    images = scan_images(source, on_corrupt)
+    return images, [images.shards.offset.tolist(), images.shards.size.tolist()]
+
+
+def test_written_shards_are_read_from_their_index_without_opening_a_tar(
+    identity, tmp_path, monkeypatch
+):
+    """``fastclr shards`` writes ``<shard>.tar.index.json``; start-up reads it and no tar header or image byte, and
+    finds what scanning the shards finds. An index that no longer fits its shard, or a malformed one, is ignored."""
+    import shutil
+
+    folder, written = identity
+    out = tmp_path / "out"
+    shutil.copytree(written, out)
+    assert sorted(p.name for p in out.glob("*.index.json")) == [
+        f"train-{k:06d}.tar.index.json" for k in range(6)
+    ]
+    scanned = tmp_path / "scanned"  # the same shards without their indexes
+    shutil.copytree(written, scanned, ignore=shutil.ignore_patterns("*.index.json"))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read a tar header or checked an image")
+
+    with monkeypatch.context() as m:
+        m.setattr(shards_module.tarfile, "open", no_reading)
+        m.setattr(shards_module, "check_encoded", no_reading)
+        indexed, where = _scan_fresh(out, monkeypatch)
+    listed, where_scanned = _scan_fresh(scanned, monkeypatch)
+    strip = len(str(out)), len(str(scanned))
+    assert [f[strip[0] :] for f in indexed.files] == [f[strip[1] :] for f in listed.files]
+    assert (indexed.labels, indexed.classes) == (listed.labels, listed.classes)
+    assert where == where_scanned
+    assert [indexed.shards.read(i) for i in (0, 39)] == [
+        Path(f).read_bytes() for f in (scan_images(folder).files[0], scan_images(folder).files[39])
+    ]
+
+    # a shard cut short no longer matches its index: scanned, and the damage is named
+    shard = out / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])  # into the second image
+    with pytest.raises(CorruptImageError, match=r"train-000002\.tar"):
+        _scan_fresh(out, monkeypatch)
+    # a malformed index is ignored, not trusted
+    shutil.copy(written / "train-000002.tar", shard)
+    (out / "train-000001.tar.index.json").write_text(
+        '{"format": "fastclr-shard-index", "samples": 3'
+    )
+    entry = json.loads((out / "train-000003.tar.index.json").read_text())
+    entry["samples"][0][1] = 10**9  # an offset beyond the shard
+    (out / "train-000003.tar.index.json").write_text(json.dumps(entry))
+    assert _scan_fresh(out, monkeypatch)[1] == where
+
+
 def test_foreign_shards_and_their_errors(tmp_path):
     """Shards written by another tool: no manifest, labels only as numbers, unlabelled ones, bad ones."""
     a = write_tar(
