@@ -337,6 +337,33 @@ def compile_skip_reason(model: nn.Module) -> str | None:
     return None
 
 
+def settle_buckets(net: nn.Module, model: nn.Module, size: int, device: torch.device) -> None:
+    """One backward of zero gradients through the new DDP module ``net`` (``model`` in eval mode, a ``(2, 3, size,
+    size)`` zero batch), so that every run all-reduces its gradients in one bucket layout from its first step on.
+
+    DDP lays out its gradient buckets from the parameter order, then once, at the forward after the first backward,
+    again in the order the gradients became ready. A run resumed mid-way would take its first step in the first layout
+    where the uninterrupted run is in the second; with 3 or more ranks a ring all-reduce adds up an element's ranks in
+    an order set by its place in the bucket, so the resumed run would drift from the uninterrupted one in the last
+    bits. After this backward both take every step in the rebuilt layout. Eval mode leaves BatchNorm's statistics
+    alone; the zero gradients are dropped.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        x = torch.zeros(2, 3, size, size, device=device).contiguous(
+            memory_format=memory_format(model)
+        )
+        out = net(x)
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        (sum(o.float().sum() for o in outputs) * 0).backward()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for p in model.parameters():
+            p.grad = None
+
+
 def wrap_model(model: nn.Module, cfg: PretrainConfig, info: dist.DistInfo) -> nn.Module:
     """DDP under torchrun, then ``torch.compile`` when asked and worth it (see :func:`compile_skip_reason`).
 
@@ -349,6 +376,7 @@ def wrap_model(model: nn.Module, cfg: PretrainConfig, info: dist.DistInfo) -> nn
         net = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
+        settle_buckets(net, model, cfg.data.size, info.device)
     if cfg.run.compile and compile_skip_reason(model) is None:
         net = torch.compile(net)
     return net

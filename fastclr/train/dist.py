@@ -55,6 +55,20 @@ def env_world_size() -> int:
 DEFAULT_TIMEOUT_MIN = 60.0
 
 
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of ``env://`` (torchrun's), its keys prefixed by torchrun's restart count.
+
+    After ``--max-restarts`` restarts the workers, they may meet in the store of the attempt that failed: a rank then
+    reads a dead peer's address from the previous attempt's keys before its new peer has written its own, and the
+    group fails to connect (gloo: ``connectFullMesh failed ... Connection refused``). One prefix per attempt keeps
+    every attempt's keys apart.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return dist.PrefixStore(
+        f"fastclr/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
+
+
 def init_distributed(
     device: str = "auto",
     timeout: datetime.timedelta = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN),
@@ -82,6 +96,9 @@ def init_distributed(
             backend="nccl" if dev.type == "cuda" else "gloo",
             device_id=dev if dev.type == "cuda" else None,
             timeout=timeout,
+            store=_attempt_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
