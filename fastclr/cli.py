@@ -309,7 +309,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from fastclr.pipelines.shards import write_shards
+    from fastclr.pipelines.shard_writer import write_shards
 
     write_shards(
         args.source,

@@ -21,15 +21,10 @@ from __future__ import annotations
 
 from fastclr.pipelines.augment import SimCLRAugment
 from fastclr.pipelines.dali import EvalLoader, SimCLRLoader, dali_available
-from fastclr.pipelines.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CorruptImageError,
-    UnlabelledDataError,
-    list_images,
-)
+from fastclr.pipelines.data import IMAGENET_MEAN, IMAGENET_STD, list_images
+from fastclr.pipelines.images import CorruptImageError, UnlabelledDataError
 from fastclr.pipelines.options import LoaderOptions
-from fastclr.pipelines.shards import write_shards
+from fastclr.pipelines.shard_writer import write_shards
 from fastclr.pipelines.torchvision import (
     EvalTransform,
     SimCLRTransform,

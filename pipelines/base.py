@@ -19,15 +19,13 @@ import numpy as np
 from fastclr.device import resolve_device
 from fastclr.pipelines.augment import SimCLRAugment, check_size
 from fastclr.pipelines.data import (
-    CorruptImageError,
-    UnlabelledDataError,
     check_sharding,
-    decode_error,
     epoch_indices,
     num_batches,
     scan_images,
     shard_size,
 )
+from fastclr.pipelines.images import CorruptImageError, UnlabelledDataError, decode_error
 from fastclr.pipelines.options import OPTION_NAMES, LoaderOptions
 
 

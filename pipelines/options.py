@@ -49,7 +49,7 @@ class LoaderOptions:
         dtype: ``torch.float32`` or ``torch.float16``.
         normalize: ``(x - mean) / std`` if True, else values in [0, 1].
         mean, std: per-channel (RGB) constants of the normalisation.
-        on_corrupt: ``"error"`` raises :class:`~fastclr.pipelines.data.CorruptImageError` naming
+        on_corrupt: ``"error"`` raises :class:`~fastclr.pipelines.images.CorruptImageError` naming
             the file, at construction for files failing the up-front check and during iteration
             for a file only the decoder rejects. ``"skip"`` leaves the former out and skips the
             latter from its first failure on (a warning; the next file is read in its slot, so

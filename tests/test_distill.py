@@ -159,7 +159,7 @@ def test_teacher_and_student_mismatches_are_refused(setup, tmp_path):
 
 def test_distillation_on_unlabelled_tar_shards_equals_their_folder(setup):
     """Shards without labels (written from a flat folder) give the student the same batches: the same losses."""
-    from fastclr.pipelines.shards import write_shards
+    from fastclr.pipelines.shard_writer import write_shards
 
     data, teacher, root = setup
     flat = root / "flat-for-shards"

@@ -390,7 +390,7 @@ def test_finetune_from_tar_shards_equals_finetune_from_their_folder(ckpt, data, 
     """The same label subset, samples, batches and (torchvision twin) augmentations: bit-identical losses. The
     subset is written as the samples' names and read back through --labels-file, and the official lists' bare
     names (``x.JPEG``) find the members ``fastclr shards`` wrote (``x.jpeg``)."""
-    from fastclr.pipelines.shards import write_shards
+    from fastclr.pipelines.shard_writer import write_shards
     from fastclr.train.labels import read_subset
 
     # the images of data[0] under names unique across classes, as ImageNet's are
@@ -428,7 +428,7 @@ def test_finetune_from_tar_shards_equals_finetune_from_their_folder(ckpt, data, 
 def test_unlabelled_tar_shards_are_refused_for_fine_tuning_naming_the_labels(
     ckpt, tmp_path, capsys
 ):
-    from fastclr.pipelines.shards import write_shards
+    from fastclr.pipelines.shard_writer import write_shards
 
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -49,7 +49,7 @@ def write_images(folder: Path, count: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[str, str]:
     """``(training data, test folder)``: the training images as tar shards."""
-    from fastclr.pipelines.shards import write_shards
+    from fastclr.pipelines.shard_writer import write_shards
 
     root = tmp_path_factory.mktemp("long-run")
     for c in range(2):

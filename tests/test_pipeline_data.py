@@ -8,15 +8,14 @@ from PIL import Image
 
 from fastclr.pipelines.augment import SimCLRAugment
 from fastclr.pipelines.data import (
-    CorruptImageError,
     augment_seed,
-    check_image,
     epoch_indices,
     list_images,
     num_batches,
     scan_images,
     shard_size,
 )
+from fastclr.pipelines.images import CorruptImageError, check_image
 
 
 def write_image(path, value=(200, 60, 90), side=8):

@@ -25,17 +25,16 @@ from fastclr.pipelines import (
     TorchSimCLRLoader,
     dali_available,
 )
+from fastclr.pipelines import shard_writer as writer_module
 from fastclr.pipelines import shards as shards_module
 from fastclr.pipelines.data import scan_images
-from fastclr.pipelines.shards import (
-    MANIFEST_NAME,
-    expand_pattern,
+from fastclr.pipelines.shard_writer import (
     file_sha256,
     parse_shard_size,
-    scan_shards,
     verify_shards,
     write_shards,
 )
+from fastclr.pipelines.shards import MANIFEST_NAME, expand_pattern, scan_shards
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,7 +186,7 @@ def test_writer_layout_and_manifest(identity):
 
 def test_writer_resumes_after_an_interruption(identity, tmp_path, monkeypatch):
     folder, reference = identity
-    real, calls = shards_module._write_shard, []
+    real, calls = writer_module._write_shard, []
 
     def interrupted(path, samples):
         if len(calls) == 3:
@@ -196,7 +195,7 @@ def test_writer_resumes_after_an_interruption(identity, tmp_path, monkeypatch):
         calls.append(path.name)
         return real(path, samples)
 
-    monkeypatch.setattr(shards_module, "_write_shard", interrupted)
+    monkeypatch.setattr(writer_module, "_write_shard", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         write_shards(folder, out, 7, progress=False, log=None)
@@ -205,7 +204,7 @@ def test_writer_resumes_after_an_interruption(identity, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unfinished conversion \\(3 of 6 shards\\)"):
         scan_shards(out)
 
-    monkeypatch.setattr(shards_module, "_write_shard", real)
+    monkeypatch.setattr(writer_module, "_write_shard", real)
     lines = []
     write_shards(folder, out, 7, progress=False, log=lines.append)
     assert "3 written now, 3 kept" in lines[0]

@@ -253,7 +253,9 @@ def label_subset(
     if not images.labelled:
         from fastclr.train.build import unlabelled_data_hint
 
-        raise LabelError(f"fine-tuning needs labels, but {unlabelled_data_hint('--data', str(root))}")
+        raise LabelError(
+            f"fine-tuning needs labels, but {unlabelled_data_hint('--data', str(root))}"
+        )
     if len(images.classes) < 2:
         raise LabelError(
             f"--data {root} has {len(images.classes)} class folder(s); a classifier needs at least 2"

@@ -31,7 +31,8 @@ import torch
 
 from fastclr.pipelines.base import EpochLoader
 from fastclr.pipelines.dali.graph import center_crop_view, normalize_args, simclr_view
-from fastclr.pipelines.data import CorruptImageError, augment_seed
+from fastclr.pipelines.data import augment_seed
+from fastclr.pipelines.images import CorruptImageError
 from fastclr.pipelines.options import eval_options, simclr_options
 
 # DALI's decoder errors name the file ("Failed to decode sample #3 : /path/x.jpg") or, when the

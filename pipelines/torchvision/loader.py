@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastclr.pipelines.base import EpochLoader, next_decodable
-from fastclr.pipelines.data import CorruptImageError
+from fastclr.pipelines.images import CorruptImageError
 from fastclr.pipelines.options import eval_options, simclr_options
 from fastclr.pipelines.torchvision.transforms import TwoViews, view_transform
 
