@@ -12,9 +12,9 @@ from test_trainer import make_image_folder
 from fastclr.cli import main
 from fastclr.train.config import ConfigError
 from fastclr.train.distill import configure, distill, distill_loss
-from fastclr.train.evaluate import load_model
+from fastclr.train.evaluate import export_classifier, load_model
 from fastclr.train.finetune import finetune
-from fastclr.train.stage import export_classifier, load_classifier
+from fastclr.train.stage import load_classifier
 
 
 def test_loss_matches_a_hand_computation():

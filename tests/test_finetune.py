@@ -13,8 +13,9 @@ from fastclr.models import SimCLRClassifier, SimCLRModel
 from fastclr.train.checkpoint import load_checkpoint, save_checkpoint
 from fastclr.train.config import ConfigError, PretrainConfig
 from fastclr.train.dist import DistInfo
+from fastclr.train.evaluate import export_classifier
 from fastclr.train.finetune import FinetuneTrainer, configure, finetune
-from fastclr.train.stage import export_classifier, load_classifier
+from fastclr.train.stage import load_classifier
 
 HEAD = dict(
     proj_layers=3, proj_hidden=24, proj_dim=16

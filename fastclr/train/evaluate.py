@@ -21,17 +21,20 @@ import torch
 
 from fastclr.train import dist
 from fastclr.train.build import memory_format, simclr_model, unlabelled_data_hint
-from fastclr.train.checkpoint import TrainCheckpoint, atomic_save
+from fastclr.train.checkpoint import TrainCheckpoint, atomic_save, load_checkpoint
 from fastclr.train.config import ConfigError, PretrainConfig
+from fastclr.train.stage import (
+    classifier,
+    is_stage_checkpoint,
+    load_classifier,
+    stage_config_type,
+)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu"):
     """``(model with the checkpoint's weights, in eval mode, its config)``: the SimCLRModel and PretrainConfig of a
     pretraining checkpoint, the :class:`~fastclr.models.SimCLRClassifier` and fine-tuning or distillation config
     (:mod:`fastclr.train.stage`) of a stage checkpoint. Either model's ``backbone`` is the encoder to evaluate."""
-    from fastclr.train.checkpoint import load_checkpoint
-    from fastclr.train.stage import classifier, stage_config_type
-
     # a probe of the config: the tensors are mapped, not read
     kind = stage_config_type(load_checkpoint(path, mmap=True)["config"])
     ckpt = TrainCheckpoint.load(path, config_type=kind or PretrainConfig)
@@ -265,6 +268,13 @@ def export_format(out: str | Path, format: str | None = None) -> str:
     return format
 
 
+def _read_expression(path: Path, format: str) -> tuple[str, str]:
+    """``(import statement, expression)`` that read an exported ``state_dict`` file of ``format`` in plain PyTorch."""
+    if format == "safetensors":
+        return "import safetensors.torch", f"safetensors.torch.load_file({str(path)!r})"
+    return "import torch", f"torch.load({str(path)!r}, weights_only=True)"
+
+
 def load_line(
     path: Path, format: str, arch: str, cifar_stem: bool, width: int | None, backbone=None
 ) -> str:
@@ -273,12 +283,7 @@ def load_line(
     A ``timm:`` backbone is rebuilt by ``timm.create_model`` as :func:`fastclr.models.timm_backbone.timm_create_call`
     writes it for the trained ``backbone``.
     """
-    read = (
-        f"safetensors.torch.load_file({str(path)!r})"
-        if format == "safetensors"
-        else f"torch.load({str(path)!r}, weights_only=True)"
-    )
-    imports = "import safetensors.torch" if format == "safetensors" else "import torch"
+    imports, read = _read_expression(path, format)
     from fastclr.models.timm_backbone import is_timm_arch, timm_create_call
 
     if is_timm_arch(arch):
@@ -297,7 +302,7 @@ def export_backbone(
 
     ``with_head`` K >= 1 also keeps the first K projection-head layers; a fine-tuned or distilled checkpoint always
     exports its whole classifier (backbone + its head layers + linear): both through
-    :func:`fastclr.train.stage.export_classifier`.
+    :func:`export_classifier`.
 
     The tensors keep torchvision's key names (contiguous, no ``fc``). ``format`` is ``"pt"`` (``torch.save``) or
     ``"safetensors"``; None picks by the suffix of ``out``. A standard-width ResNet without the CIFAR stem also loads
@@ -310,7 +315,6 @@ def export_backbone(
 
     from fastclr.models import standard_width
     from fastclr.models.timm_backbone import TIMM_PREFIX, is_timm_arch
-    from fastclr.train.stage import export_classifier, is_stage_checkpoint
 
     if with_head or is_stage_checkpoint(ckpt):
         return export_classifier(ckpt, out, format, with_head)
@@ -336,6 +340,77 @@ def export_backbone(
         meta["timm"] = f"timm.create_model({name!r}, num_classes=0).load_state_dict(...)"
     elif m.arch != "cnn7" and not m.cifar_stem and width == standard_width(m.arch):
         meta["torchvision"] = f"torchvision.models.{m.arch}().load_state_dict(..., strict=False)"
+    info = Path(f"{path}.json")
+    info.write_text(json.dumps(meta, indent=2) + "\n")
+    return {**meta, "out": str(path), "info": str(info), "tensors": len(state)}
+
+
+def _classifier_load_line(path: Path, format: str, kwargs: dict[str, Any]) -> str:
+    """One line of Python that rebuilds the exported classifier and loads the file into it, strictly."""
+    imports, read = _read_expression(path, format)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return (
+        f"{imports}; from fastclr.models import SimCLRClassifier; model = SimCLRClassifier({args}); "
+        f"model.load_state_dict({read})"
+    )
+
+
+def export_classifier(
+    ckpt: str | Path, out: str | Path, format: str | None = None, with_head: int | None = None
+) -> dict[str, Any]:
+    """Write ``backbone + head[:K] (+ classifier)`` of a checkpoint as a plain ``state_dict``, and ``<out>.json``.
+
+    A fine-tuning or distillation checkpoint exports its whole classifier (``with_head`` None, or the number of
+    head layers it keeps); a pretraining checkpoint exports its backbone and first ``with_head`` head layers, an
+    encoder without classifier. The JSON's ``load`` line rebuilds the module with
+    :class:`~fastclr.models.SimCLRClassifier` and loads the file strictly.
+    """
+    import json
+
+    from fastclr.models import SimCLRClassifier
+
+    format = export_format(out, format)
+    raw = load_checkpoint(ckpt)
+    kind = stage_config_type(raw["config"])
+    if kind is not None:
+        model, cfg = load_classifier(ckpt)
+        if with_head is not None and with_head != cfg.head_layers:
+            raise ValueError(
+                f"--with-head {with_head}: {ckpt} is a {kind.section} checkpoint whose classifier sits on "
+                f"{cfg.head_layers} projection-head layer(s); leave out --with-head (or give {cfg.head_layers})"
+            )
+        m, k, num_classes, classes = cfg.model, cfg.head_layers, len(cfg.classes), cfg.classes
+    else:
+        cfg = PretrainConfig.from_dict(raw["config"])
+        simclr = simclr_model(cfg.model)
+        simclr.load_state_dict(raw["model"])
+        m, k, num_classes, classes = cfg.model, with_head, None, None
+        model = SimCLRClassifier.from_pretrained(simclr, k, None)  # checks 0 <= k <= depth
+    kwargs = dict(
+        arch=m.arch,
+        num_classes=num_classes,
+        cifar_stem=m.cifar_stem,
+        width=m.width,
+        head_layers=k,
+        proj_layers=m.proj_layers,
+        proj_hidden=m.proj_hidden,
+        proj_dim=m.proj_dim,
+    )
+    state = {key: v.detach().contiguous() for key, v in model.state_dict().items()}
+    meta: dict[str, Any] = {**kwargs, "feat_dim": model.feat_dim, "classes": classes}
+    if format == "safetensors":
+        import safetensors.torch
+
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(
+            state, path, metadata={key: json.dumps(v) for key, v in meta.items()}
+        )
+    else:
+        path = atomic_save(state, out)
+    path = path.resolve()
+    meta["format"] = format
+    meta["load"] = _classifier_load_line(path, format, kwargs)
     info = Path(f"{path}.json")
     info.write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "out": str(path), "info": str(info), "tensors": len(state)}

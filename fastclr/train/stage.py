@@ -18,7 +18,7 @@ labels, :mod:`fastclr.train.distill` from a fine-tuned teacher on the unlabelled
   out of both (a trust ratio of ``eta * ||w|| / ||g||`` would hold a layer that starts at zero near zero);
 * the monitor: top-1 of the classifier on ``--test-data`` every ``--eval-every`` epochs (:class:`Top1Monitor`).
 
-A stage checkpoint exports as a plain classifier (:func:`export_classifier`, ``fastclr export``).
+A stage checkpoint exports as a plain classifier (:func:`fastclr.train.evaluate.export_classifier`, ``fastclr export``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fastclr.train.build import (
     build_optimizer,
     memory_format,
 )
-from fastclr.train.checkpoint import atomic_save, load_checkpoint
+from fastclr.train.checkpoint import load_checkpoint
 from fastclr.train.config import ConfigError, PretrainConfig
 from fastclr.train.metrics import MetricNames
 from fastclr.train.monitor import format_duration, say
@@ -326,82 +326,3 @@ class StageTrainer(Trainer):
                 f"  fastclr distill --teacher {r['checkpoint']} --data DIR --test-data DIR   # a student from it\n"
                 f"  fastclr export --ckpt {r['checkpoint']} --out classifier.pt   # a plain PyTorch classifier"
             )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Export
-
-
-def _load_line(path: Path, format: str, kwargs: dict[str, Any]) -> str:
-    read = (
-        f"safetensors.torch.load_file({str(path)!r})"
-        if format == "safetensors"
-        else f"torch.load({str(path)!r}, weights_only=True)"
-    )
-    imports = "import safetensors.torch" if format == "safetensors" else "import torch"
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return (
-        f"{imports}; from fastclr.models import SimCLRClassifier; model = SimCLRClassifier({args}); "
-        f"model.load_state_dict({read})"
-    )
-
-
-def export_classifier(
-    ckpt: str | Path, out: str | Path, format: str | None = None, with_head: int | None = None
-) -> dict[str, Any]:
-    """Write ``backbone + head[:K] (+ classifier)`` of a checkpoint as a plain ``state_dict``, and ``<out>.json``.
-
-    A fine-tuning or distillation checkpoint exports its whole classifier (``with_head`` None, or the number of
-    head layers it keeps); a pretraining checkpoint exports its backbone and first ``with_head`` head layers, an
-    encoder without classifier. The JSON's ``load`` line rebuilds the module with
-    :class:`~fastclr.models.SimCLRClassifier` and loads the file strictly.
-    """
-    from fastclr.models import SimCLRClassifier
-    from fastclr.train.build import simclr_model
-    from fastclr.train.evaluate import export_format
-
-    format = export_format(out, format)
-    raw = load_checkpoint(ckpt)
-    kind = stage_config_type(raw["config"])
-    if kind is not None:
-        model, cfg = load_classifier(ckpt)
-        if with_head is not None and with_head != cfg.head_layers:
-            raise ValueError(
-                f"--with-head {with_head}: {ckpt} is a {kind.section} checkpoint whose classifier sits on "
-                f"{cfg.head_layers} projection-head layer(s); leave out --with-head (or give {cfg.head_layers})"
-            )
-        m, k, num_classes, classes = cfg.model, cfg.head_layers, len(cfg.classes), cfg.classes
-    else:
-        cfg = PretrainConfig.from_dict(raw["config"])
-        simclr = simclr_model(cfg.model)
-        simclr.load_state_dict(raw["model"])
-        m, k, num_classes, classes = cfg.model, with_head, None, None
-        model = SimCLRClassifier.from_pretrained(simclr, k, None)  # checks 0 <= k <= depth
-    kwargs = dict(
-        arch=m.arch,
-        num_classes=num_classes,
-        cifar_stem=m.cifar_stem,
-        width=m.width,
-        head_layers=k,
-        proj_layers=m.proj_layers,
-        proj_hidden=m.proj_hidden,
-        proj_dim=m.proj_dim,
-    )
-    state = {key: v.detach().contiguous() for key, v in model.state_dict().items()}
-    meta: dict[str, Any] = {**kwargs, "feat_dim": model.feat_dim, "classes": classes}
-    if format == "safetensors":
-        import safetensors.torch
-
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(
-            state, path, metadata={key: json.dumps(v) for key, v in meta.items()}
-        )
-    else:
-        path = atomic_save(state, out)
-    path = path.resolve()
-    meta["format"] = format
-    meta["load"] = _load_line(path, format, kwargs)
-    info = Path(f"{path}.json")
-    info.write_text(json.dumps(meta, indent=2) + "\n")
-    return {**meta, "out": str(path), "info": str(info), "tensors": len(state)}
