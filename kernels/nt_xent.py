@@ -13,8 +13,11 @@ The trick that makes it cheap: S is symmetric, so the row block i of S alone yie
 (the P_ji term needs only lse_j, saved by the forward): no transpose pass, no float atomics (an integer arrival counter
 per row block picks which split combines the partials, in a fixed order), and forward + backward cost three
 (2N)x(2N)xD GEMMs (S forward, S again and W @ cols backward). The (2N)x(2N) matrix never exists in memory.
+On one process with the fixed shift (tau >= SHIFT_MIN_TEMPERATURE) E_ij = exp((S_ij - 1)/tau) is symmetric and
+l_i = sum_{j != i} E_ij a plain sum, so the forward computes only the tiles on and above the diagonal: each gives the
+row sums of its rows and the column sums of its columns (= the row sums of those rows over its rows), half a GEMM.
 
-Launches (two forward, three backward):
+Launches (two forward, or three on the upper-triangle path; three backward):
     forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,); one process:
                                           z_hat rows zero-padded to a multiple of 16 elements, which the GEMM kernels
                                           read whole (aligned, unmasked: vector loads at any D, see ``padded_width``)
@@ -22,6 +25,15 @@ Launches (two forward, three backward):
                                           (m, l, positive logit) per split; the last split of a row block to arrive
                                           combines them in split order into the stats (m_i, log l_i) and the row
                                           block's loss, the last row block adds those in order (no host sync)
+         or    _nt_xent_sym_fwd_kernel    one process, fixed shift: row-block pairs (b, nB - 1 - b) x column splits,
+                                          the tiles at and right of each row block's diagonal square: row sums per
+                                          split (splits, A), column sums per row block (a workspace of at most
+                                          SYM_MAX_SLOTS row blocks x A, the row blocks beyond it in further launches),
+                                          positive logits (A,)
+               _nt_xent_sym_combine_kernel  l_i = column sums of the row blocks left of row i, in row-block-pair
+                                          order (per launch, onto the earlier launches' running sum), + row sums in
+                                          split order -> stats (1, log l_i), loss (the last program adds the rows'
+                                          sums in order)
     backward   _nt_xent_col_terms_kernel  per column j (M,): g_j / g_max (the rank's upstream gradient), times 1/l_j
                                           on the fixed-shift path, once per column instead of per S element
                _nt_xent_bwd_kernel        row blocks x output D chunks x column splits: per split, fp32 partial
@@ -33,10 +45,10 @@ Launches (two forward, three backward):
                                           then the chain through the normalisation
 
 Interior and boundary blocks (FlashAttention's split of its causal mask), fixed-shift path: a row block needs masks only
-in a few column blocks (the diagonal, the positives, a ragged last block). The main loops run every block without a
-mask, a boundary block's exponents S QK_SCALE - shift taking shift = +inf (its terms are exactly 0; the same FFMA), and
-a second loop runs the boundary blocks again with their masks: a few % more MMAs (``executed_macs``) for no
-per-element mask in the main loops.
+in a few column blocks (the diagonal, the positives, a ragged last block). The main loops run the other blocks without
+any mask, their block index stepping over the boundary runs (``_interior_block``: a few scalar instructions per block),
+and a second loop runs the boundary blocks with their masks, each block once (blocks where runs overlap twice, counted
+once: ``executed_macs``).
 
 Column splits (FlashDecoding's split of the key axis): a row block's columns are dealt to several programs so that the
 grid has at least PROGRAMS_PER_SM x the SM count programs also where rows are few (a DDP rank's 2N = 1024 rows against
@@ -336,12 +348,42 @@ def _in(t, f, l):
 
 
 @triton.jit
-def _block_shift(t, QK_SCALE, f0, l0, f1, l1, f2, l2):
-    """The shift of block t's exponents S QK_SCALE - shift: QK_SCALE (the fixed shift) for an interior block, +inf for a
-    block of the diagonal or positive runs, whose exp2 terms are then exactly 0 at no cost per element (the runs come
-    again, masked). The main loops stop before a ragged last block."""
-    boundary = _in(t, f0, l0) | _in(t, f1, l1) | _in(t, f2, l2)
-    return tl.where(boundary, float("inf"), QK_SCALE)
+def _sorted_runs(ga, ea, gb, eb):
+    """Runs [ga, ea) and [gb, eb) ordered by their start."""
+    swap = gb < ga
+    return (
+        tl.where(swap, gb, ga),
+        tl.where(swap, eb, ea),
+        tl.where(swap, ga, gb),
+        tl.where(swap, ea, eb),
+    )
+
+
+@triton.jit
+def _skipped_runs(f0, l0, f1, l1, f2, l2, lo, hi):
+    """The diagonal run and the two runs of positives (``_boundary_runs``) within blocks [lo, hi), which may overlap,
+    as three disjoint runs (start, length) in increasing order: the blocks a main loop skips (``_interior_block``)."""
+    g0, n0 = _clip(f0, l0, lo, hi)
+    g1, n1 = _clip(f1, l1, lo, hi)
+    g2, n2 = _clip(f2, l2, lo, hi)
+    g0, e0, g1, e1 = _sorted_runs(g0, g0 + n0, g1, g1 + n1)
+    g1, e1, g2, e2 = _sorted_runs(g1, e1, g2, g2 + n2)
+    g0, e0, g1, e1 = _sorted_runs(g0, e0, g1, e1)
+    # Each run starts where the earlier ones end (an overlap is trimmed, a run inside an earlier one left empty).
+    g1 = tl.maximum(g1, e0)
+    e1 = tl.maximum(e1, g1)
+    g2 = tl.maximum(g2, e1)
+    e2 = tl.maximum(e2, g2)
+    return g0, e0 - g0, g1, e1 - g1, g2, e2 - g2
+
+
+@triton.jit
+def _interior_block(b, s0, n0, s1, n1, s2, n2):
+    """The b-th block (counting from the main loop's first) once the disjoint runs (s_k, n_k) of ``_skipped_runs``,
+    in increasing order, are left out: a few scalar instructions per block, no per-element mask or select."""
+    b = tl.where(b >= s0, b + n0, b)
+    b = tl.where(b >= s1, b + n1, b)
+    return tl.where(b >= s2, b + n2, b)
 
 
 @triton.jit
@@ -379,7 +421,15 @@ def _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3):
 
 @triton.jit
 def _publish_mean(
-    partial_ptr, count_ptr, loss_ptr, pid, n_prog, value, inv_a, BLOCK_R: tl.constexpr, INTERPRETER: tl.constexpr
+    partial_ptr,
+    count_ptr,
+    loss_ptr,
+    pid,
+    n_prog,
+    value,
+    inv_a,
+    BLOCK_R: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     """The mean without a host sync: program pid of n_prog publishes its loss sum (value) in partial_ptr, and the last
     one to arrive (arrival counter at count_ptr, re-armed to 0) adds them all in program order: loss = sum * inv_a."""
@@ -426,8 +476,8 @@ def _nt_xent_fwd_kernel(
     """Program (row block of BLOCK_M, column split): over the split's columns, the logsumexp terms of its rows (diagonal
     masked) and the positive logit picked from the same S tiles, as partials (m, l, s_pos) per row in split_ptr
     (3, splits, A). On the fixed-shift path the split's interior column blocks run without any mask and its boundary
-    blocks (diagonal, positives, ragged last block: ``_boundary_runs``) once more with them. The last split of a row block to finish combines them in split order into the per-row stats and
-    the row block's loss sum; the last row block to finish takes the mean in row-block order. No host sync, and the
+    blocks (diagonal, positives, ragged last block: ``_boundary_runs``) in a second loop with them. The last split of a
+    row block to finish combines them in split order into the per-row stats and the row block's loss sum; the last row block to finish takes the mean in row-block order. No host sync, and the
     result is deterministic: every sum runs in a fixed order (the arrival counters only pick who adds).
 
     Writes stats_ptr[i] = (m_i, log l_i) with lse_i = m_i/tau + log l_i: m_i the row max of S in cosine units (1 on the
@@ -467,18 +517,21 @@ def _nt_xent_fwd_kernel(
         # cannot overflow; for tau >= SHIFT_MIN_TEMPERATURE the smallest term exp(-2/tau) is a normal fp32.
         # QK_SCALE = log2(e)/tau turns exp into the native exp2, and S QK_SCALE - QK_SCALE is one FFMA.
         # Interior blocks, as FlashAttention splits its causal mask: no mask, and the row sums stay per element
-        # (l_acc, reduced once after the loop). A boundary block runs here too with an infinite shift (its terms are
-        # exactly 0), and again below with its masks. The loop stops before a ragged last block (also a boundary
-        # block), so every column it loads exists: no row masks on the loads.
+        # (l_acc, reduced once after the loop). The loop skips the diagonal and positives' runs (the boundary loop
+        # below runs them with their masks) and stops before a ragged last block (also a boundary block), so every
+        # column it loads exists: no row masks on the loads.
         f0, l0, f1, l1, f2, l2, f3, l3 = _boundary_runs(r0, r1, n, M, OFFSET, BLOCK_N)
+        lo = c_begin // BLOCK_N
+        hi = tl.minimum(c_end, M - M % BLOCK_N) // BLOCK_N
+        s0, k0, s1, k1, s2, k2 = _skipped_runs(f0, l0, f1, l1, f2, l2, lo, hi)
         l_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start_n in range(c_begin, tl.minimum(c_end, M - M % BLOCK_N), BLOCK_N):
+        for v in range(0, tl.maximum(hi - lo, 0) - k0 - k1 - k2):
+            start_n = _interior_block(lo + v, s0, k0, s1, k1, s2, k2) * BLOCK_N
             s = _logits_tile(
                 zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
                 BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, True,
             )  # fmt: skip
-            shift = _block_shift(start_n // BLOCK_N, QK_SCALE, f0, l0, f1, l1, f2, l2)
-            l_acc += tl.exp2(s * QK_SCALE - shift)
+            l_acc += tl.exp2(s * QK_SCALE - QK_SCALE)
         l_i = tl.sum(l_acc, 1)
         # Boundary blocks of this split: diagonal and padding masked, the positive picked from the same S that enters
         # the sum (so identical rows give exactly log(A - 1)).
@@ -589,16 +642,18 @@ def _sym_piece(
 
     Tiles are computed transposed, E^T (BLOCK_N, BLOCK_M) with E = exp2(S QK_SCALE - QK_SCALE): a column's sum over
     the row block is a reduction within each thread's registers (the MMA layout spreads the tile's rows over threads),
-    and the row sums stay per element (l_acc, reduced once). Right of the diagonal square each tile adds its row sums
+    and in the first loop the row sums stay per element (l_acc, reduced once; the second loop reduces per tile, which
+    keeps it spill-free next to the positives' picks). Right of the diagonal square each tile adds its row sums
     to the rows and stores its column sums in colpart_ptr[slot, columns]: E is symmetric, so they are the sums of
     those columns' rows over this row block's columns. The diagonal square gives row sums only (it holds both E_ij
     and E_ji). Masks only in the second loop: the diagonal square, the blocks holding the positives of rows < N
     (pos(i) = i + N, the only positives right of the square) and a ragged last block; the first loop runs the other
     blocks with none, each visited once (its index skips the positives' run).
 
-    Positive logits: each S_{i,pos(i)} is stored once, in spos_ptr[i]: by the row of the tile holding it, and right of
-    the diagonal square also by its column (S_{i, i + N} is the positive of row i + N). The row sums over [jb, je)
-    go to rowpart_ptr[split, rows] when write (an empty piece writes zeros).
+    Positive logits: each S_{i,pos(i)} is stored once, in spos_ptr[i], from the tile holding column pos(i) of row i
+    (the diagonal square or the positives' run), and right of the diagonal square also for row pos(i) (S_{i, i + N} is
+    the positive of row i + N too). The row sums over [jb, je) go to rowpart_ptr[split, rows] when write (an empty
+    piece writes zeros).
     """
     R: tl.constexpr = BLOCK_M // BLOCK_N
     n = A // 2
@@ -609,7 +664,6 @@ def _sym_piece(
     q = rows  # placeholder; the row tile is preloaded only when all of D fits one block
     if D_BLOCKS == 1:
         q = _load_rows(zhat_ptr, r0, A, 0, D, BLOCK_M, BLOCK_D, INTERPRETER)
-    pos_col = tl.where(rows < n, rows + n, rows - n)
     off = (blk + 1) * R  # the first block right of the diagonal square
     n_blocks = tl.cdiv(A, BLOCK_N)
     full = A // BLOCK_N  # blocks before a ragged last one
@@ -641,7 +695,8 @@ def _sym_piece(
     g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
         blk * R, tl.minimum(off, n_blocks), f1, l1, 0, 0, full, tl.where(ragged, n_blocks, full), jb, je
     )  # fmt: skip
-    for v in range(0, n0 + n1 + n2 + n3):
+    # Unpipelined: a few blocks per row block, and a second tile in flight would spill next to l_acc and the picks.
+    for v in tl.range(0, n0 + n1 + n2 + n3, num_stages=1):
         t, _ = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
         start_n = t * BLOCK_N
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -649,17 +704,21 @@ def _sym_piece(
             zhat_ptr, zhat_ptr, q, r0, A, start_n, A, D,
             BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, False, True,
         )  # fmt: skip
-        valid = (cols[:, None] < A) & (cols[:, None] != rows[None, :])
+        right = t >= off
+        # pos is an involution: S_{j,pos(j)} is the positive logit of column j and of row pos(j), picked from the same
+        # S that enters the sums (identical rows give exactly log(A - 1)) along the tile's in-thread axis. Row pos(j)
+        # takes it wherever it lies, column j only right of the diagonal square (inside, its own row picks it).
+        pos_of_col = tl.where(cols < n, cols + n, cols - n)
+        pick = tl.sum(
+            tl.where(tl.arange(0, BLOCK_M)[None, :] == (pos_of_col - r0)[:, None], s, 0.0), 1
+        )
+        mine = (pos_of_col >= r0) & (pos_of_col < r1) & (cols < A)
+        tl.store(spos_ptr + pos_of_col, pick, mask=mine)
+        tl.store(spos_ptr + cols, pick, mask=mine & right)
+        valid = (cols[:, None] < A) & ((cols - r0)[:, None] != tl.arange(0, BLOCK_M)[None, :])
         e = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
         l_i += tl.sum(e, 0)
-        right = t >= off
         tl.store(cp + cols, tl.sum(e, 1), mask=(cols < A) & right)
-        # The positive picked from the same S that enters the sums (identical rows give exactly log(A - 1)).
-        here = (pos_col >= start_n) & (pos_col < start_n + BLOCK_N)
-        pick = tl.sum(tl.where(cols[:, None] == pos_col[None, :], s, 0.0), 0)
-        tl.store(spos_ptr + rows, pick, mask=row_ok & here)
-        pick = tl.sum(tl.where(cols[:, None] == rows[None, :] + n, s, 0.0), 1)
-        tl.store(spos_ptr + cols, pick, mask=(cols >= r0 + n) & (cols < r1 + n) & (cols < A) & right)
     tl.store(rowpart_ptr + tl.cast(split, tl.int64) * A + rows, l_i, mask=row_ok & write)
 
 
@@ -694,7 +753,9 @@ def _nt_xent_sym_fwd_kernel(
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
     )
-    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal square is R = BLOCK_M / BLOCK_N column blocks")
+    tl.static_assert(
+        BLOCK_M % BLOCK_N == 0, "the diagonal square is R = BLOCK_M / BLOCK_N column blocks"
+    )
     R: tl.constexpr = BLOCK_M // BLOCK_N
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -762,7 +823,7 @@ def _nt_xent_sym_combine_kernel(
     if LAST:
         for k in range(0, n_splits):
             total += tl.load(rowpart_ptr + tl.cast(k, tl.int64) * A + r, mask=ok, other=0.0)
-        log_l = tl.log(total)
+        log_l = tl.log(tl.where(ok, total, 1.0))
         tl.store(stats_ptr + 2 * r, tl.full((BLOCK_R,), 1.0, dtype=tl.float32), mask=ok)
         tl.store(stats_ptr + 2 * r + 1, log_l, mask=ok)
         s_pos = tl.load(spos_ptr + r, mask=ok, other=0.0)
@@ -913,19 +974,22 @@ def _nt_xent_bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     if SHIFT:
         # Interior blocks: W_ij = exp2(S QK_SCALE - QK_SCALE) (u_i + u_j), no mask (FlashAttention's split of its
-        # causal mask). A boundary block runs here too with an infinite shift (W = 0 exactly), and again below with its
-        # masks. The loop stops before a ragged last block (no row masks on its loads); the boundary loop needs no
-        # padding mask either: columns j >= M have zero rows in cols, so their finite W (S = 0 there) adds nothing.
+        # causal mask). The loop skips the diagonal and positives' runs (the boundary loop below runs them with their
+        # masks) and stops before a ragged last block (no row masks on its loads); the boundary loop needs no padding
+        # mask either: columns j >= M have zero rows in cols, so their finite W (S = 0 there) adds nothing.
         f0, l0, f1, l1, f2, l2, f3, l3 = _boundary_runs(r0, r1, n, M, OFFSET, BLOCK_N)
-        for start_n in range(c_begin, tl.minimum(c_end, M - M % BLOCK_N), BLOCK_N):
+        lo = c_begin // BLOCK_N
+        hi = tl.minimum(c_end, M - M % BLOCK_N) // BLOCK_N
+        s0, k0, s1, k1, s2, k2 = _skipped_runs(f0, l0, f1, l1, f2, l2, lo, hi)
+        for v in range(0, tl.maximum(hi - lo, 0) - k0 - k1 - k2):
+            start_n = _interior_block(lo + v, s0, k0, s1, k1, s2, k2) * BLOCK_N
             cols = start_n + tl.arange(0, BLOCK_N)
-            shift = _block_shift(start_n // BLOCK_N, QK_SCALE, f0, l0, f1, l1, f2, l2)
             u_j = tl.load(terms_ptr + cols)
             s, k = _bwd_tile(
                 zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
                 INPUT_PRECISION, INTERPRETER, True,
             )  # fmt: skip
-            w = tl.exp2(s * QK_SCALE - shift) * (u_i[:, None] + u_j[None, :])
+            w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
             if INTERPRETER:
                 w = w.to(tl.float32)
@@ -1122,19 +1186,22 @@ _CANDIDATES = {
     ("fwd", 0, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
     ("fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
-    # The upper-triangle forward: the candidates a batch keeps share one BLOCK_M (see ``candidate_configs``).
-    ("sym_fwd", 0, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
-    ("sym_fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
-    ("sym_fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2"),
+    # The upper-triangle forward computes its tiles transposed, BLOCK_N x BLOCK_M: BLOCK_N >= 64 for sm_90's wgmma
+    # (its BLOCK_N = 32 tiles compile to mma.sync). The candidates a batch keeps share one BLOCK_M (see
+    # ``candidate_configs``); BM128_BN128_W8_S2 issues 5.5 non-MMA instructions per computed element, against 7.3 for
+    # BM128_BN64_W8_S3, whose two warpgroups split the column sums.
+    ("sym_fwd", 0, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3"),
+    ("sym_fwd", 1, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3"),
+    ("sym_fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3"),
     ("bwd", 0, 2): ("BM64_BN64_W4_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
     ("bwd", 2, 2): ("BM64_BN32_W8_S2",),
     ("fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 4): ("BM64_BN32_W4_S2",),
     ("fwd", 2, 4): ("BM64_BN32_W8_S2",),
-    ("sym_fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
-    ("sym_fwd", 1, 4): ("BM64_BN32_W4_S2",),
-    ("sym_fwd", 2, 4): ("BM64_BN32_W8_S2",),
+    ("sym_fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3"),
+    ("sym_fwd", 1, 4): ("BM64_BN64_W8_S2",),
+    ("sym_fwd", 2, 4): ("BM64_BN64_W8_S3",),  # BM64_BN64_W8_S2: 8 B of stack on sm_80
     ("bwd", 0, 4): ("BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 4): ("BM64_BN32_W8_S2",),
     ("bwd", 2, 4): ("BM64_BN32_W8_S1",),
@@ -1145,12 +1212,14 @@ _CANDIDATES = {
 # (``d_tiling``) every D compiles the same loop body, the forward keeps 8 outputs per thread (BM64_BN32_W8) and the
 # backward's W @ cols GEMM 16-32; the backward's logits tile stays at 32 x 32, the largest that is clean on sm_80.
 # (BM64_BN64_W8_S3 spilled 8 B on sm_90 once the fixed-shift loop kept its row sums per element.)
-_EXACT_FP32_FWD = ("BM64_BN32_W8_S2",)
-_EXACT_FP32_BWD = ("BM32_BN32_W8_S2",)
+# The upper-triangle forward's transposed tile: BM64_BN32_W8_S2 and BM32_BN32_W8_S2 took 8 B of stack on sm_90.
+_EXACT_FP32 = {
+    "fwd": ("BM64_BN32_W8_S2",),
+    "sym_fwd": ("BM64_BN64_W8_S2",),
+    "bwd": ("BM32_BN32_W8_S2",),
+}
 _EXACT_FP32_CANDIDATES = {
-    (kernel, tier, 4): _EXACT_FP32_BWD if kernel == "bwd" else _EXACT_FP32_FWD
-    for kernel in KERNELS
-    for tier in (0, 1, 2)
+    (kernel, tier, 4): _EXACT_FP32[kernel] for kernel in KERNELS for tier in (0, 1, 2)
 }
 
 
@@ -1274,7 +1343,9 @@ def symmetric_schedule(
     chunk = min(pairs, max(1, SYM_MAX_SLOTS // 2))
     col_blocks = triton.cdiv(a, block_n)
     # U_p + U_q: a pair's column blocks at and right of its two diagonal squares.
-    per_pair = col_blocks + (col_blocks - (row_blocks - 1) * (block_m // block_n) if row_blocks > 1 else 0)
+    per_pair = col_blocks + (
+        col_blocks - (row_blocks - 1) * (block_m // block_n) if row_blocks > 1 else 0
+    )
     if splits is None:
         splits = column_splits(chunk, per_pair, programs)
     return SymSchedule(pairs, chunk, splits)
@@ -1303,7 +1374,9 @@ def launch_grid(
     cfg = resolve_config(kernel, a, d, config, itemsize, precision, m=m, programs=programs)
     if kernel == "sym_fwd":
         if m != a:
-            raise ValueError(f"the upper-triangle forward needs m = a columns (one process), got m={m}, a={a}")
+            raise ValueError(
+                f"the upper-triangle forward needs m = a columns (one process), got m={m}, a={a}"
+            )
         sched = symmetric_schedule(a, cfg.block_m, cfg.block_n, programs, splits)
         return (sched.chunk_pairs, sched.splits)
     rows = triton.cdiv(a, cfg.block_m)
@@ -1347,7 +1420,7 @@ def resolve_config(
 
 
 def boundary_visits(a: int, m: int, block_m: int, block_n: int, offset: int = 0) -> int:
-    """Boundary column blocks the fixed-shift kernels visit a second time (with masks), summed over row blocks: per
+    """Boundary column blocks the fixed-shift kernels' second loop visits (with masks), summed over row blocks: per
     row block the diagonal run, the two runs of positives and a ragged last block (``_boundary_runs``), each counted
     (overlaps run twice, counted once in the sums). The splits partition the column blocks, so their number does not
     matter."""
@@ -1363,6 +1436,29 @@ def boundary_visits(a: int, m: int, block_m: int, block_n: int, offset: int = 0)
         visits += run(offset + r0, offset + r1) + run(offset + r0 + n, offset + min(r1, n) + n)
         visits += run(offset + max(r0, n) - n, offset + r1 - n) + run(m - m % block_n, m)
     return visits
+
+
+def boundary_overlaps(a: int, m: int, block_m: int, block_n: int, offset: int = 0) -> int:
+    """Blocks the fixed-shift kernels visit twice, summed over row blocks: where a row block's boundary runs
+    (``boundary_visits``) overlap, the boundary loop runs the block once per run (counted once). Every other block runs
+    once, in the main loop or the boundary loop."""
+    n, col_blocks, twice = a // 2, triton.cdiv(m, block_n), 0
+
+    def run(lo: int, hi: int) -> range:
+        if hi <= lo:
+            return range(0)
+        return range(max(lo // block_n, 0), min(triton.cdiv(hi, block_n), col_blocks))
+
+    for r0 in range(0, a, block_m):
+        r1 = min(r0 + block_m, a)
+        runs = [
+            run(offset + r0, offset + r1),
+            run(offset + r0 + n, offset + min(r1, n) + n),
+            run(offset + max(r0, n) - n, offset + r1 - n),
+            run(m - m % block_n, m),
+        ]
+        twice += sum(len(x) for x in runs) - len(set().union(*runs))
+    return twice
 
 
 def symmetric_visits(a: int, block_m: int, block_n: int) -> int:
@@ -1385,7 +1481,8 @@ def executed_macs(
 ) -> dict[str, int]:
     """Multiply-accumulates the GEMM kernels execute (padding included; tensor cores, or FMA units for exact fp32),
     counted from grid x loop trips: every column block once per row block, and on the fixed-shift path (shift, tau >=
-    SHIFT_MIN_TEMPERATURE) the boundary blocks once more (``boundary_visits``, for the rank at column ``offset``). One
+    SHIFT_MIN_TEMPERATURE) the blocks where boundary runs overlap once more (``boundary_overlaps``, for the rank at
+    column ``offset``). One
     process on the fixed-shift path (m = a, shift) runs the upper-triangle forward (``symmetric_visits``: half the
     tiles) unless symmetric=False, as ``nt_xent_forward(symmetric=False)``.
 
@@ -1405,7 +1502,9 @@ def executed_macs(
             tiles = symmetric_visits(a, cfg.block_m, cfg.block_n) * cfg.block_m * cfg.block_n
         elif shift if kernel == "fwd" else _bwd_fixed_shift(shift, d, itemsize, precision):
             tiles += (
-                boundary_visits(a, m, cfg.block_m, cfg.block_n, offset) * cfg.block_m * cfg.block_n
+                boundary_overlaps(a, m, cfg.block_m, cfg.block_n, offset)
+                * cfg.block_m
+                * cfg.block_n
             )
         logits = tiles * tiling.d_blocks * tiling.block_d
         if kernel != "bwd":
@@ -1444,7 +1543,11 @@ def _autotuned(fn, kernel: str):
         return [by_name[c.name] for c in cands]
 
     # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A.
-    key = ["A", "D", "INPUT_PRECISION"] if kernel == "sym_fwd" else ["A", "M", "D", "SHIFT", "INPUT_PRECISION"]
+    key = (
+        ["A", "D", "INPUT_PRECISION"]
+        if kernel == "sym_fwd"
+        else ["A", "M", "D", "SHIFT", "INPUT_PRECISION"]
+    )
     return triton.autotune(
         configs=list(by_name.values()),
         key=key,
@@ -1633,7 +1736,9 @@ def _symmetric_forward(
     programs = PROGRAMS_PER_SM * sm_count()
     # The combine reads the column sums per row block: BLOCK_M is fixed here (the autotuner's candidates share it).
     block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision, a, programs).block_m
-    chunk_pairs, splits = launch_grid("sym_fwd", a, w, a, config, itemsize, precision, splits=splits)
+    chunk_pairs, splits = launch_grid(
+        "sym_fwd", a, w, a, config, itemsize, precision, splits=splits
+    )
     pairs = triton.cdiv(triton.cdiv(a, block_m), 2)
     chunks = triton.cdiv(pairs, chunk_pairs)
     f32 = dict(dtype=torch.float32, device=dev)

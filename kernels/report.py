@@ -19,12 +19,15 @@ Instruction issue: the SASS of each GEMM kernel (``cuobjdump -sass``) is cut at 
 holds tensor-core instructions, one column tile per trip) and its non-MMA instructions are counted per S element, i.e.
 per thread and trip x threads / (BLOCK_M x BLOCK_N): what the warp schedulers issue besides the MMAs for each logit.
 It is a static count of the loop body, so an instruction under a predicate or a rarely taken branch counts in full.
+The upper-triangle forward (``sym_fwd``: one process, fixed shift) computes each element of S once for E_ij and E_ji:
+its count is per computed element, and the roofline charges it for the elements it computes (about half of (2N)^2).
 
 Grids: for named (rows, columns) shapes the report prints each GEMM kernel's launch grid (``launch_grid``: row blocks x
 D chunks x column splits for the architecture's SM count) and the waves it takes at the compiled occupancy.
 
-Roofline (H100 SXM, stated constants below): forward + backward = three (2N)x(2N)xD GEMMs, 6 (2N)^2 D FLOPs, against
-the dense tensor-core peak; HBM bytes are the O(2N D) passes of the four launches. Every bound uses the clock the dense
+Roofline (H100 SXM, stated constants below): forward + backward = the MACs ``executed_macs`` counts (the upper-triangle
+forward: about half a (2N)x(2N)xD GEMM, the backward two), against the dense tensor-core peak; HBM bytes are the
+O(2N D) passes of the launches and the forward's column-sum workspace. Every bound uses the clock the dense
 bf16 peak implies (989 TFLOP/s = 132 SMs x 4096 FLOP/clock x 1.83 GHz). The exponentials run on the SFUs (16 per clock
 per SM), which the tensor cores do not help with, and the non-MMA instructions issue at 4 warp instructions per clock
 per SM (one per scheduler): the report shows both bounds.
@@ -81,10 +84,12 @@ D_CASES = (100, 128, 256, 2048)
 QUICK_D_CASES = (100, 128)
 # The batch each variant is specialised for: 2N divisible by 16, as any batch worth a GPU is.
 REPORT_ROWS = 4096
-ELEMENTWISE = ("norm_fwd", "col_terms", "norm_bwd")
+ELEMENTWISE = ("norm_fwd", "sym_combine", "col_terms", "norm_bwd")
 KERNEL_NAMES = {
     "norm_fwd": "_nt_xent_norm_fwd_kernel",
     "fwd": "_nt_xent_fwd_kernel",
+    "sym_fwd": "_nt_xent_sym_fwd_kernel",
+    "sym_combine": "_nt_xent_sym_combine_kernel",
     "col_terms": "_nt_xent_col_terms_kernel",
     "bwd": "_nt_xent_bwd_kernel",
     "norm_bwd": "_nt_xent_norm_bwd_kernel",
@@ -100,7 +105,9 @@ _DOT_RE = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<[^>]*, #(\
 @dataclass(frozen=True)
 class Variant:
     """One compiled specialisation: kernel, tile config, embedding width D, input dtype, fixed-shift path or not, and
-    the fp32 dot precision ("tf32" or "ieee"; bf16/fp16 always multiply exactly)."""
+    the fp32 dot precision ("tf32" or "ieee"; bf16/fp16 always multiply exactly). On the fixed-shift path "fwd" is the
+    row blocks x column splits forward that gathered columns take (built with ``symmetric=False``), "sym_fwd" and
+    "sym_combine" the upper-triangle forward of one process."""
 
     kernel: str
     config: str
@@ -127,8 +134,8 @@ def precisions_for(dtype: str) -> tuple[str, ...]:
 def shipped_variants(
     d_cases=D_CASES, dtypes=("bf16", "fp16", "fp32"), quick=False, precisions=None
 ) -> list[Variant]:
-    """Every (kernel, config) the autotuner may launch for these D on both logsumexp paths and every public precision,
-    and the elementwise kernels.
+    """Every (kernel, config) the autotuner may launch for these D on both logsumexp paths (the upper-triangle forward
+    on the fixed-shift path only) and every public precision, and the elementwise kernels.
 
     quick: only each kernel's first candidate, on the fixed-shift path, default precision.
     """
@@ -138,11 +145,9 @@ def shipped_variants(
             precs = precisions_for(dtype) if precisions is None else precisions
             for precision in precs[:1] if quick else precs:
                 for kernel in K.KERNELS:
-                    configs = K.candidate_configs(
-                        kernel, 1 << 20, d, ITEMSIZE[dtype], **_precision_kwargs(dtype, precision)
-                    )
+                    configs = launchable_configs(kernel, d, ITEMSIZE[dtype], precision)
                     for cfg in configs[:1] if quick else configs:
-                        for shift in (True,) if quick else (True, False):
+                        for shift in (True,) if quick or kernel == "sym_fwd" else (True, False):
                             out.append(Variant(kernel, cfg.name, d, dtype, shift, precision))
                 for kernel in ELEMENTWISE:
                     out.append(Variant(kernel, "elementwise", d, dtype, True, precision))
@@ -151,15 +156,20 @@ def shipped_variants(
     return out
 
 
-def _precision_kwargs(dtype: str, precision: str) -> dict:
-    return {"precision": precision} if dtype == "fp32" else {}
+def launchable_configs(kernel: str, d: int, itemsize: int, precision: str) -> list:
+    """The candidates of a large batch (first: the default) and then those only small batches take (the upper-triangle
+    forward keeps one BLOCK_M per batch, 64 below 2N = 128)."""
+    opts = {"precision": precision} if itemsize == 4 else {}
+    out = K.candidate_configs(kernel, 1 << 20, d, itemsize, **opts)
+    return out + [c for c in K.candidate_configs(kernel, 64, d, itemsize, **opts) if c not in out]
 
 
 def launch_variants(variants: list[Variant], arch: int) -> dict[Variant, Launch]:
     """Launch every variant through the host functions under the stub driver for sm_{arch}; the launch of each.
 
     Variants that share (D, dtype, path, precision) share one set of CPU tensors; the backward runs on the state of a
-    forward with the default config. The elementwise kernels are launched along the way.
+    forward with the default config. The elementwise kernels are launched along the way. The fixed-shift "fwd" is
+    built as the gathered path launches it, with ``symmetric=False``.
     """
     if K.INTERPRET:
         raise RuntimeError(
@@ -181,14 +191,17 @@ def launch_variants(variants: list[Variant], arch: int) -> dict[Variant, Launch]
         with stub_driver(arch) as drv:
             _, state = K.nt_xent_forward(z_a, z_b, tau, **opts)
             for v in by_kernel["fwd"]:
+                K.nt_xent_forward(z_a, z_b, tau, config=v.config, symmetric=False, **opts)
+            for v in by_kernel["sym_fwd"]:
                 K.nt_xent_forward(z_a, z_b, tau, config=v.config, **opts)
             for v in by_kernel["bwd"] + ([None] if not by_kernel["bwd"] else []):
                 K.nt_xent_backward(
                     torch.ones(()), z_a, z_b, state, tau, config=v and v.config, **opts
                 )
         launched = {}
+        gemm_names = {KERNEL_NAMES[k] for k in K.KERNELS}
         for launch in drv.launches:
-            if launch.name in (KERNEL_NAMES["fwd"], KERNEL_NAMES["bwd"]):
+            if launch.name in gemm_names:
                 launched[(launch.name, config_name(launch))] = launch
             else:
                 launched[(launch.name, "elementwise")] = launch
@@ -407,25 +420,33 @@ def roofline(
     config: str | None = None,
     instructions_per_element: float | None = None,
 ) -> Roofline:
-    """Lower bounds from the three-GEMM count (padding included via ``executed_macs``), the exp2s, the non-MMA
-    instructions (forward + backward per S element, from the SASS) and the HBM passes, all at H100_CLOCK_GHZ.
+    """Lower bounds from the executed MACs (padding included, ``executed_macs``: the upper-triangle forward), the exp2s,
+    the non-MMA instructions (forward + backward per element of the (2N)^2 S, from the SASS: see
+    ``instructions_per_element``) and the HBM passes, all at H100_CLOCK_GHZ.
 
     bound_ms: max of the bounds (perfect overlap); serial_ms: their sum (no overlap at all).
     """
     b = 4 if dtype == "fp32" else 2
     a = two_n
-    macs = K.executed_macs(a, d, config=config)["total"]
+    executed = K.executed_macs(a, d, config=config)
+    macs = executed["total"]
     flops = 2.0 * macs
     peak = (H100_TF32_TFLOPS if dtype == "fp32" else H100_BF16_TFLOPS) * 1e12
     clock = H100_CLOCK_GHZ * 1e9
-    # exp2 per (row, column): one in the forward, one in the backward's shift form.
-    exp2_count = 2.0 * a * a
+    # exp2: one per element the forward computes (about half of S), one per element in the backward's shift form.
+    tiling = K.d_tiling(d)
+    exp2_count = executed["fwd"] / (tiling.d_blocks * tiling.block_d) + 1.0 * a * a
     # HBM: z read twice and z_hat written (norm fwd); z_hat read (fwd, its columns stay in L2); z_hat read, fp32 acc
     # written (bwd); acc and z read, dz written (norm bwd). With the backward's column splits (on an H100's SMs) the
     # acc partials are written and read once per split, and their sum written back and read again.
     splits = K.launch_grid("bwd", a, d, sms=H100_SMS)[-1]
     acc_passes = 2 if splits == 1 else 2 * splits + 2
-    hbm_bytes = a * d * (2 * b + b + b + b + 4 * acc_passes + b + b) + a * 8 * 3
+    # The upper-triangle forward's workspace, fp32 written and read once: each row block's column sums right of its
+    # diagonal square (a (nB - 1) / 2 in all) and the row sums per split.
+    sym = K.resolve_config("sym_fwd", a, d, config)
+    sym_splits = K.launch_grid("sym_fwd", a, d, config=config, sms=H100_SMS)[-1]
+    workspace = 2 * 4 * (a * (triton.cdiv(a, sym.block_m) - 1) / 2 + sym_splits * a)
+    hbm_bytes = a * d * (2 * b + b + b + b + 4 * acc_passes + b + b) + a * 8 * 3 + workspace
     tc_ms = flops / peak * 1e3
     sfu_ms = exp2_count / (SFU_EXP2_PER_CLOCK_PER_SM * H100_SMS * clock) * 1e3
     issue_ms = None
@@ -453,12 +474,18 @@ def _default_row(rows: list[dict], kernel: str, config: str, d: int = GRID_D) ->
     return None
 
 
+def grid_kernels(a: int, m: int) -> tuple[str, str]:
+    """The GEMM kernels a fixed-shift launch of a rows against m columns takes: one process (m = a) the upper-triangle
+    forward, gathered columns the row blocks x column splits one."""
+    return ("sym_fwd" if m == a else "fwd", "bwd")
+
+
 def grid_variants(arch: int) -> list[Variant]:
     """The bf16 fixed-shift D = GRID_D variants that the named shapes launch on sm_{arch}."""
     programs = K.PROGRAMS_PER_SM * SM_COUNT[arch]
     out = []
     for a, m in GRID_SHAPES:
-        for kernel in K.KERNELS:
+        for kernel in grid_kernels(a, m):
             cfg = K.resolve_config(kernel, a, GRID_D, None, 2, "tf32", m, programs)
             v = Variant(kernel, cfg.name, GRID_D)
             if v not in out:
@@ -473,7 +500,7 @@ def grid_rows(arch: int, rows: list[dict]) -> list[dict]:
     programs = K.PROGRAMS_PER_SM * sms
     out = []
     for a, m in GRID_SHAPES:
-        for kernel in K.KERNELS:
+        for kernel in grid_kernels(a, m):
             cfg = K.resolve_config(kernel, a, GRID_D, None, 2, "tf32", m, programs)
             grid = K.launch_grid(kernel, a, GRID_D, m, sms=sms)
             count = 1
@@ -491,15 +518,16 @@ def grid_rows(arch: int, rows: list[dict]) -> list[dict]:
 
 
 def instructions_per_element(rows: list[dict]) -> float | None:
-    """Forward + backward non-MMA instructions per S element of the default bf16 D = 128 variants (first candidates at
-    a large batch), when the report compiled both."""
+    """Forward + backward non-MMA instructions per element of the (2N)^2 S, for one process: the default bf16 D = 128
+    variants (first candidates at a large batch) of the upper-triangle forward, which computes half of S (its count
+    per computed element halved), and of the backward; None unless the report compiled both."""
     total = 0.0
-    for kernel in K.KERNELS:
+    for kernel, weight in (("sym_fwd", 0.5), ("bwd", 1.0)):
         cfg = K.candidate_configs(kernel, 1 << 20, 128)[0]
         row = _default_row(rows, kernel, cfg.name, 128)
         if row is None or "non_mma_per_element" not in row:
             return None
-        total += row["non_mma_per_element"]
+        total += weight * row["non_mma_per_element"]
     return total
 
 
@@ -536,7 +564,7 @@ def _fmt(x, spec: str) -> str:
 
 def format_report(report: dict) -> str:
     head = (
-        f"{'kernel':8} {'config':17} {'D':>5} {'dtype':5} {'prec':4} {'path':5} {'regs':>4} {'spill':>5} "
+        f"{'kernel':11} {'config':17} {'D':>5} {'dtype':5} {'prec':4} {'path':5} {'regs':>4} {'spill':>5} "
         f"{'smem KB':>7} {'tc dots':>7} {'tc instr':>12} {'blk/SM':>6} {'occ':>5} {'instr/el':>8} {'mufu/el':>7}  "
         "status"
     )
@@ -548,22 +576,24 @@ def format_report(report: dict) -> str:
         dots = f"{r['mma_dots']}/{r['dots']}" if gemm else "-"
         status = "ok" if not r["problems"] else "; ".join(r["problems"])
         lines.append(
-            f"{r['kernel']:8} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['precision']:4} "
+            f"{r['kernel']:11} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['precision']:4} "
             f"{r['path'] if gemm else '-':5} {r['registers']:>4} "
             f"{spill:>5} {r['shared_bytes'] / 1024:>7.1f} {dots:>7} {tc:>12} {r['blocks_per_sm']:>6} "
             f"{r['occupancy']:>5.2f} {_fmt(r.get('non_mma_per_element'), '8.2f')} "
             f"{_fmt(r.get('mufu_per_element'), '7.2f')}  {status}"
         )
     lines += [
+        "instr/el, mufu/el: per S element the main loop computes; sym_fwd computes each once for S_ij and S_ji (per "
+        "element of S: half).",
         "",
         f"Grids at D = {GRID_D}, bf16 (>= {K.PROGRAMS_PER_SM} x {report['grids'][0]['sms']} SMs programs wanted):",
-        f"{'rows':>6} {'cols':>6} {'kernel':6} {'config':17} {'grid':>14} {'programs':>8} {'blk/SM':>6} "
+        f"{'rows':>6} {'cols':>6} {'kernel':7} {'config':17} {'grid':>14} {'programs':>8} {'blk/SM':>6} "
         f"{'waves':>6}  status",
     ]
     for g in report["grids"]:
         grid = "x".join(str(x) for x in g["grid"])
         lines.append(
-            f"{g['rows']:>6} {g['cols']:>6} {g['kernel']:6} {g['config']:17} {grid:>14} {g['programs']:>8} "
+            f"{g['rows']:>6} {g['cols']:>6} {g['kernel']:7} {g['config']:17} {grid:>14} {g['programs']:>8} "
             f"{_fmt(g['blocks_per_sm'], '>6')} {_fmt(g['waves'], '6.2f')}  {'ok' if g['ok'] else 'grid too small'}"
         )
     lines += [

@@ -65,7 +65,9 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
     assert_clean(report)
     assert code == 0
     rows = report["variants"]
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "norm_fwd", "col_terms", "norm_bwd"}
+    assert {r["kernel"] for r in rows} == {
+        "fwd", "sym_fwd", "bwd", "norm_fwd", "sym_combine", "col_terms", "norm_bwd",
+    }  # fmt: skip
     assert {r["dtype"] for r in rows} == {
         "bf16",
         "fp32",
@@ -86,7 +88,8 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
             assert r["dots"] == r["mma_dots"] >= 1, r
             # Launch-time specialisation: aligned pointers, and the width of z_hat's zero-padded rows (a multiple of 16
             # at any D, K.padded_width), so the tiles load through cp.async also at an unaligned D.
-            assert {"zhat_ptr", "cols_ptr", "A", "M", "D"} <= set(r["specialised"]), r
+            pointers = {"zhat_ptr"} if r["kernel"] == "sym_fwd" else {"zhat_ptr", "cols_ptr"}
+            assert pointers | {"A", "M", "D"} <= set(r["specialised"]), r
             assert r["cp_async"], r
         if r["kernel"] == "norm_fwd":
             assert "stride_zhat" in r["specialised"], r
@@ -100,12 +103,15 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
         if r["kernel"] in K.KERNELS:
             assert r["loop_instructions"] > 0 and r["mma_per_element"] > 0, r
             assert 0 < r["non_mma_per_element"] < 100, r
-    # The named DDP shapes fill the GPU: >= 2 programs per SM in both GEMM kernels.
+    # The named DDP shapes fill the GPU: >= 2 programs per SM in both GEMM kernels; one process (rows = columns) takes
+    # the upper-triangle forward.
     grids = report["grids"]
     assert {(g["rows"], g["cols"]) for g in grids} == set(R.GRID_SHAPES)
     for g in grids:
         assert g["ok"] and g["programs"] >= K.PROGRAMS_PER_SM * R.SM_COUNT[arch], g
         assert g["blocks_per_sm"] >= 1 and g["waves"] > 0, g
+        if g["kernel"] != "bwd":
+            assert (g["kernel"] == "sym_fwd") == (g["rows"] == g["cols"]), g
     if arch == 90:
         assert all(line["issue_ms"] > 0 for line in report["roofline"])
 
@@ -169,7 +175,10 @@ def test_report_compiles_what_the_launch_compiles(arch, triton_cache):
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     records = json.loads(proc.stdout)
-    assert len(records) == len(R.KERNEL_NAMES) * len(PARITY_CASES)
+    # Six launches on the upper-triangle path (one process, tau >= 0.025), five on the running max.
+    assert len(records) == sum(
+        6 if tau >= K.SHIFT_MIN_TEMPERATURE else 5 for *_, tau in PARITY_CASES
+    )
     for r in records:
         for part in ("signature", "constexprs", "attrs", "options", "hash"):
             assert r["report"][part] == r["launch"][part], (
@@ -233,11 +242,13 @@ def test_occupancy_follows_the_tightest_limit():
     assert R.occupancy(90, 32, 256, 0)["blocks_per_sm"] == 8
 
 
-def test_roofline_uses_the_three_gemm_count():
+def test_roofline_uses_the_executed_gemm_count():
     line = R.roofline(32768, 128)
-    flops = 6.0 * 32768**2 * 128
-    # No padding at this size; the fixed-shift path's boundary blocks run twice (< 1% here).
-    assert flops < line.gemm_flops < 1.01 * flops
+    # The upper-triangle forward (half a GEMM, its diagonal squares whole: 0.1% here) and the backward's two: 2.5
+    # GEMMs of 2 (2N)^2 D FLOPs. No padding at this size.
+    flops = 5.0 * 32768**2 * 128
+    assert line.gemm_flops == 2 * K.executed_macs(32768, 128)["total"]
+    assert flops < line.gemm_flops < 1.001 * flops
     assert line.tensor_core_ms == pytest.approx(line.gemm_flops / (R.H100_BF16_TFLOPS * 1e12) * 1e3)
     assert line.issue_ms is None
     assert line.bound_ms == max(line.tensor_core_ms, line.sfu_ms, line.hbm_ms)
@@ -249,7 +260,10 @@ def test_roofline_bounds_share_the_clock_of_the_bf16_peak():
     assert abs(R.H100_CLOCK_GHZ - 1.829) < 1e-3
     line = R.roofline(32768, 128, instructions_per_element=32.0)
     clock = R.H100_CLOCK_GHZ * 1e9
-    assert line.sfu_ms == pytest.approx(2 * 32768**2 / (16 * 132 * clock) * 1e3)
+    # An exp2 per element the upper-triangle forward computes (half of S and its diagonal squares), one per element
+    # in the backward.
+    assert line.exp2_count == pytest.approx((1.5 + 0.5 * 128 / 32768) * 32768**2)
+    assert line.sfu_ms == pytest.approx(line.exp2_count / (16 * 132 * clock) * 1e3)
     # 32 instructions per element = one warp instruction per element; 4 issue per clock per SM.
     assert line.issue_ms == pytest.approx(32768**2 / (4 * 132 * clock) * 1e3)
     assert line.bound_ms == max(line.tensor_core_ms, line.sfu_ms, line.hbm_ms, line.issue_ms)

@@ -39,7 +39,33 @@ KERNEL_ORDER = [
     "_nt_xent_bwd_kernel",
     "_nt_xent_norm_bwd_kernel",
 ]
+# One process on the fixed-shift path: the upper-triangle forward and its combine.
+SYM_KERNEL_ORDER = [
+    "_nt_xent_norm_fwd_kernel",
+    "_nt_xent_sym_fwd_kernel",
+    "_nt_xent_sym_combine_kernel",
+    "_nt_xent_col_terms_kernel",
+    "_nt_xent_bwd_kernel",
+    "_nt_xent_norm_bwd_kernel",
+]
 WORLD, RANK = 2, 1  # the distributed cases run as rank 1 of a fake two-rank group
+
+
+def symmetric(case) -> bool:
+    """Whether a case takes the upper-triangle forward: one process and tau >= 0.025."""
+    *_, tau, distributed = case
+    return tau >= 0.025 and not distributed
+
+
+def kernel_order(case) -> list[str]:
+    return SYM_KERNEL_ORDER if symmetric(case) else KERNEL_ORDER
+
+
+def gemm_records(rs: list[dict]) -> tuple[dict, dict]:
+    """The forward GEMM kernel's launch (either forward) and the backward's."""
+    by_name = {r["kernel"]: r for r in rs}
+    fwd = by_name.get("_nt_xent_sym_fwd_kernel") or by_name["_nt_xent_fwd_kernel"]
+    return fwd, by_name["_nt_xent_bwd_kernel"]
 
 
 def run_case(entry, dtype, precision, n, d, tau, distributed) -> None:
@@ -131,7 +157,7 @@ def test_every_entry_point_compiles_and_launches(arch_launches):
     cases = by_case(records)
     assert set(cases) == set(CI_CASES[arch])
     for name, rs in cases.items():
-        assert [r["kernel"] for r in rs] == KERNEL_ORDER, name
+        assert [r["kernel"] for r in rs] == kernel_order(CASES[name]), name
         assert all(r["arch"] == arch for r in rs), name
 
 
@@ -142,7 +168,9 @@ def test_autotuner_prunes_and_keeps_the_best_guess(arch_launches):
     for name, rs in by_case(records).items():
         _, dtype, precision, n, d, _, _ = CASES[name]
         itemsize = 4 if dtype == "float32" else 2
-        for r, kernel in ((rs[1], "fwd"), (rs[3], "bwd")):
+        fwd, bwd = gemm_records(rs)
+        fwd_kernel = "sym_fwd" if symmetric(CASES[name]) else "fwd"
+        for r, kernel in ((fwd, fwd_kernel), (bwd, "bwd")):
             want = K.candidate_configs(kernel, 2 * n, d, itemsize, precision)[0]
             got = (
                 int(r["constexprs"]["BLOCK_M"]),
@@ -164,7 +192,7 @@ def test_launch_specialises_on_the_arguments(arch_launches):
     cases = by_case(records)
     for name, rs in cases.items():
         entry, dtype, precision, n, d, tau, distributed = CASES[name]
-        norm_fwd, fwd, bwd = rs[0], rs[1], rs[3]
+        norm_fwd, (fwd, bwd) = rs[0], gemm_records(rs)
         # Exact fp32 loops over D in EXACT_BLOCK_D steps (FMA dots), every other launch takes the tensor-core tiling.
         exact = dtype == "float32" and precision == "ieee"
         width = d if distributed else K.padded_width(d)
@@ -176,14 +204,19 @@ def test_launch_specialises_on_the_arguments(arch_launches):
         ):
             got = tuple(int(r["constexprs"][b]) for b in blocks)
             assert got == tiling[: len(blocks)], (name, r["kernel"], got, tiling)
+        # The upper-triangle forward is the fixed-shift path (it has no SHIFT).
+        assert (fwd["kernel"] == "_nt_xent_sym_fwd_kernel") == symmetric(CASES[name]), name
         for r in (fwd, bwd):
-            assert r["constexprs"]["SHIFT"] == str(tau >= 0.025), name
+            assert r["constexprs"].get("SHIFT", "True") == str(tau >= 0.025), name
             want = precision if dtype == "float32" else "ieee"
             assert r["constexprs"]["INPUT_PRECISION"] == want, name
             # Pointers from torch are 16-byte aligned. One process: the GEMM kernels read z_hat's zero-padded rows,
             # whose width is a multiple of 16 at any D (tt.divisibility, vector loads also at D = 100); gathered rows
             # keep width D.
-            assert {"zhat_ptr", "cols_ptr"} <= set(r["attrs"]), (name, r["attrs"])
+            pointers = {"zhat_ptr", "cols_ptr"} & set(
+                r["signature"]
+            )  # the upper-triangle forward reads z_hat alone
+            assert "zhat_ptr" in pointers and pointers <= set(r["attrs"]), (name, r["attrs"])
             assert r["scalars"]["D"] == width, (name, r["scalars"])
             assert ("D" in r["attrs"]) == (width % 16 == 0), (name, r["attrs"])
         # The norm kernel writes those rows: the true D, the row stride.
@@ -193,17 +226,15 @@ def test_launch_specialises_on_the_arguments(arch_launches):
         a = 2 * n
         want_m, want_offset = (WORLD * a, RANK * a) if distributed else (a, 0)
         for r in (fwd, bwd):
-            assert (r["scalars"]["A"], r["scalars"]["M"], r["scalars"]["OFFSET"]) == (
-                a,
-                want_m,
-                want_offset,
-            ), name
+            scalars = (r["scalars"]["A"], r["scalars"]["M"], r["scalars"].get("OFFSET", 0))
+            assert scalars == (a, want_m, want_offset), name
 
 
 def test_grid_is_the_launch_grid_for_the_architecture(arch_launches):
     """The GEMM kernels launch ``launch_grid``'s grid for the stub's SM count (108 on sm_80, 132 on sm_90): forward (row
-    blocks, splits), backward (row blocks, D chunks, splits), and the normalisation backward adds that many splits. At
-    these small batches every column block is its own split, and the gathered case has several."""
+    blocks, splits; the upper-triangle forward: row-block pairs, splits), backward (row blocks, D chunks, splits), and
+    the normalisation backward adds that many splits. At these small batches every column block is its own split (a
+    pair's blocks, for the upper-triangle forward), and the gathered case has several."""
     from fastclr.kernels import nt_xent as K
     from fastclr.kernels.stub_driver import SM_COUNT
 
@@ -212,16 +243,22 @@ def test_grid_is_the_launch_grid_for_the_architecture(arch_launches):
     for name, rs in by_case(records).items():
         _, dtype, precision, n, d, _, distributed = CASES[name]
         itemsize = 4 if dtype == "float32" else 2
-        fwd, bwd, norm_bwd = rs[1], rs[3], rs[4]
+        (fwd, bwd), norm_bwd = gemm_records(rs), rs[-1]
         a, m, w = fwd["scalars"]["A"], fwd["scalars"]["M"], fwd["scalars"]["D"]
         opts = dict(itemsize=itemsize, precision=precision, sms=SM_COUNT[arch])
-        want_fwd = K.launch_grid("fwd", a, w, m, **opts)
+        sym = symmetric(CASES[name])
+        want_fwd = K.launch_grid("sym_fwd" if sym else "fwd", a, w, m, **opts)
         want_bwd = K.launch_grid("bwd", a, w, m, **opts)
         assert tuple(fwd["grid"]) == (*want_fwd, 1), (name, fwd["grid"], want_fwd)
         assert tuple(bwd["grid"]) == want_bwd, (name, bwd["grid"], want_bwd)
+        assert norm_bwd["kernel"] == "_nt_xent_norm_bwd_kernel", name
         assert norm_bwd["scalars"]["n_splits"] == want_bwd[-1], name
-        block_n = int(fwd["constexprs"]["BLOCK_N"])
-        assert want_fwd[-1] == -(-m // block_n), (name, want_fwd)
+        block_m, block_n = int(fwd["constexprs"]["BLOCK_M"]), int(fwd["constexprs"]["BLOCK_N"])
+        if sym:
+            # One pair of row blocks (2N <= BLOCK_M: the diagonal square alone), its blocks one split each.
+            assert -(-a // block_m) == 1 and want_fwd == (1, -(-a // block_n)), (name, want_fwd)
+        else:
+            assert want_fwd[-1] == -(-m // block_n), (name, want_fwd)
         split_counts.append(want_fwd[-1])
     assert max(split_counts) > 1, split_counts
 
@@ -232,7 +269,7 @@ def test_every_case_compiles_and_launches(arch, triton_cache):
     cases = by_case(launches(arch, triton_cache, ALL_CASES))
     assert set(cases) == set(ALL_CASES)
     for name, rs in cases.items():
-        assert [r["kernel"] for r in rs] == KERNEL_ORDER, name
+        assert [r["kernel"] for r in rs] == kernel_order(ALL_CASES[name]), name
 
 
 ALL_CASES = {**CASES, **SLOW_CASES}

@@ -229,6 +229,129 @@ def test_column_splits_are_deterministic():
         assert_close(x, y, 1e-6, 1e-5, "3 splits vs 1")
 
 
+# The upper-triangle forward (one process, tau >= 0.025): 2N = 74, 120 and 200 are ragged in every tile size; BM64_BN32 puts
+# R = 2 column blocks in a diagonal square, BM32_BN32 one; an odd number of row blocks leaves the middle one unpaired;
+# 7 splits of 3 or 4 blocks leave some empty. SYM_MAX_SLOTS = 2 runs one row-block pair per launch (the chunked
+# workspace), folding the column sums of each chunk into a running sum.
+SYM_CASES = [
+    (37, 24, "BM64_BN32_W4_S2", 1, None),  # 2 row blocks: one pair
+    (37, 24, "BM32_BN32_W8_S2", 7, 2),  # 3 row blocks: a pair and the middle one, in 2 launches
+    (100, 20, "BM64_BN32_W4_S2", 3, 2),  # 4 row blocks: 2 pairs in 2 launches
+    (60, 20, "BM32_BN32_W8_S2", 2, None),  # 4 row blocks: 2 pairs in one launch
+    (100, 20, "BM64_BN64_W4_S3", 2, 2),
+]
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+@pytest.mark.parametrize("n,d,config,splits,slots", SYM_CASES)
+def test_symmetric_forward_matches_reference(n, d, config, splits, slots, tau, monkeypatch):
+    """Loss and gradients (the backward reads the upper-triangle forward's stats) against the reference, and the stats
+    against the row blocks x column splits forward's to fp32 rounding."""
+    if slots is not None:
+        monkeypatch.setattr(K, "SYM_MAX_SLOTS", slots)
+    taken = []
+    sym_forward = K._symmetric_forward
+    monkeypatch.setattr(
+        K, "_symmetric_forward", lambda *a, **k: taken.append(1) or sym_forward(*a, **k)
+    )
+    check_fp32(n, d, tau, config=config, splits=splits)
+    assert taken, "the upper-triangle forward did not run"
+    z_a, z_b = pair(n, d, torch.float32)
+    opts = dict(precision="ieee", config=config, splits=splits)
+    loss, state = K.nt_xent_forward(z_a, z_b, tau, **opts)
+    general, want = K.nt_xent_forward(z_a, z_b, tau, symmetric=False, **opts)
+    assert torch.equal(state.stats[:, 0], torch.ones(2 * n))  # m_i = 1: the fixed shift
+    assert_close(state.stats, want.stats, 1e-6, 1e-6, "stats vs the general forward")
+    assert_close(loss, general, 1e-6, 1e-6, "loss vs the general forward")
+
+
+def test_running_max_path_keeps_the_general_forward(monkeypatch):
+    """tau < 0.025 (online logsumexp) and gathered columns never take the upper-triangle forward."""
+    taken = []
+    monkeypatch.setattr(K, "_symmetric_forward", lambda *a, **k: taken.append(1))
+    z_a, z_b = pair(20, 16, torch.float32)
+    loss, _ = K.nt_xent_forward(z_a, z_b, 0.01, precision="ieee")
+    assert_close(
+        loss, nt_xent_reference(z_a.double(), z_b.double(), 0.01), **FP32_LOSS, what="loss"
+    )
+    _fake_two_ranks(monkeypatch)
+    K.nt_xent_forward(z_a, z_b, 0.5, group=object(), precision="ieee")
+    assert not taken
+
+
+@pytest.mark.parametrize(
+    "n,config,slots", [(100, "BM64_BN32_W4_S2", None), (37, "BM32_BN32_W8_S2", 2)]
+)
+def test_symmetric_forward_computes_only_upper_triangle_tiles(n, config, slots, monkeypatch):
+    """Every tile the upper-triangle forward computes starts at or right of its row block's diagonal (column block
+    start >= row block start), each exactly once, and their number is what ``executed_macs`` counts."""
+    if slots is not None:
+        monkeypatch.setattr(K, "SYM_MAX_SLOTS", slots)
+    tiles = []
+    logits_tile = K._logits_tile
+
+    def counting(*args):
+        r0, c0, trans = args[3].handle.data.item(), args[5].handle.data.item(), args[-1]
+        assert trans, "the upper-triangle forward computes its tiles transposed"
+        tiles.append((r0, c0))
+        return logits_tile(*args)
+
+    monkeypatch.setattr(K, "_logits_tile", counting)
+    z_a, z_b = pair(n, 24, torch.float32)
+    K.nt_xent_forward(z_a, z_b, 0.5, precision="ieee", config=config, splits=3)
+    cfg = K.CONFIGS[config]
+    a = 2 * n
+    upper = {
+        (r0, c0) for r0 in range(0, a, cfg.block_m) for c0 in range(0, a, cfg.block_n) if c0 >= r0
+    }
+    assert sorted(tiles) == sorted(upper), "a tile missing, repeated or below the diagonal"
+    assert len(tiles) == K.symmetric_visits(a, cfg.block_m, cfg.block_n)
+    w = K.padded_width(24)
+    macs = K.executed_macs(a, w, config=config, itemsize=4, precision="ieee")
+    assert (
+        macs["fwd"]
+        == len(tiles) * cfg.block_m * cfg.block_n * K.d_tiling(w, exact=True).d_blocks * 32
+    )
+
+
+@pytest.fixture
+def reversed_programs(monkeypatch):
+    """The interpreter runs every launch's programs in reverse order (the last program id first): a result that
+    depended on the order in which programs finish (float atomics, arrival-order sums) would change its bits."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+
+    def reverse(x, y, z):
+        gx, gy, gz = builder.grid_dim
+        set_grid_idx(gx - 1 - x, gy - 1 - y, gz - 1 - z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", reverse)
+
+
+def test_symmetric_forward_is_deterministic(monkeypatch, request):
+    """Row sums, the chunks' column sums and the loss are added in a fixed order: bitwise the same on every run, also
+    when the programs run in the opposite order."""
+    monkeypatch.setattr(K, "SYM_MAX_SLOTS", 2)
+    z_a, z_b = pair(60, 20, torch.float32)
+    opts = dict(precision="ieee", config="BM32_BN32_W8_S2", splits=3)
+
+    def run():
+        _, state = K.nt_xent_forward(z_a, z_b, 0.2, **opts)
+        grads = loss_and_grads(lambda a, b, t: K.nt_xent_triton(a, b, t, **opts), z_a, z_b, 0.2)
+        return (state.stats, *grads)
+
+    first, again = run(), run()
+    request.getfixturevalue("reversed_programs")
+    backwards = run()
+    for name, x, y, z in zip(
+        ("stats", "loss", "dz_a", "dz_b"), first, again, backwards, strict=True
+    ):
+        assert torch.equal(x, y), name
+        assert torch.equal(x, z), f"{name} changed with the order of the programs"
+
+
 WORLD = 2
 
 
@@ -273,8 +396,9 @@ def test_gathered_columns_with_splits_match_reference(splits, tau, monkeypatch):
 @pytest.mark.parametrize("sms", [108, 132])
 @pytest.mark.parametrize("a,m", [(1024, 8192), (512, 4096), (4096, 8192), (8192, 8192)])
 def test_grid_fills_the_gpu_at_ddp_shapes(a, m, sms):
-    """At least PROGRAMS_PER_SM x the SM count programs in both GEMM kernels (bf16, D = 128), with the default config."""
-    for kernel in K.KERNELS:
+    """At least PROGRAMS_PER_SM x the SM count programs in both GEMM kernels (bf16, D = 128), with the default config;
+    one GPU (a = m) runs the upper-triangle forward."""
+    for kernel in ("sym_fwd" if a == m else "fwd", "bwd"):
         grid = K.launch_grid(kernel, a, 128, m, sms=sms)
         programs = math.prod(grid)
         assert programs >= K.PROGRAMS_PER_SM * sms, (kernel, a, m, sms, grid)
@@ -297,6 +421,10 @@ def test_column_splits_are_the_fewest_that_fill_the_gpu():
                     assert not even or rows * fewer < programs, (case, fewer)
     # Many rows: one split, the kernels' old grid.
     assert K.launch_grid("fwd", 262144, 128, sms=132) == (2048, 1)
+    # The upper-triangle forward: 2048 row blocks of 128 make 1024 pairs, in chunks of SYM_MAX_SLOTS / 2 per launch.
+    assert K.launch_grid("sym_fwd", 262144, 128, sms=132) == (K.SYM_MAX_SLOTS // 2, 3)
+    with pytest.raises(ValueError, match="m = a"):
+        K.launch_grid("sym_fwd", 1024, 128, 8192)
 
 
 def loss_of_rows(rows: torch.Tensor, tau: float) -> torch.Tensor:
@@ -481,20 +609,73 @@ def test_macs_count_padding_and_d_chunks():
     assert wide["bwd"] == 16 * 4096 * 4096 * 2048 + 4096 * 4096 * 2048
 
 
-def test_macs_count_boundary_blocks_twice():
-    """The fixed-shift path runs each row block's boundary blocks again with masks. 2N = 256 in 64 x 32 tiles: every
-    row block has a diagonal run of 2 blocks and one run of positives of 2 (N = 128 is a multiple of the tiles, and
-    nothing is ragged): 4 row blocks x 4 visits."""
+def test_macs_count_boundary_blocks_once():
+    """The fixed-shift path (row blocks x column splits) runs each row block's boundary blocks with masks in a second
+    loop, and its main loop skips them: every block once, a block where boundary runs overlap once per run. 2N = 256
+    in 64 x 32 tiles: every row block has a diagonal run of 2 blocks and one run of positives of 2 (N = 128 is a
+    multiple of the tiles, and nothing is ragged): 4 row blocks x 4 boundary visits, no overlap."""
     assert K.boundary_visits(256, 256, 64, 32) == 16
-    macs = K.executed_macs(256, 128, config="BM64_BN32_W4_S2")
-    assert macs["fwd"] == 256 * 256 * 128 + 16 * 64 * 32 * 128
+    assert K.boundary_overlaps(256, 256, 64, 32) == 0
+    macs = K.executed_macs(256, 128, config="BM64_BN32_W4_S2", symmetric=False)
+    assert macs["fwd"] == 256 * 256 * 128
     assert macs["bwd"] == 2 * macs["fwd"]
     # 2N = 200: runs of positives straddle blocks, and the ragged last block (192..200) is a boundary block of every
-    # row block. Per row block: diagonal + positives (two runs) + last block.
+    # row block. Per row block: diagonal + positives (two runs) + last block; row block 1's positives and row block
+    # 3's diagonal include the last block.
     per_row_block = [2 + 3 + 0 + 1, 2 + 2 + 1 + 1, 2 + 0 + 3 + 1, 1 + 0 + 2 + 1]
     assert K.boundary_visits(200, 200, 64, 32) == sum(per_row_block)
+    assert K.boundary_overlaps(200, 200, 64, 32) == 2
     # Gathered columns: rank 1 of 2 (offset A) has its diagonal and positives among the columns A.. 2A.
     assert K.boundary_visits(256, 512, 64, 32, offset=256) == 16
+
+
+def test_fixed_shift_kernels_visit_each_block_once(monkeypatch):
+    """Counted under the interpreter (2N = 200, 64 x 32 tiles, 3 splits): the row blocks x column splits forward and
+    the backward compute every (row block, column block) tile once, and the two where boundary runs overlap twice."""
+    tiles = {"fwd": [], "bwd": []}
+    logits_tile, bwd_tile = K._logits_tile, K._bwd_tile
+
+    def fwd_counting(*args):
+        tiles["fwd"].append((args[3].handle.data.item(), args[5].handle.data.item()))
+        return logits_tile(*args)
+
+    def bwd_counting(*args):
+        tiles["bwd"].append((args[3].handle.data.item(), args[5].handle.data.item()))
+        return bwd_tile(*args)
+
+    monkeypatch.setattr(K, "_logits_tile", fwd_counting)
+    monkeypatch.setattr(K, "_bwd_tile", bwd_counting)
+    z_a, z_b = pair(100, 24, torch.float32)
+    opts = dict(precision="ieee", config="BM64_BN32_W4_S2", splits=3)
+    loss, state = K.nt_xent_forward(z_a, z_b, 0.5, symmetric=False, **opts)
+    K.nt_xent_backward(torch.ones(()), z_a, z_b, state, 0.5, **opts)
+    every = {(r0, c0) for r0 in range(0, 200, 64) for c0 in range(0, 200, 32)}
+    for kernel, got in tiles.items():
+        assert set(got) == every, kernel
+        assert len(got) == len(every) + K.boundary_overlaps(200, 200, 64, 32), kernel
+
+
+def test_macs_symmetric_forward_halves_the_forward():
+    """One process with the fixed shift: the upper-triangle forward visits each row block's diagonal square and the
+    blocks right of it once. 2N = 256 in 64 x 32 tiles: 8 + 6 + 4 + 2 blocks; 2N = 200: 7 + 5 + 3 + 1 (the last row
+    block's square is one ragged block). At 2N = 32768, D = 128 (bf16 default tiles) the forward is half a GEMM plus the
+    diagonal squares (2N x BLOCK_M / 2, what square tiles cost: 0.2% here), the backward two GEMMs."""
+    assert K.symmetric_visits(256, 64, 32) == 20
+    assert K.symmetric_visits(200, 64, 32) == 16
+    macs = K.executed_macs(256, 128, config="BM64_BN32_W4_S2")
+    assert macs["fwd"] == 20 * 64 * 32 * 128
+    assert (
+        macs["bwd"] == K.executed_macs(256, 128, config="BM64_BN32_W4_S2", symmetric=False)["bwd"]
+    )
+    a, d = 32768, 128
+    macs = K.executed_macs(a, d)
+    block_m = K.resolve_config("sym_fwd", a, d, None).block_m
+    assert macs["fwd"] == (a * a + a * block_m) // 2 * d
+    assert macs["bwd"] == 2 * a * a * d
+    assert macs["total"] <= 2.5 * 1.001 * a * a * d, macs
+    # Gathered columns and the running max keep the full forward.
+    assert K.executed_macs(a, d, m=2 * a, offset=a)["fwd"] >= 2 * a * a * d
+    assert K.executed_macs(a, d, shift=False)["fwd"] == a * a * d
 
 
 def test_candidates_cover_every_d_and_small_batches():
