@@ -182,12 +182,9 @@ def test_distillation_on_unlabelled_tar_shards_equals_their_folder(setup):
 def test_sigterm_stops_each_stage_with_a_checkpoint_that_resumes(setup, tmp_path, stage):
     """SIGTERM mid-epoch: exit 0, a checkpoint at the interrupted step (no temp file left), and --resume auto goes on
     from it."""
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from test_trainer import REPO
+    from test_trainer import sigterm_after_rows
 
     from fastclr.train.checkpoint import list_checkpoints, load_checkpoint
 
@@ -200,25 +197,11 @@ def test_sigterm_stops_each_stage_with_a_checkpoint_that_resumes(setup, tmp_path
         args = ["--teacher", teacher, "--batch-size", "16"]
     flags = [stage, *args, "--data", str(data[0]), "--out", str(out), "--workers", "0"]
     flags += ["--backend", "torch", "--log-every", "1", "--no-progress"]
-    cmd = [sys.executable, "-m", "fastclr", *flags, "--epochs", "100"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    metrics = out / "metrics.csv"
+    code, output = sigterm_after_rows(
+        [sys.executable, "-m", "fastclr", *flags, "--epochs", "100"], metrics, 2
     )
-    try:
-        metrics = out / "metrics.csv"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) > 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[0]
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, output
+    assert code == 0, output
     assert "stopped by SIGTERM" in output, output
     logged = len(metrics.read_text().splitlines()) - 1
     ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])

@@ -287,9 +287,8 @@ def _run(cmd, timeout, **kwargs):
     return proc.returncode, out
 
 
-def test_sigterm_mid_epoch_saves_a_loadable_checkpoint_and_exits_0(data, tmp_path):
-    out = tmp_path / "run"
-    cmd = _cli(*_tiny_flags(data, out), "--epochs", "100", "--log-every", "1")
+def sigterm_after_rows(cmd: list[str], metrics: Path, rows: int) -> tuple[int, str]:
+    """Start ``cmd``, send SIGTERM once ``metrics`` (a CSV) holds more than ``rows`` lines; ``(exit code, output)``."""
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -299,10 +298,9 @@ def test_sigterm_mid_epoch_saves_a_loadable_checkpoint_and_exits_0(data, tmp_pat
         cwd=REPO,
     )
     try:
-        metrics = out / "metrics.csv"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+            if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()[0]
@@ -312,7 +310,15 @@ def test_sigterm_mid_epoch_saves_a_loadable_checkpoint_and_exits_0(data, tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 0, output
+    return proc.returncode, output
+
+
+def test_sigterm_mid_epoch_saves_a_loadable_checkpoint_and_exits_0(data, tmp_path):
+    out = tmp_path / "run"
+    metrics = out / "metrics.csv"
+    cmd = _cli(*_tiny_flags(data, out), "--epochs", "100", "--log-every", "1")
+    code, output = sigterm_after_rows(cmd, metrics, 3)
+    assert code == 0, output
     assert "stopped by SIGTERM" in output
     logged = len(metrics.read_text().splitlines()) - 1
     ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
