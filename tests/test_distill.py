@@ -157,6 +157,19 @@ def test_teacher_and_student_mismatches_are_refused(setup, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_warm_up_is_a_share_of_a_short_run(setup, tmp_path):
+    """v2's 10 warm-up epochs of 400; a 16-epoch run warms up for 2.5% of it, not for 10 of its 16 epochs."""
+    data, teacher, _ = setup
+
+    def warmup(**overrides):
+        cfg = configure(teacher, str(data[0]), overrides=dict(out=str(tmp_path), **overrides))[0]
+        return cfg.optim.warmup_epochs
+
+    assert warmup() == 10.0  # the default 400 epochs
+    assert warmup(epochs=16) == pytest.approx(0.4)
+    assert warmup(epochs=16, warmup_epochs=3.0) == 3.0  # asked for: kept
+
+
 def test_distillation_on_unlabelled_tar_shards_equals_their_folder(setup):
     """Shards without labels (written from a flat folder) give the student the same batches: the same losses."""
     from fastclr.pipelines.shard_writer import write_shards

@@ -20,6 +20,9 @@ EPOCHS_FEW, EPOCHS_MANY = 60, 30
 
 # distillation (fastclr.train.distill)
 DEFAULT_EPOCHS = 400  # v2, section 4
+# v2 distils with pretraining's 10 warm-up epochs over 400 epochs: the default warm-up is that share of a shorter run
+# (pretraining's 10 epochs would be the whole of a 10-epoch run, which would never reach its peak learning rate)
+WARMUP_SHARE = 10 / DEFAULT_EPOCHS
 
 # Command-line flags shared by the stages: the pretraining settings a stage run uses, by (flag, type, help)
 
@@ -169,6 +172,7 @@ def add_distill_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         {
             "epochs": str(DEFAULT_EPOCHS),
+            "warmup_epochs": f"10, at most {WARMUP_SHARE:.1%} of --epochs",
             "out": "runs/distill",
             "size": "the teacher's",
             "batch_size": "256",
