@@ -58,8 +58,13 @@ result is deterministic for a given device and config (``launch_grid`` says how 
 Exponentials are base 2 (``exp2`` is the native instruction): QK_SCALE = log2(e)/tau. Every exponent is a difference of
 cosines times QK_SCALE, never a difference of two numbers of size 1/tau (see _nt_xent_fwd_kernel).
 For D up to MAX_BLOCK_D the whole row fits one block and forward + backward execute exactly three GEMMs (plus padding);
-above it the forward loops over D, and the backward splits the output D into chunks of CHUNK_BLOCK_DO and recomputes S
-per chunk, (D / CHUNK_BLOCK_DO + 2) GEMMs in all (see ``executed_macs``).
+above it the forward loops over D, and the backward is the wide one (``wide_backward``): a fused backward would keep a
+BLOCK_M x D accumulator, or recompute S once per output chunk of D (D / 128 + 2 GEMMs: 18 at D = 2048). Instead a weight
+pass (the backward kernel with STORE_W) computes S once over all of D and writes W, in the input dtype, for a super-block
+of columns (``wide_columns``: at most WIDE_W_BYTES, 4096 columns at 2N = 32768 in bf16), and a plain GEMM
+(_nt_xent_bwd_gemm_kernel) adds W @ cols into the fp32 accumulator, super-block after super-block: three GEMMs at any D
+(two and a half with the upper-triangle forward), plus W written and read once, 2 (2N)^2 bytes in bf16, small next to
+the 2 (2N)^2 D MACs at such D.
 Exact fp32 (precision="ieee") multiplies on the FMA units instead of the tensor cores. Triton's FMA dot keeps a thread's
 operand slices for the whole K extent in registers, so one block of D = 128 or 256 spills at any tile worth running; the
 exact path loops over D in EXACT_BLOCK_D = 32 steps at every D > 32, with backward output chunks of up to EXACT_BLOCK_DO =
@@ -114,6 +119,11 @@ INTERPRETER_SMS = 2
 # The upper-triangle forward keeps the column sums of at most SYM_MAX_SLOTS row blocks at once (SYM_MAX_SLOTS x 2N fp32:
 # 256 MiB at 2N = 262144); more row blocks run in chunks of SYM_MAX_SLOTS / 2 row-block pairs, one launch each.
 SYM_MAX_SLOTS = 256
+# The wide backward (D > MAX_BLOCK_D) writes W for a super-block of columns at a time: at most WIDE_W_BYTES (A x columns
+# in the input dtype: 4096 columns at 2N = 32768 in bf16), multiplied into cols by a plain GEMM in K steps of
+# GEMM_BLOCK_K (by input element size: 64 for bf16/fp16, 32 for fp32).
+WIDE_W_BYTES = 256 << 20
+GEMM_BLOCK_K = {2: 64, 4: 32}
 PRECISIONS = ("tf32", "ieee")
 _TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -892,10 +902,18 @@ def _bwd_tile(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EVEN: tl.constexpr = False,
+    STORE_W: tl.constexpr = False,
 ):
     """The backward's operands at column block start_n: S (BLOCK_M, BLOCK_N) fp32 and the (BLOCK_N, BLOCK_DO) rows of
-    cols for output chunk pid_d (with one D block, the very tile S was computed from). EVEN: as ``_logits_tile``."""
-    if D_BLOCKS == 1:
+    cols for output chunk pid_d (with one D block, the very tile S was computed from). EVEN: as ``_logits_tile``.
+    STORE_W (the wide backward's weight pass): S alone, returned twice."""
+    if STORE_W:
+        s = _logits_tile(
+            zhat_ptr, cols_ptr, q, r0, A, start_n, M, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, EVEN,
+        )  # fmt: skip
+        k = s
+    elif D_BLOCKS == 1:
         k = _load_rows(cols_ptr, start_n, M, 0, D, BLOCK_N, BLOCK_D, INTERPRETER, EVEN)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     else:
@@ -910,6 +928,27 @@ def _bwd_tile(
 
 
 @triton.jit
+def _bwd_consume(
+    acc, w, k, w_ptr, rows, cols, A, COL0, COL1, keep,
+    STORE_W: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):  # fmt: skip
+    """acc + W @ k on the tensor cores; or, in the wide backward's weight pass (STORE_W), W stored at (rows, cols -
+    COL0) of the (A, COL1 - COL0) workspace w_ptr in its element type (a block a boundary run visits twice, keep = 0,
+    is stored once) and acc returned unchanged. W arrives rounded to the operand type (``_round_operand``)."""
+    if STORE_W:
+        width = COL1 - COL0
+        out = w_ptr + tl.cast(rows, tl.int64)[:, None] * width + (cols - COL0)[None, :]
+        limit = tl.where(keep != 0.0, COL1, COL0)  # every column of the block is >= COL0
+        ok = (rows[:, None] < A) & (cols[None, :] < limit)
+        tl.store(out, w.to(w_ptr.dtype.element_ty), mask=ok)
+    else:
+        if INTERPRETER:
+            w = w.to(tl.float32)
+        acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _nt_xent_bwd_kernel(
     zhat_ptr,
     cols_ptr,
@@ -919,10 +958,13 @@ def _nt_xent_bwd_kernel(
     g_cols_ptr,
     terms_ptr,
     acc_ptr,
+    w_ptr,
     A,
     M,
     D,
     OFFSET,
+    COL0,
+    COL1,
     QK_SCALE,
     SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -930,6 +972,7 @@ def _nt_xent_bwd_kernel(
     BLOCK_D: tl.constexpr,
     D_BLOCKS: tl.constexpr,
     BLOCK_DO: tl.constexpr,
+    STORE_W: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
@@ -937,7 +980,11 @@ def _nt_xent_bwd_kernel(
     2 g [j = pos(i)]) cols_j, fp32, into acc_ptr (splits, A, D); no atomics (_nt_xent_norm_bwd_kernel adds the splits
     in order). With the forward's stats (m, log l): P_ij = exp((S_ij - m_i)/tau - log l_i). The W of the
     GEMM holds the g's divided by g_max = max_r |g_r|, and the fp32 accumulator is multiplied by g_max at the end.
-    terms_ptr (M,): the per-column terms of _nt_xent_col_terms_kernel.
+    terms_ptr (M,): the per-column terms of _nt_xent_col_terms_kernel. The splits share columns [COL0, COL1).
+
+    STORE_W (D > MAX_BLOCK_D, the wide backward): one output chunk; S is computed once over all of D and W, instead of
+    multiplying cols, is written to w_ptr, the (A, COL1 - COL0) workspace of this column super-block, for
+    _nt_xent_bwd_gemm_kernel. Recomputing S per output chunk would cost D / BLOCK_DO GEMMs.
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
@@ -948,7 +995,9 @@ def _nt_xent_bwd_kernel(
     )
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    c_begin, c_end = _split_columns(M, BLOCK_N, 2)
+    c_begin, c_end = _split_columns(COL1 - COL0, BLOCK_N, 2)
+    c_begin += COL0
+    c_end += COL0
     r0 = pid_m * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < A
@@ -987,13 +1036,13 @@ def _nt_xent_bwd_kernel(
             u_j = tl.load(terms_ptr + cols)
             s, k = _bwd_tile(
                 zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
-                INPUT_PRECISION, INTERPRETER, True,
+                INPUT_PRECISION, INTERPRETER, True, STORE_W,
             )  # fmt: skip
             w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
-            if INTERPRETER:
-                w = w.to(tl.float32)
-            acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+            acc = _bwd_consume(
+                acc, w, k, w_ptr, rows, cols, A, COL0, COL1, 1.0, STORE_W, INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
         g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
             f0, l0, f1, l1, f2, l2, f3, l3, c_begin // BLOCK_N, tl.cdiv(c_end, BLOCK_N)
         )
@@ -1004,7 +1053,7 @@ def _nt_xent_bwd_kernel(
             u_j = tl.load(terms_ptr + cols, mask=cols < M, other=0.0)
             s, k = _bwd_tile(
                 zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
-                INPUT_PRECISION, INTERPRETER,
+                INPUT_PRECISION, INTERPRETER, False, STORE_W,
             )  # fmt: skip
             w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
             w = tl.where(cols[None, :] != diag[:, None], w, 0.0)
@@ -1012,9 +1061,9 @@ def _nt_xent_bwd_kernel(
             # and subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
             w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w) * keep
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
-            if INTERPRETER:
-                w = w.to(tl.float32)
-            acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+            acc = _bwd_consume(
+                acc, w, k, w_ptr, rows, cols, A, COL0, COL1, keep, STORE_W, INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
     else:
         for start_n in range(c_begin, c_end, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
@@ -1025,7 +1074,7 @@ def _nt_xent_bwd_kernel(
             log2_l_j = tl.load(stats_cols_ptr + 2 * cols + 1, mask=col_ok, other=0.0) * _LOG2E
             s, k = _bwd_tile(
                 zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
-                INPUT_PRECISION, INTERPRETER,
+                INPUT_PRECISION, INTERPRETER, False, STORE_W,
             )  # fmt: skip
             w = g * tl.exp2((s - m_i[:, None]) * QK_SCALE - log2_l_i[:, None])
             w += g_j[None, :] * tl.exp2((s - m_j[None, :]) * QK_SCALE - log2_l_j[None, :])
@@ -1039,12 +1088,54 @@ def _nt_xent_bwd_kernel(
             # W goes through the tensor cores in the input dtype, or as tf32 (rounded to nearest like the GPU does,
             # also when interpreting).
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
-            if INTERPRETER:
-                w = w.to(tl.float32)
-            acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    out = acc_ptr + (tl.program_id(2) * A + rows)[:, None].to(tl.int64) * D + offs_o[None, :]
-    tl.store(out, acc * g_max, mask=row_ok[:, None] & (offs_o[None, :] < D))
+            acc = _bwd_consume(
+                acc, w, k, w_ptr, rows, cols, A, COL0, COL1, 1.0, STORE_W, INPUT_PRECISION, INTERPRETER,
+            )  # fmt: skip
+    if not STORE_W:
+        offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        out = acc_ptr + (tl.program_id(2) * A + rows)[:, None].to(tl.int64) * D + offs_o[None, :]
+        tl.store(out, acc * g_max, mask=row_ok[:, None] & (offs_o[None, :] < D))
+
+
+@triton.jit
+def _nt_xent_bwd_gemm_kernel(
+    w_ptr,
+    cols_ptr,
+    g_ptr,
+    g_cols_ptr,
+    acc_ptr,
+    A,
+    M,
+    D,
+    COL0,
+    COL1,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """The wide backward's GEMM for one column super-block: acc (A, D) fp32 += g_max W @ cols[COL0:COL1], with W
+    (A, COL1 - COL0) the weight pass's workspace (scale-free, see _grad_max). Program (output D tile, row block): the
+    D tiles of one row block are neighbours in launch order, so its W rows are read from L2 after the first. The
+    super-blocks add in order, one launch each: deterministic."""
+    tl.static_assert(
+        BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16"
+    )
+    d0 = tl.program_id(0) * BLOCK_N
+    r0 = tl.program_id(1) * BLOCK_M
+    width = COL1 - COL0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        w = _load_rows(w_ptr, r0, A, k0, width, BLOCK_M, BLOCK_K, INTERPRETER)
+        k = _load_rows(cols_ptr, COL0 + k0, COL1, d0, D, BLOCK_K, BLOCK_N, INTERPRETER)
+        acc = tl.dot(w, k, acc, input_precision=INPUT_PRECISION)
+    acc = acc * _grad_max(g_ptr, g_cols_ptr, M // A)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    offs = d0 + tl.arange(0, BLOCK_N)
+    out = acc_ptr + tl.cast(rows, tl.int64)[:, None] * D + offs[None, :]
+    ok = (rows[:, None] < A) & (offs[None, :] < D)
+    tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
 
 
 @triton.jit
@@ -1166,9 +1257,9 @@ CONFIGS = {
         KernelConfig(32, 32, 8, 2),
     )
 }
-# The GEMM kernels: the forward (row blocks x column splits), the upper-triangle forward (one process, fixed shift) and
-# the backward.
-KERNELS = ("fwd", "sym_fwd", "bwd")
+# The GEMM kernels: the forward (row blocks x column splits), the upper-triangle forward (one process, fixed shift), the
+# backward (for D > MAX_BLOCK_D its weight pass) and the wide backward's W @ cols GEMM (D > MAX_BLOCK_D only).
+KERNELS = ("fwd", "sym_fwd", "bwd", "bwd_gemm")
 
 # The pruned autotune sets, best guess first, by kernel, D tier (0: one block of D <= 128, 1: one block of 256, 2: the D
 # loop) and input element size: the configs that compile with no spills and within the shared memory of sm_80 and
@@ -1195,7 +1286,11 @@ _CANDIDATES = {
     ("sym_fwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3"),
     ("bwd", 0, 2): ("BM64_BN64_W4_S3", "BM64_BN64_W8_S3", "BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 2): ("BM64_BN64_W8_S3", "BM64_BN64_W8_S2", "BM64_BN32_W8_S2"),
-    ("bwd", 2, 2): ("BM64_BN32_W8_S2",),
+    # D > MAX_BLOCK_D: the weight pass keeps no accumulator, only the logits tile (the forward's tiles).
+    ("bwd", 2, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W8_S3", "BM64_BN32_W8_S2"),
+    # The wide backward's plain GEMM (W @ cols over a column super-block, BLOCK_N output columns, K steps of
+    # GEMM_BLOCK_K): only at D > MAX_BLOCK_D.
+    ("bwd_gemm", 2, 2): ("BM128_BN128_W8_S2", "BM128_BN64_W8_S3", "BM64_BN64_W4_S3"),
     ("fwd", 0, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
     ("fwd", 1, 4): ("BM64_BN32_W4_S2",),
     ("fwd", 2, 4): ("BM64_BN32_W8_S2",),
@@ -1205,6 +1300,7 @@ _CANDIDATES = {
     ("bwd", 0, 4): ("BM64_BN32_W4_S2", "BM64_BN32_W8_S2"),
     ("bwd", 1, 4): ("BM64_BN32_W8_S2",),
     ("bwd", 2, 4): ("BM64_BN32_W8_S1",),
+    ("bwd_gemm", 2, 4): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3"),
 }  # fmt: skip
 # fp32 with precision="ieee": tl.dot runs on the FMA units, and Triton's FMA dot keeps both operands' K slices in
 # registers (the register blocking of a thread's m x n outputs costs (m + n) K registers). At one block of D = 128 or 256
@@ -1217,9 +1313,12 @@ _EXACT_FP32 = {
     "fwd": ("BM64_BN32_W8_S2",),
     "sym_fwd": ("BM64_BN64_W8_S2",),
     "bwd": ("BM32_BN32_W8_S2",),
+    "bwd_gemm": ("BM64_BN32_W8_S2",),
 }
 _EXACT_FP32_CANDIDATES = {
-    (kernel, tier, 4): _EXACT_FP32[kernel] for kernel in KERNELS for tier in (0, 1, 2)
+    (kernel, tier, 4): _EXACT_FP32[kernel]
+    for kernel in KERNELS
+    for tier in ((2,) if kernel == "bwd_gemm" else (0, 1, 2))
 }
 
 
@@ -1290,7 +1389,9 @@ def candidate_configs(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     table = _EXACT_FP32_CANDIDATES if _exact_fp32(itemsize, precision) else _CANDIDATES
-    listed = [CONFIGS[name] for name in table[(kernel, d_tier(d), itemsize)]]
+    listed = [CONFIGS[name] for name in table.get((kernel, d_tier(d), itemsize), ())]
+    if not listed:  # the wide backward's GEMM at D <= MAX_BLOCK_D: not launched
+        return []
     a_pad = max(64, triton.next_power_of_2(a))
     fitting = [c for c in listed if c.block_m <= a_pad and c.block_n <= a_pad]
     fitting = fitting or [min(listed, key=lambda c: (c.block_m, c.block_n))]
@@ -1305,9 +1406,26 @@ def candidate_configs(
     return fitting
 
 
+def wide_backward(d: int) -> bool:
+    """Whether the backward takes its wide form at this GEMM row width: D > MAX_BLOCK_D, where a fused backward would
+    recompute S once per output chunk. Instead a weight pass computes S once over all of D and writes W per column
+    super-block (``wide_columns``), and a plain GEMM (``_nt_xent_bwd_gemm_kernel``) multiplies it into cols."""
+    return d > MAX_BLOCK_D
+
+
+def wide_columns(a: int, m: int, itemsize: int) -> int:
+    """Columns per super-block of the wide backward: its W workspace (a, columns) in the input dtype stays within
+    WIDE_W_BYTES, in whole multiples of the widest BLOCK_N (every candidate's column blocks tile it)."""
+    step = max(c.block_n for c in CONFIGS.values())
+    fit = WIDE_W_BYTES // (a * itemsize) // step * step
+    return max(step, min(fit, triton.cdiv(m, step) * step))
+
+
 def _output_chunks(kernel: str, d: int, exact: bool) -> int:
-    """Programs along D per row block: the backward's output chunks, 1 for the forward."""
-    return triton.cdiv(d, d_tiling(d, exact).block_do) if kernel == "bwd" else 1
+    """Programs along D per row block: the fused backward's output chunks, 1 for the forward and the weight pass."""
+    if kernel != "bwd" or wide_backward(d):
+        return 1
+    return triton.cdiv(d, d_tiling(d, exact).block_do)
 
 
 def column_splits(row_programs: int, col_blocks: int, programs: int) -> int:
@@ -1363,7 +1481,8 @@ def launch_grid(
     splits: int | None = None,
 ) -> tuple[int, ...]:
     """The grid of a GEMM kernel's launch: forward (row blocks, splits), upper-triangle forward (row-block pairs per
-    launch, splits; m must be a), backward (row blocks, D chunks, splits).
+    launch, splits; m must be a), backward (row blocks, D chunks, splits; one chunk in the wide backward's weight pass,
+    whose splits share a super-block's columns), the wide backward's GEMM (D tiles, row blocks).
 
     a = 2N local rows, d = the GEMM row width (``padded_width(D)`` for one process), m = candidate columns (a unless
     gathered), sms = the device's SM count (the active device when None). The config is the named one or the first
@@ -1380,7 +1499,11 @@ def launch_grid(
         sched = symmetric_schedule(a, cfg.block_m, cfg.block_n, programs, splits)
         return (sched.chunk_pairs, sched.splits)
     rows = triton.cdiv(a, cfg.block_m)
+    if kernel == "bwd_gemm":
+        return (triton.cdiv(d, cfg.block_n), rows)
     chunks = _output_chunks(kernel, d, _exact_fp32(itemsize, precision))
+    if kernel == "bwd" and wide_backward(d):
+        m = min(m, wide_columns(a, m, itemsize))
     if splits is None:
         splits = column_splits(rows * chunks, triton.cdiv(m, cfg.block_n), programs)
     return (rows, splits) if kernel == "fwd" else (rows, chunks, splits)
@@ -1478,13 +1601,15 @@ def executed_macs(
     shift: bool = True,
     offset: int = 0,
     symmetric: bool = True,
+    gemm_config: str | None = None,
 ) -> dict[str, int]:
     """Multiply-accumulates the GEMM kernels execute (padding included; tensor cores, or FMA units for exact fp32),
     counted from grid x loop trips: every column block once per row block, and on the fixed-shift path (shift, tau >=
     SHIFT_MIN_TEMPERATURE) the blocks where boundary runs overlap once more (``boundary_overlaps``, for the rank at
     column ``offset``). One
     process on the fixed-shift path (m = a, shift) runs the upper-triangle forward (``symmetric_visits``: half the
-    tiles) unless symmetric=False, as ``nt_xent_forward(symmetric=False)``.
+    tiles) unless symmetric=False, as ``nt_xent_forward(symmetric=False)``. D > MAX_BLOCK_D: the backward is the wide one
+    (``wide_backward``), S once plus the GEMM's (config: its weight pass's tiles, gemm_config the GEMM's).
 
     a = 2N local rows, m = candidate columns (a unless negatives are gathered). Returns {"fwd", "bwd", "total", "ideal",
     "ratio"} with ideal = 3 m a d (the three-GEMM floor) and ratio = total / ideal.
@@ -1493,6 +1618,7 @@ def executed_macs(
     tiling = d_tiling(d, _exact_fp32(itemsize, precision))
     sym = symmetric and shift and m == a
     out = {}
+    wide = wide_backward(d)
     for kernel in ("sym_fwd" if sym else "fwd", "bwd"):
         cfg = resolve_config(kernel, a, d, config, itemsize, precision)
         rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
@@ -1509,6 +1635,13 @@ def executed_macs(
         logits = tiles * tiling.d_blocks * tiling.block_d
         if kernel != "bwd":
             out["fwd"] = logits
+        elif wide:
+            # S once (the weight pass), then W @ cols per super-block: rows x D tiles x K steps over its columns.
+            gemm = resolve_config("bwd_gemm", a, d, gemm_config, itemsize, precision)
+            step, cols = GEMM_BLOCK_K[itemsize], wide_columns(a, m, itemsize)
+            k_steps = sum(triton.cdiv(min(cols, m - c0), step) * step for c0 in range(0, m, cols))
+            gemm_rows = triton.cdiv(a, gemm.block_m) * gemm.block_m
+            out["bwd"] = logits + gemm_rows * triton.cdiv(d, gemm.block_n) * gemm.block_n * k_steps
         else:
             chunks = triton.cdiv(d, tiling.block_do)
             out["bwd"] = chunks * (logits + tiles * tiling.block_do)
@@ -1534,7 +1667,7 @@ def _autotuned(fn, kernel: str):
     def prune(configs, named_args, **kwargs):
         # The launch passes every argument by keyword, and the autotuner's named_args hold only positional ones.
         args = {**named_args, **kwargs}
-        itemsize = args["zhat_ptr"].element_size()
+        itemsize = args["cols_ptr" if "cols_ptr" in args else "zhat_ptr"].element_size()
         cands = candidate_configs(
             kernel, args["A"], args["D"], itemsize, args["INPUT_PRECISION"], args["M"],
             PROGRAMS_PER_SM * sm_count(),
@@ -1542,10 +1675,10 @@ def _autotuned(fn, kernel: str):
         # Best guess first: with equal timings (or none, see kernels/stub_driver.py) the autotuner keeps it.
         return [by_name[c.name] for c in cands]
 
-    # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A.
+    # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A; the wide backward's GEMM neither.
     key = (
-        ["A", "D", "INPUT_PRECISION"]
-        if kernel == "sym_fwd"
+        ["A", "M", "D", "INPUT_PRECISION"]
+        if kernel in ("sym_fwd", "bwd_gemm")
         else ["A", "M", "D", "SHIFT", "INPUT_PRECISION"]
     )
     return triton.autotune(
@@ -1776,12 +1909,15 @@ def nt_xent_backward(
     precision: str = "tf32",
     config: str | None = None,
     splits: int | None = None,
+    gemm_config: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward: upstream gradient (0-d) -> (dz_a, dz_b), each (N, D) in the input dtype. Three launches, no atomics.
+    """Backward: upstream gradient (0-d) -> (dz_a, dz_b), each (N, D) in the input dtype. Three launches, no atomics;
+    for D > MAX_BLOCK_D two more per column super-block beyond the first (``wide_backward``).
 
     With ``group`` every rank's upstream gradient is gathered (one scalar each) to weight the P_ji of its columns.
     splits: column splits of the backward GEMM kernel, whose fp32 partial sums the normalisation kernel adds in order
-    (None: enough to fill the device, see ``launch_grid``).
+    (None: enough to fill the device, see ``launch_grid``). gemm_config: the wide backward GEMM's config (a name from
+    ``list_configs()``; None: autotuned, as config).
     """
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
@@ -1796,24 +1932,48 @@ def nt_xent_backward(
         return torch.zeros_like(z_a), torch.zeros_like(z_b)
     zhat, cols, w = _gemm_operands(state, d)
     tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
-    _, chunks, splits = launch_grid(
-        "bwd", a, w, m, config, z_a.element_size(), precision, splits=splits
+    itemsize, wide = z_a.element_size(), wide_backward(w)
+    _, chunks, splits = launch_grid("bwd", a, w, m, config, itemsize, precision, splits=splits)
+    # The wide backward's GEMM adds every super-block into one fp32 accumulator, zeroed first.
+    acc = (torch.zeros if wide else torch.empty)(
+        (1 if wide else splits, a, w), dtype=torch.float32, device=z_a.device
     )
-    acc = torch.empty((splits, a, w), dtype=torch.float32, device=z_a.device)
-    shift = _bwd_fixed_shift(temperature >= SHIFT_MIN_TEMPERATURE, w, z_a.element_size(), precision)
+    shift = _bwd_fixed_shift(temperature >= SHIFT_MIN_TEMPERATURE, w, itemsize, precision)
     terms = torch.empty(m, dtype=torch.float32, device=z_a.device)
     _nt_xent_col_terms_kernel[(triton.cdiv(m, COL_TERMS_BLOCK),)](
         stats_cols_ptr=state.stats_cols, g_ptr=g, g_cols_ptr=g_cols, terms_ptr=terms, A=a, M=m, SHIFT=shift,
         BLOCK_C=COL_TERMS_BLOCK,
     )  # fmt: skip
-    _launch(
-        "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks, splits), a, w,
-        z_a.element_size(), config,
+    dot_precision = _dot_precision(z_a.dtype, precision)
+    common = dict(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
         g_cols_ptr=g_cols, terms_ptr=terms, acc_ptr=acc, A=a, M=m, D=w, OFFSET=state.offset,
         QK_SCALE=LOG2E / temperature, SHIFT=shift, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
-        BLOCK_DO=tiling.block_do, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
+        BLOCK_DO=tiling.block_do, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
     )  # fmt: skip
+    if not wide:
+        _launch(
+            "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), chunks, splits), a, w,
+            itemsize, config, w_ptr=acc, COL0=0, COL1=m, STORE_W=False, **common,
+        )  # fmt: skip
+    else:
+        step = wide_columns(a, m, itemsize)
+        weights = torch.empty((a, min(step, m)), dtype=cols.dtype, device=z_a.device)
+        for c0 in range(0, m, step):
+            c1 = min(c0 + step, m)
+            _launch(
+                "bwd", _nt_xent_bwd_kernel, lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), 1, splits), a, w,
+                itemsize, config, w_ptr=weights, COL0=c0, COL1=c1, STORE_W=True, **common,
+            )  # fmt: skip
+            _launch(
+                "bwd_gemm", _nt_xent_bwd_gemm_kernel,
+                lambda meta: (triton.cdiv(w, meta["BLOCK_N"]), triton.cdiv(a, meta["BLOCK_M"])), a, w, itemsize,
+                gemm_config,
+                w_ptr=weights, cols_ptr=cols, g_ptr=g, g_cols_ptr=g_cols, acc_ptr=acc, A=a, M=m, D=w, COL0=c0,
+                COL1=c1, BLOCK_K=GEMM_BLOCK_K[itemsize], INPUT_PRECISION=dot_precision,
+                INTERPRETER=INTERPRET,
+            )  # fmt: skip
+        splits = 1
     dz_a = torch.empty((n, d), dtype=z_a.dtype, device=z_a.device)
     dz_b = torch.empty_like(dz_a)
     _nt_xent_norm_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_R),)](

@@ -60,7 +60,9 @@ BF16_FLOP_PER_CLOCK_PER_SM = 4096
 H100_CLOCK_GHZ = H100_BF16_TFLOPS * 1e3 / (H100_SMS * BF16_FLOP_PER_CLOCK_PER_SM)  # 1.83
 SFU_EXP2_PER_CLOCK_PER_SM = 16
 ISSUE_PER_CLOCK_PER_SM = 4  # warp instructions: one per scheduler
-ROOFLINE_SIZES = ((8192, 128), (32768, 128), (262144, 128))
+ROOFLINE_SIZES = ((8192, 128), (32768, 128), (262144, 128), (32768, 2048))
+# (2N, D) of the work table: executed MACs in GEMM-equivalents ((2N)^2 D), one process, bf16 default tiles.
+WORK_SIZES = ((8192, 128), (32768, 128), (262144, 128), (8192, 2048), (32768, 2048))
 # SMs per architecture's data-centre part (A100, H100 SXM), as the stub driver reports them to the launch.
 SM_COUNT = {80: 108, 90: 132}
 # (rows, columns) the grid table shows at D = 128 bf16: DDP ranks of ImageNet batch 4096 on 8 GPUs (1024 x 8192),
@@ -92,6 +94,7 @@ KERNEL_NAMES = {
     "sym_combine": "_nt_xent_sym_combine_kernel",
     "col_terms": "_nt_xent_col_terms_kernel",
     "bwd": "_nt_xent_bwd_kernel",
+    "bwd_gemm": "_nt_xent_bwd_gemm_kernel",
     "norm_bwd": "_nt_xent_norm_bwd_kernel",
 }
 # Temperatures that take each logsumexp path (the fixed shift from SHIFT_MIN_TEMPERATURE = 0.025 up).
@@ -147,7 +150,9 @@ def shipped_variants(
                 for kernel in K.KERNELS:
                     configs = launchable_configs(kernel, d, ITEMSIZE[dtype], precision)
                     for cfg in configs[:1] if quick else configs:
-                        for shift in (True,) if quick or kernel == "sym_fwd" else (True, False):
+                        for shift in (
+                            (True,) if quick or kernel in ("sym_fwd", "bwd_gemm") else (True, False)
+                        ):
                             out.append(Variant(kernel, cfg.name, d, dtype, shift, precision))
                 for kernel in ELEMENTWISE:
                     out.append(Variant(kernel, "elementwise", d, dtype, True, precision))
@@ -197,6 +202,10 @@ def launch_variants(variants: list[Variant], arch: int) -> dict[Variant, Launch]
             for v in by_kernel["bwd"] + ([None] if not by_kernel["bwd"] else []):
                 K.nt_xent_backward(
                     torch.ones(()), z_a, z_b, state, tau, config=v and v.config, **opts
+                )
+            for v in by_kernel["bwd_gemm"]:  # D > MAX_BLOCK_D: the wide backward's GEMM
+                K.nt_xent_backward(
+                    torch.ones(()), z_a, z_b, state, tau, gemm_config=v.config, **opts
                 )
         launched = {}
         gemm_names = {KERNEL_NAMES[k] for k in K.KERNELS}
@@ -441,12 +450,19 @@ def roofline(
     # acc partials are written and read once per split, and their sum written back and read again.
     splits = K.launch_grid("bwd", a, d, sms=H100_SMS)[-1]
     acc_passes = 2 if splits == 1 else 2 * splits + 2
+    if K.wide_backward(d):
+        # The wide backward: acc zeroed, then read and written once per column super-block; W (a x m in the input
+        # dtype) written by the weight pass and read once by the GEMM (its other D tiles' reads hit L2).
+        acc_passes = 1 + 2 * triton.cdiv(a, K.wide_columns(a, a, b)) + 2
+    w_bytes = 2 * a * a * b if K.wide_backward(d) else 0
     # The upper-triangle forward's workspace, fp32 written and read once: each row block's column sums right of its
     # diagonal square (a (nB - 1) / 2 in all) and the row sums per split.
     sym = K.resolve_config("sym_fwd", a, d, config)
     sym_splits = K.launch_grid("sym_fwd", a, d, config=config, sms=H100_SMS)[-1]
     workspace = 2 * 4 * (a * (triton.cdiv(a, sym.block_m) - 1) / 2 + sym_splits * a)
-    hbm_bytes = a * d * (2 * b + b + b + b + 4 * acc_passes + b + b) + a * 8 * 3 + workspace
+    hbm_bytes = (
+        a * d * (2 * b + b + b + b + 4 * acc_passes + b + b) + a * 8 * 3 + workspace + w_bytes
+    )
     tc_ms = flops / peak * 1e3
     sfu_ms = exp2_count / (SFU_EXP2_PER_CLOCK_PER_SM * H100_SMS * clock) * 1e3
     issue_ms = None
@@ -531,6 +547,25 @@ def instructions_per_element(rows: list[dict]) -> float | None:
     return total
 
 
+def work_rows() -> list[dict]:
+    """Executed MACs (``executed_macs``, one process, fixed shift, bf16 default tiles) at WORK_SIZES, in GEMM-equivalents
+    of (2N)^2 D MACs: forward, backward, total."""
+    out = []
+    for a, d in WORK_SIZES:
+        macs = K.executed_macs(a, d)
+        unit = a * a * d
+        out.append(
+            dict(
+                two_n=a,
+                d=d,
+                fwd=macs["fwd"] / unit,
+                bwd=macs["bwd"] / unit,
+                total=macs["total"] / unit,
+            )
+        )
+    return out
+
+
 def build_report(arch: int, variants: list[Variant] | None = None) -> dict:
     """Compile every variant (and the named shapes' grid variants) for sm_{arch}; returns {"arch", "variants": [rows
     with "problems"], "grids": [...], "roofline": [...]}."""
@@ -543,8 +578,9 @@ def build_report(arch: int, variants: list[Variant] | None = None) -> dict:
         row["problems"] = check_row(row)
         rows.append(row)
     per_element = instructions_per_element(rows) if arch == 90 else None
+    # The instruction counts are the D = GRID_D variants' (per S element, D-independent only for one block of D).
     lines = [
-        asdict(roofline(two_n, d, instructions_per_element=per_element))
+        asdict(roofline(two_n, d, instructions_per_element=per_element if d == GRID_D else None))
         for two_n, d in ROOFLINE_SIZES
     ]
     return dict(
@@ -552,6 +588,7 @@ def build_report(arch: int, variants: list[Variant] | None = None) -> dict:
         triton=triton.__version__,
         variants=rows,
         grids=grid_rows(arch, rows),
+        work=work_rows(),
         roofline=lines,
     )
 
@@ -595,6 +632,15 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{g['rows']:>6} {g['cols']:>6} {g['kernel']:7} {g['config']:17} {grid:>14} {g['programs']:>8} "
             f"{_fmt(g['blocks_per_sm'], '>6')} {_fmt(g['waves'], '6.2f')}  {'ok' if g['ok'] else 'grid too small'}"
+        )
+    lines += [
+        "",
+        "Executed MACs in GEMM-equivalents ((2N)^2 D MACs), one process, fixed shift, bf16 default tiles:",
+        f"{'2N':>7} {'D':>5} {'fwd':>6} {'bwd':>6} {'total':>6}",
+    ]
+    for w in report["work"]:
+        lines.append(
+            f"{w['two_n']:>7} {w['d']:>5} {w['fwd']:>6.3f} {w['bwd']:>6.3f} {w['total']:>6.4f}"
         )
     lines += [
         "",

@@ -5,7 +5,7 @@ compilation for sm_90 and sm_80; launches recorded, never run).
 Under TRITON_INTERPRET=1 (set for the test process by conftest) ``_launch`` takes the heuristic branch and no kernel is
 compiled, so the cases run in a child process: this file as a script, ``python tests/test_nt_xent_launch.py 90``, which
 prints one JSON record per launch. One child per architecture, shared by the tests below; Triton's cache lives in the
-session's temporary directory. ``-m slow`` adds the wide-D cases (the D loop and the chunked backward).
+session's temporary directory. ``-m slow`` adds more cases at D = 256 and beyond.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ CASES = {
     "nt_xent-fp32-tf32-D100-shift": ("nt_xent", "float32", "tf32", 32, 100, 0.5, False),
     "gather-fp16-D100-max": ("nt_xent_gather", "float16", "tf32", 24, 100, 0.01, True),
     "triton-fp32-ieee-D128-max": ("nt_xent_triton", "float32", "ieee", 24, 128, 0.01, False),
+    # D > MAX_BLOCK_D: the D loop, the wide backward's weight pass and its GEMM
+    "triton-bf16-D300-shift": ("nt_xent_triton", "bfloat16", "tf32", 32, 300, 0.5, False),
 }
 # CI compiles every case for sm_90 and these for sm_80 (the quick report covers fp32 there); -m slow all of them.
 SM80_CASES = ("nt_xent-bf16-D128-shift", "gather-fp16-D100-max")
 SLOW_CASES = {
-    "triton-bf16-D300-shift": ("nt_xent_triton", "bfloat16", "tf32", 40, 300, 0.5, False),
+    "gather-fp16-D520-max": ("nt_xent_gather", "float16", "tf32", 40, 520, 0.01, True),
     "gather-fp32-D256-max": ("nt_xent_gather", "float32", "tf32", 40, 256, 0.01, True),
 }
 KERNEL_ORDER = [
@@ -57,8 +59,19 @@ def symmetric(case) -> bool:
     return tau >= 0.025 and not distributed
 
 
+def wide(case) -> bool:
+    """Whether a case takes the wide backward (D > MAX_BLOCK_D): the weight pass, then its GEMM (one column super-block
+    at these batches)."""
+    from fastclr.kernels import nt_xent as K
+
+    return K.wide_backward(case[4])
+
+
 def kernel_order(case) -> list[str]:
-    return SYM_KERNEL_ORDER if symmetric(case) else KERNEL_ORDER
+    order = list(SYM_KERNEL_ORDER if symmetric(case) else KERNEL_ORDER)
+    if wide(case):
+        order.insert(order.index("_nt_xent_bwd_kernel") + 1, "_nt_xent_bwd_gemm_kernel")
+    return order
 
 
 def gemm_records(rs: list[dict]) -> tuple[dict, dict]:
@@ -183,6 +196,14 @@ def test_autotuner_prunes_and_keeps_the_best_guess(arch_launches):
                 kernel,
                 got,
             )
+        if wide(CASES[name]):
+            gemm = next(r for r in rs if r["kernel"] == "_nt_xent_bwd_gemm_kernel")
+            want = K.candidate_configs("bwd_gemm", 2 * n, d, itemsize, precision)[0]
+            assert int(gemm["constexprs"]["BLOCK_K"]) == K.GEMM_BLOCK_K[itemsize], name
+            assert (int(gemm["constexprs"]["BLOCK_M"]), int(gemm["constexprs"]["BLOCK_N"])) == (
+                want.block_m,
+                want.block_n,
+            ), name
 
 
 def test_launch_specialises_on_the_arguments(arch_launches):
@@ -252,7 +273,11 @@ def test_grid_is_the_launch_grid_for_the_architecture(arch_launches):
         assert tuple(fwd["grid"]) == (*want_fwd, 1), (name, fwd["grid"], want_fwd)
         assert tuple(bwd["grid"]) == want_bwd, (name, bwd["grid"], want_bwd)
         assert norm_bwd["kernel"] == "_nt_xent_norm_bwd_kernel", name
-        assert norm_bwd["scalars"]["n_splits"] == want_bwd[-1], name
+        # The wide backward's GEMM sums the super-blocks into one accumulator.
+        assert norm_bwd["scalars"]["n_splits"] == (1 if K.wide_backward(w) else want_bwd[-1]), name
+        if K.wide_backward(w):
+            gemm = next(r for r in rs if r["kernel"] == "_nt_xent_bwd_gemm_kernel")
+            assert tuple(gemm["grid"]) == (*K.launch_grid("bwd_gemm", a, w, m, **opts), 1), name
         block_m, block_n = int(fwd["constexprs"]["BLOCK_M"]), int(fwd["constexprs"]["BLOCK_N"])
         if sym:
             # One pair of row blocks (2N <= BLOCK_M: the diagonal square alone), its blocks one split each.

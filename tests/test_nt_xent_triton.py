@@ -24,7 +24,7 @@ import fastclr
 from fastclr.kernels import nt_xent as K
 from fastclr.losses.reference import nt_xent_reference
 
-# (20, 300): D > MAX_BLOCK_D loops over D and chunks the backward.
+# (20, 300): D > MAX_BLOCK_D loops over D and takes the wide backward (a weight pass, then a plain GEMM).
 SHAPES = [(1, 8), (3, 5), (64, 128), (20, 300)]
 BIG_SHAPE = (257, 130)  # several row and column blocks, ragged in N and D
 TAUS = [0.01, 0.05, 0.1, 0.5]  # 0.01 takes the running-max path, the others the fixed shift
@@ -227,6 +227,53 @@ def test_column_splits_are_deterministic():
     single = loss_and_grads(fn, z_a, z_b, 0.2)
     for x, y in zip(runs[0], single, strict=True):
         assert_close(x, y, 1e-6, 1e-5, "3 splits vs 1")
+
+
+# The wide backward (D > MAX_BLOCK_D) in column super-blocks of 128 (WIDE_W_BYTES shrunk): 2N = 200 makes two, the last
+# ragged, and in 64 x 32 tiles two blocks where boundary runs overlap (visited twice, their W stored once).
+@pytest.mark.parametrize("splits,tau", [(1, 0.01), (3, 0.5)])
+def test_wide_backward_in_super_blocks_matches_reference(splits, tau, monkeypatch):
+    monkeypatch.setattr(K, "WIDE_W_BYTES", 200 * 4 * 128)
+    assert K.wide_columns(200, 200, 4) == 128
+    check_fp32(100, 300, tau, config="BM64_BN32_W4_S2", splits=splits)
+
+
+def test_wide_backward_half_and_deterministic(monkeypatch):
+    monkeypatch.setattr(K, "WIDE_W_BYTES", 140 * 2 * 128)  # 2N = 140: two super-blocks
+    check_half(70, 264, 0.2, torch.bfloat16, config="BM64_BN32_W4_S2", splits=2)
+    z_a, z_b = pair(70, 264, torch.float32)
+    runs = [loss_and_grads(triton_ieee("BM64_BN32_W4_S2"), z_a, z_b, 0.2) for _ in range(2)]
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_wide_backward_computes_s_once_per_tile(monkeypatch):
+    """Counted under the interpreter (2N = 200, D = 300, 64 x 32 tiles, super-blocks of 128 columns): the weight pass
+    computes every (row block, column block) tile of S once over all of D (the two where boundary runs overlap twice),
+    where a fused backward would compute it once per output chunk of D; the GEMM runs once per super-block."""
+    monkeypatch.setattr(K, "WIDE_W_BYTES", 200 * 4 * 128)
+    tiles, gemms = [], []
+    bwd_tile, gemm = K._bwd_tile, K._nt_xent_bwd_gemm_kernel
+
+    def counting(*args):
+        tiles.append((args[3].handle.data.item(), args[5].handle.data.item()))
+        return bwd_tile(*args)
+
+    class Counting:
+        def __getitem__(self, grid):
+            gemms.append(grid)
+            return gemm[grid]
+
+    monkeypatch.setattr(K, "_bwd_tile", counting)
+    monkeypatch.setattr(K, "_nt_xent_bwd_gemm_kernel", Counting())
+    z_a, z_b = pair(100, 300, torch.float32)
+    opts = dict(precision="ieee", config="BM64_BN32_W4_S2", splits=2)
+    loss, state = K.nt_xent_forward(z_a, z_b, 0.5, **opts)
+    K.nt_xent_backward(torch.ones(()), z_a, z_b, state, 0.5, **opts)
+    every = {(r0, c0) for r0 in range(0, 200, 64) for c0 in range(0, 200, 32)}
+    assert set(tiles) == every
+    assert len(tiles) == len(every) + K.boundary_overlaps(200, 200, 64, 32)
+    assert len(gemms) == 2
 
 
 # The upper-triangle forward (one process, tau >= 0.025): 2N = 74, 120 and 200 are ragged in every tile size; BM64_BN32 puts
@@ -603,10 +650,17 @@ def test_macs_count_padding_and_d_chunks():
     assert macs["fwd"] == 576 * 544 * 256
     assert macs["bwd"] == 2 * 576 * 544 * 256
     assert macs["ideal"] == 3 * 514 * 514 * 130
-    # D = 2048: the forward loops over D, the backward recomputes S for each of its 16 output chunks of 128.
+    # D = 2048: the forward loops over D; the wide backward computes S once (the weight pass) and multiplies W into the
+    # columns with one GEMM over its one super-block of 4096 columns (bf16: 8 MiB of W): two GEMMs, not 16 + 1.
     wide = K.executed_macs(4096, 2048, config="BM64_BN64_W4_S3", shift=False)
     assert wide["fwd"] == 4096 * 4096 * 2048
-    assert wide["bwd"] == 16 * 4096 * 4096 * 2048 + 4096 * 4096 * 2048
+    assert wide["bwd"] == 2 * 4096 * 4096 * 2048
+    # 2N = 32768: eight super-blocks of 4096 columns (256 MiB of bf16 W each), the same two GEMMs; with the
+    # upper-triangle forward 2.5 GEMM-equivalents in all (the issue's bound: 4).
+    assert K.wide_columns(32768, 32768, 2) == 4096
+    macs = K.executed_macs(32768, 2048)
+    assert macs["bwd"] == 2 * 32768 * 32768 * 2048
+    assert macs["total"] <= 2.51 * 32768 * 32768 * 2048
 
 
 def test_macs_count_boundary_blocks_once():
@@ -684,7 +738,12 @@ def test_candidates_cover_every_d_and_small_batches():
             for a in (2, 64, 200, 1 << 20):
                 for itemsize in (2, 4):
                     cands = K.candidate_configs(kernel, a, d, itemsize)
-                    assert cands, (kernel, a, d, itemsize)
+                    # the wide backward's GEMM runs only where the backward is wide
+                    assert bool(cands) == (kernel != "bwd_gemm" or K.wide_backward(d)), (
+                        kernel,
+                        a,
+                        d,
+                    )
                     assert all(c.name in K.CONFIGS for c in cands)
     with pytest.raises(ValueError, match="itemsize"):
         K.candidate_configs("fwd", 64, 128, itemsize=8)
