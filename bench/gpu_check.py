@@ -8,7 +8,8 @@ Sections (``--sections``, in this order):
 
 * correctness: ``nt_xent_triton`` against ``nt_xent_reference`` in float64 on the same (rounded) inputs, loss and both
   gradients under an upstream gradient of 1.7, for fp32 with tf32, fp32 with ``precision="ieee"``, bf16 and fp16, at
-  2N in {2, 1024, 8192, 32768} and D in {128, 100, 2048}. Pass: |loss - ref| <= rtol * max(|ref|, 1) and
+  2N in {2, 1024, 8192, 32768} and D in {128, 100, 2048}; DCL (``exclude_pos``) against ``dcl_reference`` in exact
+  fp32 and bf16 at 2N >= 4. Pass: |loss - ref| <= rtol * max(|ref|, 1) and
   max |grad - ref| <= rtol * max |ref| with the per-dtype rtol of ``DTYPE_CASES``.
 * loss: forward + backward of triton, the eager reference, ``torch.compile``(reference) and lightly at 2N in
   {8192, 32768} (D = 128, bf16 and fp32), triton alone at 2N = 262144: ms (``triton.testing.do_bench``, median and

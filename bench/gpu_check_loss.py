@@ -29,6 +29,9 @@ DTYPE_CASES = {
     "bf16": ("bfloat16", "tf32", Tolerance(2e-2, 5e-2)),
     "fp16": ("float16", "tf32", Tolerance(5e-3, 2e-2)),
 }
+# DCL through the kernel (``exclude_pos``) against ``dcl_reference``, in these of DTYPE_CASES, at 2N >= 4 (one pair has
+# no negative).
+DCL_CASES = ("fp32-ieee", "bf16")
 # Dense tensor-core TFLOP/s (no sparsity) by a substring of the CUDA device name, most specific first: (bf16, tf32).
 PEAK_TFLOPS = {
     "H100 PCIe": (756.0, 378.0),
@@ -90,12 +93,18 @@ def check_correctness(ctx) -> list[dict]:
     import torch
 
     from fastclr.kernels.nt_xent import nt_xent_triton
-    from fastclr.losses.reference import nt_xent_reference
+    from fastclr.losses.reference import dcl_reference, nt_xent_reference
 
+    cases = [(case, False) for case in DTYPE_CASES] + [(case, True) for case in DCL_CASES]
     rows = []
-    for case, (dtype, precision, tol) in DTYPE_CASES.items():
+    for name, dcl in cases:
+        dtype, precision, tol = DTYPE_CASES[name]
+        case = f"dcl-{name}" if dcl else name
+        reference = dcl_reference if dcl else nt_xent_reference
         for d in ctx.sizes.correctness_d:
             for two_n in ctx.sizes.correctness_two_n:
+                if dcl and two_n < 4:
+                    continue
                 row = {
                     "case": case,
                     "two_n": two_n,
@@ -113,13 +122,14 @@ def check_correctness(ctx) -> list[dict]:
                 try:
                     got, again = (
                         loss_and_grads(
-                            lambda a, b, p=precision: nt_xent_triton(a, b, ctx.tau, precision=p), *z
+                            lambda a, b, p=precision, x=dcl: nt_xent_triton(
+                                a, b, ctx.tau, precision=p, exclude_pos=x
+                            ),
+                            *z,
                         )
                         for _ in range(2)
                     )
-                    want = loss_and_grads(
-                        lambda a, b: nt_xent_reference(a, b, ctx.tau), *z.double()
-                    )
+                    want = loss_and_grads(lambda a, b, f=reference: f(a, b, ctx.tau), *z.double())
                     result = compare(got, want, tol)
                     if not all(torch.equal(x, y) for x, y in zip(got, again, strict=True)):
                         result |= {

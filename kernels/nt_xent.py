@@ -475,6 +475,7 @@ def _nt_xent_fwd_kernel(
     inv_t,
     inv_a,
     SHIFT: tl.constexpr,
+    EXCLUDE_POS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -488,7 +489,8 @@ def _nt_xent_fwd_kernel(
     (3, splits, A). On the fixed-shift path the split's interior column blocks run without any mask and its boundary
     blocks (diagonal, positives, ragged last block: ``_boundary_runs``) in a second loop with them. The last split of a
     row block to finish combines them in split order into the per-row stats and the row block's loss sum; the last row block to finish takes the mean in row-block order. No host sync, and the
-    result is deterministic: every sum runs in a fixed order (the arrival counters only pick who adds).
+    result is deterministic: every sum runs in a fixed order (the arrival counters only pick who adds). EXCLUDE_POS
+    (DCL): the positive is left out of l_i (but still picked for s_pos), so the loss is lse'_i - S_pos/tau.
 
     Writes stats_ptr[i] = (m_i, log l_i) with lse_i = m_i/tau + log l_i: m_i the row max of S in cosine units (1 on the
     fixed-shift path), l_i = sum_{j != i} exp((S_ij - m_i)/tau); a split's partial is the same pair over its columns,
@@ -557,6 +559,8 @@ def _nt_xent_fwd_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
             )  # fmt: skip
             valid = (cols[None, :] < M) & (cols[None, :] != diag[:, None])
+            if EXCLUDE_POS:
+                valid = valid & (cols[None, :] != pos_col[:, None])
             p = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
             l_i += tl.sum(p, 1) * keep
             s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1) * keep
@@ -574,7 +578,10 @@ def _nt_xent_fwd_kernel(
                 # Only the (at most two) tiles holding positives pay for the select.
                 s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
             # Online logsumexp: rescale the running sum when the running max grows.
-            s = tl.where(col_ok[None, :] & (cols[None, :] != diag[:, None]), s, float("-inf"))
+            valid = col_ok[None, :] & (cols[None, :] != diag[:, None])
+            if EXCLUDE_POS:
+                valid = valid & (cols[None, :] != pos_col[:, None])
+            s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A tile can hold only masked columns for a row; subtract 0 then so that -inf - -inf never makes NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -646,6 +653,7 @@ def _sym_piece(
     D_BLOCKS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EXCLUDE_POS: tl.constexpr,
 ):
     """Row block blk (rows r0 = blk BLOCK_M ..) over its column blocks [jb, je), all at or right of its diagonal
     square (columns r0 .. r0 + BLOCK_M, blocks blk R .. (blk + 1) R with R = BLOCK_M / BLOCK_N).
@@ -663,7 +671,8 @@ def _sym_piece(
     Positive logits: each S_{i,pos(i)} is stored once, in spos_ptr[i], from the tile holding column pos(i) of row i
     (the diagonal square or the positives' run), and right of the diagonal square also for row pos(i) (S_{i, i + N} is
     the positive of row i + N too). The row sums over [jb, je) go to rowpart_ptr[split, rows] when write (an empty
-    piece writes zeros).
+    piece writes zeros). EXCLUDE_POS (DCL): E_{i,pos(i)} enters neither the row nor the column sums (the pair is one
+    element of the upper triangle, in a boundary block, and the sums of both its rows leave it out).
     """
     R: tl.constexpr = BLOCK_M // BLOCK_N
     n = A // 2
@@ -726,6 +735,8 @@ def _sym_piece(
         tl.store(spos_ptr + pos_of_col, pick, mask=mine)
         tl.store(spos_ptr + cols, pick, mask=mine & right)
         valid = (cols[:, None] < A) & ((cols - r0)[:, None] != tl.arange(0, BLOCK_M)[None, :])
+        if EXCLUDE_POS:
+            valid = valid & (tl.arange(0, BLOCK_M)[None, :] != (pos_of_col - r0)[:, None])
         e = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
         l_i += tl.sum(e, 0)
         tl.store(cp + cols, tl.sum(e, 1), mask=(cols < A) & right)
@@ -743,6 +754,7 @@ def _nt_xent_sym_fwd_kernel(
     D,
     PAIR0,
     QK_SCALE,
+    EXCLUDE_POS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -781,11 +793,12 @@ def _nt_xent_sym_fwd_kernel(
     _sym_piece(
         zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, p, p * R + tl.minimum(lo, u_p), p * R + tl.minimum(hi, u_p),
         2 * pid, split, p >= 0, A, D, QK_SCALE, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+        EXCLUDE_POS,
     )  # fmt: skip
     _sym_piece(
         zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, qb, qb * R + tl.maximum(lo - u_p, 0),
         qb * R + tl.maximum(hi - u_p, 0), 2 * pid + 1, split, qb > p, A, D, QK_SCALE,
-        BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, EXCLUDE_POS,
     )  # fmt: skip
 
 
@@ -967,6 +980,7 @@ def _nt_xent_bwd_kernel(
     COL1,
     QK_SCALE,
     SHIFT: tl.constexpr,
+    EXCLUDE_POS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -985,6 +999,8 @@ def _nt_xent_bwd_kernel(
     STORE_W (D > MAX_BLOCK_D, the wide backward): one output chunk; S is computed once over all of D and W, instead of
     multiplying cols, is written to w_ptr, the (A, COL1 - COL0) workspace of this column super-block, for
     _nt_xent_bwd_gemm_kernel. Recomputing S per output chunk would cost D / BLOCK_DO GEMMs.
+
+    EXCLUDE_POS (DCL, whose softmax leaves the positive out, see _nt_xent_fwd_kernel): W_{i,pos(i)} = -2 g alone.
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
@@ -1059,7 +1075,8 @@ def _nt_xent_bwd_kernel(
             w = tl.where(cols[None, :] != diag[:, None], w, 0.0)
             # The positive's -2g joins W here, in fp32: W_pos = g (P_ij + P_ji) tends to 2g as the pair gets confident,
             # and subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
-            w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w) * keep
+            w_pos = -2.0 * g if EXCLUDE_POS else w - 2.0 * g
+            w = tl.where(cols[None, :] == pos_col[:, None], w_pos, w) * keep
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
             acc = _bwd_consume(
                 acc, w, k, w_ptr, rows, cols, A, COL0, COL1, keep, STORE_W, INPUT_PRECISION, INTERPRETER,
@@ -1084,7 +1101,8 @@ def _nt_xent_bwd_kernel(
             c0 = start_n - OFFSET
             c1 = c0 + BLOCK_N
             if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
-                w = tl.where(cols[None, :] == pos_col[:, None], w - 2.0 * g, w)
+                w_pos = -2.0 * g if EXCLUDE_POS else w - 2.0 * g
+                w = tl.where(cols[None, :] == pos_col[:, None], w_pos, w)
             # W goes through the tensor cores in the input dtype, or as tf32 (rounded to nearest like the GPU does,
             # also when interpreting).
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
@@ -1676,11 +1694,10 @@ def _autotuned(fn, kernel: str):
         return [by_name[c.name] for c in cands]
 
     # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A; the wide backward's GEMM neither.
-    key = (
-        ["A", "M", "D", "INPUT_PRECISION"]
-        if kernel in ("sym_fwd", "bwd_gemm")
-        else ["A", "M", "D", "SHIFT", "INPUT_PRECISION"]
-    )
+    key = {
+        "sym_fwd": ["A", "M", "D", "EXCLUDE_POS", "INPUT_PRECISION"],
+        "bwd_gemm": ["A", "M", "D", "INPUT_PRECISION"],
+    }.get(kernel, ["A", "M", "D", "SHIFT", "EXCLUDE_POS", "INPUT_PRECISION"])
     return triton.autotune(
         configs=list(by_name.values()),
         key=key,
@@ -1784,6 +1801,7 @@ def nt_xent_forward(
     config: str | None = None,
     splits: int | None = None,
     symmetric: bool = True,
+    exclude_pos: bool = False,
 ) -> tuple[torch.Tensor, ForwardState]:
     """Forward: z_a, z_b (N, D) raw embeddings -> (0-d loss in the input dtype, ForwardState). Two launches; three on
     the upper-triangle path (one process and tau >= SHIFT_MIN_TEMPERATURE, unless symmetric=False), one more tile
@@ -1793,7 +1811,8 @@ def nt_xent_forward(
     precision: "tf32" (default) or "ieee" for fp32 inputs' dot products. config: a name from ``list_configs()``.
     splits: column splits of the logits kernel (None: enough to fill the device, see ``launch_grid``).
     symmetric: False runs the row blocks x column splits forward also where the upper-triangle one applies (tests and
-    the compile report build both).
+    the compile report build both). exclude_pos: DCL's denominator, without the positive pair (the loss is then DCL's,
+    mean_i [lse'_i - S_i,pos(i)/tau], and the state its lse').
     """
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
@@ -1825,8 +1844,9 @@ def nt_xent_forward(
     tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
     if symmetric and group is None and temperature >= SHIFT_MIN_TEMPERATURE:
         _symmetric_forward(
-            zhat, stats, partial, count, loss, w, tiling, temperature, config, precision, splits
-        )
+            zhat, stats, partial, count, loss, w, tiling, temperature, config, precision, splits,
+            exclude_pos,
+        )  # fmt: skip
         return loss, ForwardState.local(zhat[:, :d], norm, stats)
     # The split count is fixed for the launch (the autotuner's other tile widths share it, see _split_columns).
     splits = launch_grid("fwd", a, w, m, config, z_a.element_size(), precision, splits=splits)[-1]
@@ -1837,8 +1857,9 @@ def nt_xent_forward(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=stats, split_ptr=split_stats, partial_ptr=partial, count_ptr=count,
         loss_ptr=loss,
         A=a, M=m, D=w, OFFSET=offset, QK_SCALE=LOG2E / temperature, inv_t=1.0 / temperature, inv_a=1.0 / a,
-        SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
-        INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET, BLOCK_R=REDUCE_BLOCK,
+        SHIFT=temperature >= SHIFT_MIN_TEMPERATURE, EXCLUDE_POS=exclude_pos, BLOCK_D=tiling.block_d,
+        D_BLOCKS=tiling.d_blocks, INPUT_PRECISION=_dot_precision(z_a.dtype, precision), INTERPRETER=INTERPRET,
+        BLOCK_R=REDUCE_BLOCK,
     )  # fmt: skip
     stats_cols, _ = all_gather_rows(stats, group)
     zhat_d = zhat[:, :d]
@@ -1860,6 +1881,7 @@ def _symmetric_forward(
     config: str | None,
     precision: str,
     splits: int | None,
+    exclude_pos: bool = False,
 ) -> None:
     """The upper-triangle forward of ``nt_xent_forward`` (one process, fixed shift): per chunk of row-block pairs a tile
     launch and a combine launch (``symmetric_schedule``); writes stats and loss. Workspace: row sums (splits, A),
@@ -1887,8 +1909,8 @@ def _symmetric_forward(
             "sym_fwd", _nt_xent_sym_fwd_kernel, lambda meta, n_pairs=n_pairs: (n_pairs, splits), a, w, itemsize,
             config,
             zhat_ptr=zhat, rowpart_ptr=rowpart, colpart_ptr=colpart, spos_ptr=spos, A=a, M=a, D=w, PAIR0=pair0,
-            QK_SCALE=LOG2E / temperature, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
-            INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
+            QK_SCALE=LOG2E / temperature, EXCLUDE_POS=exclude_pos, BLOCK_D=tiling.block_d,
+            D_BLOCKS=tiling.d_blocks, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
         )  # fmt: skip
         _nt_xent_sym_combine_kernel[(triton.cdiv(a, REDUCE_BLOCK),)](
             rowpart_ptr=rowpart, colpart_ptr=colpart, colacc_ptr=colacc, spos_ptr=spos, stats_ptr=stats,
@@ -1910,6 +1932,7 @@ def nt_xent_backward(
     config: str | None = None,
     splits: int | None = None,
     gemm_config: str | None = None,
+    exclude_pos: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward: upstream gradient (0-d) -> (dz_a, dz_b), each (N, D) in the input dtype. Three launches, no atomics;
     for D > MAX_BLOCK_D two more per column super-block beyond the first (``wide_backward``).
@@ -1917,7 +1940,7 @@ def nt_xent_backward(
     With ``group`` every rank's upstream gradient is gathered (one scalar each) to weight the P_ji of its columns.
     splits: column splits of the backward GEMM kernel, whose fp32 partial sums the normalisation kernel adds in order
     (None: enough to fill the device, see ``launch_grid``). gemm_config: the wide backward GEMM's config (a name from
-    ``list_configs()``; None: autotuned, as config).
+    ``list_configs()``; None: autotuned, as config). exclude_pos: DCL's (the forward's must match).
     """
     z_a, z_b = _unit_stride(z_a), _unit_stride(z_b)
     n, d = z_a.shape
@@ -1948,8 +1971,8 @@ def nt_xent_backward(
     common = dict(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
         g_cols_ptr=g_cols, terms_ptr=terms, acc_ptr=acc, A=a, M=m, D=w, OFFSET=state.offset,
-        QK_SCALE=LOG2E / temperature, SHIFT=shift, BLOCK_D=tiling.block_d, D_BLOCKS=tiling.d_blocks,
-        BLOCK_DO=tiling.block_do, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
+        QK_SCALE=LOG2E / temperature, SHIFT=shift, EXCLUDE_POS=exclude_pos, BLOCK_D=tiling.block_d,
+        D_BLOCKS=tiling.d_blocks, BLOCK_DO=tiling.block_do, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
     )  # fmt: skip
     if not wide:
         _launch(
@@ -1990,8 +2013,10 @@ class NTXentTritonFunction(torch.autograd.Function):
     """Autograd glue: the forward saves z_a, z_b and the O(A D) state; the backward runs the two backward kernels."""
 
     @staticmethod
-    def forward(ctx, z_a, z_b, temperature, group, precision, config, splits):
-        options = dict(group=group, precision=precision, config=config, splits=splits)
+    def forward(ctx, z_a, z_b, temperature, group, precision, config, splits, exclude_pos):
+        options = dict(
+            group=group, precision=precision, config=config, splits=splits, exclude_pos=exclude_pos
+        )
         loss, state = nt_xent_forward(z_a, z_b, temperature, **options)
         ctx.save_for_backward(z_a, z_b, *state.tensors())
         ctx.offset, ctx.temperature = state.offset, temperature
@@ -2003,7 +2028,7 @@ class NTXentTritonFunction(torch.autograd.Function):
         z_a, z_b, *tensors = ctx.saved_tensors
         state = ForwardState(*tensors, offset=ctx.offset)
         dz_a, dz_b = nt_xent_backward(grad_out, z_a, z_b, state, ctx.temperature, **ctx.options)
-        return dz_a, dz_b, None, None, None, None, None
+        return dz_a, dz_b, None, None, None, None, None, None
 
 
 def nt_xent_triton(
@@ -2015,6 +2040,7 @@ def nt_xent_triton(
     precision: str = "tf32",
     config: str | None = None,
     splits: int | None = None,
+    exclude_pos: bool = False,
 ) -> torch.Tensor:
     """Fused NT-Xent with autograd. z_a, z_b: (N, D) fp32/bf16/fp16 CUDA tensors (CPU under TRITON_INTERPRET=1).
 
@@ -2029,10 +2055,12 @@ def nt_xent_triton(
             the first candidate under the interpreter.
         splits: column splits of the forward and backward GEMM kernels, for tests and microbenchmarks; None picks
             enough to fill the device (``launch_grid``).
+        exclude_pos: the positive pair left out of the denominator: DCL (Yeh et al. 2022), mean_i [log sum_{k != i,
+            pos(i)} exp(S_ik/tau) - S_i,pos(i)/tau] (``fastclr.dcl`` adds DCLW's weights in torch).
 
     Returns:
         0-d loss in the input dtype.
     """
     return NTXentTritonFunction.apply(
-        z_a, z_b, float(temperature), group, precision, config, splits
+        z_a, z_b, float(temperature), group, precision, config, splits, exclude_pos
     )

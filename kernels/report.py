@@ -102,6 +102,8 @@ SHIFT_TAU, MAX_TAU = 0.5, 0.01
 # The kernels that write tf32 dot operands: z_hat (norm_fwd) and W (bwd) must round them to nearest (cvt.rna).
 TF32_ROUNDING = "cvt.rna.tf32.f32"
 TF32_OPERAND_WRITERS = ("norm_fwd", "bwd")
+# The GEMM kernels DCL compiles with EXCLUDE_POS (the wide backward's GEMM has no positives).
+DCL_KERNELS = ("fwd", "sym_fwd", "bwd")
 _DOT_RE = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<[^>]*, #(\w+)>")
 
 
@@ -118,11 +120,13 @@ class Variant:
     dtype: str = "bf16"
     shift: bool = True
     precision: str = "tf32"
+    loss: str = "ntxent"  # "dcl": the positive left out of the denominator (EXCLUDE_POS)
 
     @property
     def label(self) -> str:
         path = "shift" if self.shift else "max"
-        return f"{self.kernel} {self.config} D={self.d} {self.dtype} {self.precision_label} {path}"
+        loss = "" if self.loss == "ntxent" else f" {self.loss}"
+        return f"{self.kernel}{loss} {self.config} D={self.d} {self.dtype} {self.precision_label} {path}"
 
     @property
     def precision_label(self) -> str:
@@ -138,22 +142,31 @@ def shipped_variants(
     d_cases=D_CASES, dtypes=("bf16", "fp16", "fp32"), quick=False, precisions=None
 ) -> list[Variant]:
     """Every (kernel, config) the autotuner may launch for these D on both logsumexp paths (the upper-triangle forward
-    on the fixed-shift path only) and every public precision, and the elementwise kernels.
+    on the fixed-shift path only) and every public precision, and the elementwise kernels; the GEMM kernels also as
+    DCL compiles them (``DCL_KERNELS``, the positive left out of the denominator).
 
-    quick: only each kernel's first candidate, on the fixed-shift path, default precision.
+    quick: only each kernel's first candidate, on the fixed-shift path, default precision (DCL: bf16 at GRID_D only).
     """
     out = []
     for d in d_cases:
         for dtype in dtypes:
             precs = precisions_for(dtype) if precisions is None else precisions
             for precision in precs[:1] if quick else precs:
+                losses = (
+                    ("ntxent", "dcl")
+                    if not quick or (d, dtype) == (GRID_D, "bf16")
+                    else ("ntxent",)
+                )
                 for kernel in K.KERNELS:
                     configs = launchable_configs(kernel, d, ITEMSIZE[dtype], precision)
                     for cfg in configs[:1] if quick else configs:
                         for shift in (
                             (True,) if quick or kernel in ("sym_fwd", "bwd_gemm") else (True, False)
                         ):
-                            out.append(Variant(kernel, cfg.name, d, dtype, shift, precision))
+                            for loss in losses if kernel in DCL_KERNELS else ("ntxent",):
+                                out.append(
+                                    Variant(kernel, cfg.name, d, dtype, shift, precision, loss)
+                                )
                 for kernel in ELEMENTWISE:
                     out.append(Variant(kernel, "elementwise", d, dtype, True, precision))
                 if not quick:  # the running-max path's column terms (g_j / g_max only)
@@ -183,15 +196,15 @@ def launch_variants(variants: list[Variant], arch: int) -> dict[Variant, Launch]
         )
     groups: dict[tuple, list[Variant]] = {}
     for v in variants:
-        groups.setdefault((v.d, v.dtype, v.shift, v.precision), []).append(v)
+        groups.setdefault((v.d, v.dtype, v.shift, v.precision, v.loss), []).append(v)
     out = {}
-    for (d, dtype, shift, precision), group in groups.items():
+    for (d, dtype, shift, precision, loss), group in groups.items():
         gen = torch.Generator().manual_seed(0)
         n = REPORT_ROWS // 2
         z_a = torch.randn(n, d, generator=gen).to(TORCH_DTYPES[dtype])
         z_b = torch.randn(n, d, generator=gen).to(TORCH_DTYPES[dtype])
         tau = SHIFT_TAU if shift else MAX_TAU
-        opts = dict(precision=precision)
+        opts = dict(precision=precision, exclude_pos=loss == "dcl")
         by_kernel = {k: [v for v in group if v.kernel == k] for k in KERNEL_NAMES}
         with stub_driver(arch) as drv:
             _, state = K.nt_xent_forward(z_a, z_b, tau, **opts)
@@ -350,6 +363,7 @@ def launch_row(v: Variant, launch: Launch, arch: int) -> dict:
     layouts = dot_layouts(compiled.asm["ttgir"])
     row = dict(
         kernel=v.kernel,
+        loss=v.loss,
         config=v.config,
         d=v.d,
         dtype=v.dtype,
@@ -477,10 +491,11 @@ def roofline(
 
 
 def _default_row(rows: list[dict], kernel: str, config: str, d: int = GRID_D) -> dict | None:
-    """The compiled bf16 fixed-shift row of this kernel, config and D, if the report built it."""
+    """The compiled bf16 fixed-shift NT-Xent row of this kernel, config and D, if the report built it."""
     for r in rows:
-        if (r["kernel"], r["config"], r["d"], r["dtype"], r["path"]) == (
+        if (r["kernel"], r["loss"], r["config"], r["d"], r["dtype"], r["path"]) == (
             kernel,
+            "ntxent",
             config,
             d,
             "bf16",
@@ -612,8 +627,9 @@ def format_report(report: dict) -> str:
         tc = f"{r['tensor_core_instructions']} {r['tensor_core_op'].split('.')[0]}" if gemm else "-"
         dots = f"{r['mma_dots']}/{r['dots']}" if gemm else "-"
         status = "ok" if not r["problems"] else "; ".join(r["problems"])
+        kernel = r["kernel"] if r["loss"] == "ntxent" else f"{r['kernel']}/{r['loss']}"
         lines.append(
-            f"{r['kernel']:11} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['precision']:4} "
+            f"{kernel:11} {r['config']:17} {r['d']:>5} {r['dtype']:5} {r['precision']:4} "
             f"{r['path'] if gemm else '-':5} {r['registers']:>4} "
             f"{spill:>5} {r['shared_bytes'] / 1024:>7.1f} {dots:>7} {tc:>12} {r['blocks_per_sm']:>6} "
             f"{r['occupancy']:>5.2f} {_fmt(r.get('non_mma_per_element'), '8.2f')} "

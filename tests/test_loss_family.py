@@ -245,6 +245,47 @@ def test_gradcheck_float64(loss, tau, monkeypatch):
     assert torch.autograd.gradcheck(loss_fn(loss, "torch", tau, labels, bank), (a, b))
 
 
+# The fused kernel under the interpreter (fp32, exact dots: PyTorch's default fp32 matmul precision), against the
+# float64 reference: DCL's denominator without the positive in the upper-triangle forward (tau >= 0.025), the row
+# blocks x column splits forward (tau < 0.025) and the backward; DCLW's and a custom weight_fn's term in torch.
+@pytest.mark.parametrize("loss", ["dcl", "dclw", "dcl-weighted"])
+@pytest.mark.parametrize("tau", [0.3, 0.01])
+@pytest.mark.parametrize("n,d", [(2, 3), (37, 19)])
+def test_triton_dcl_matches_reference(loss, tau, n, d):
+    """Within fp32 rounding of the float64 reference: no more than twice the error of the reference run in fp32 (at
+    tau = 0.01 the weights' term s/tau scales the rounding of s by 100), plus a floor of 2e-6 of the largest entry."""
+    a, b = pair(n, d, seed=n)
+    exact = loss_and_grads(loss_fn(loss, "reference", tau), a, b)
+    a32, b32 = (t.detach().float().requires_grad_() for t in (a, b))
+    ref = loss_and_grads(loss_fn(loss, "reference", tau), a32, b32)
+    got = loss_and_grads(loss_fn(loss, "triton", tau), a32, b32)
+    for g, r, e, what in zip(got, ref, exact, ("loss", "grad z_a", "grad z_b"), strict=True):
+        assert g.dtype == torch.float32
+        err_fast, err_ref = ((x.double() - e).abs().max().item() for x in (g, r))
+        floor = 2e-6 * max(e.abs().max().item(), 1.0)
+        assert err_fast <= 2 * err_ref + floor, (
+            f"{loss} tau={tau} {what}: {err_fast:.3e} vs {err_ref:.3e}"
+        )
+
+
+def test_triton_dcl_in_half_precision_and_the_config_check():
+    """bf16 through the kernel: no worse than the reference in bf16; and the trainer accepts --loss-impl triton for
+    DCL/DCLW (not for SupCon or a bank: test_pretrain_loss_settings_are_checked)."""
+    from fastclr.train.config import PretrainConfig
+
+    a64, b64 = pair(40, 32, seed=1)
+    exact = loss_and_grads(loss_fn("dclw", "reference", 0.1), a64, b64)
+    a, b = (t.detach().bfloat16().requires_grad_() for t in (a64, b64))
+    ref = loss_and_grads(loss_fn("dclw", "reference", 0.1), a, b)
+    got = loss_and_grads(loss_fn("dclw", "triton", 0.1), a, b)
+    for g, r, e, what in zip(got, ref, exact, ("loss", "grad z_a", "grad z_b"), strict=True):
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), what
+        err_fast, err_ref = ((x.double() - e).abs().max().item() for x in (g, r))
+        assert err_fast <= 2 * err_ref + 1e-5 * e.abs().max().item(), (what, err_fast, err_ref)
+    for loss in ("dcl", "dclw"):
+        PretrainConfig.from_dict({"loss": {"loss": loss, "loss_impl": "triton"}}).validate()
+
+
 def test_identical_embeddings():
     """Every similarity is 1: DCL gives log(2N - 2), SupCon log(2N - 1), the bank loss log(1 + K)."""
     z = torch.randn(1, 8, dtype=torch.float64).expand(5, 8)
@@ -272,7 +313,7 @@ def lightly_grads(module, a, b):
     return loss.detach(), a.grad, b.grad
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, "triton"])
 @pytest.mark.parametrize("loss", ["dcl", "dclw", "dcl-weighted"])
 def test_dcl_matches_lightly(loss, impl):
     lightly_loss = pytest.importorskip("lightly.loss")
@@ -411,17 +452,15 @@ def test_fuzz_torch_against_float64_reference(case):
 
 
 def test_auto_is_torch_and_triton_says_it_is_not_covered():
+    """SupCon and the bank: "auto" is the tiled path on every device, "triton" an error (DCL/DCLW have the kernel)."""
     a, b = pair(5, 4)
     labels = some_labels(5, 2)
     assert fastclr.supcon(a, b, labels, impl="auto").item() == pytest.approx(
         fastclr.supcon(a, b, labels, impl="torch").item(), rel=0, abs=0
     )
     for make in (
-        lambda: fastclr.DCLLoss(impl="triton"),
-        lambda: fastclr.DCLWLoss(impl="triton"),
         lambda: fastclr.SupConLoss(impl="triton"),
         lambda: fastclr.NTXentLoss(memory_bank_size=(8, 4), impl="triton"),
-        lambda: fastclr.dcl(a, b, impl="triton"),
         lambda: fastclr.supcon(a, b, labels, impl="triton"),
         lambda: fastclr.nt_xent_bank(a, b, some_bank(3, 4).double(), impl="triton"),
     ):
@@ -660,6 +699,58 @@ def test_ddp_gradients_equal_full_batch(ddp_world, loss, impl):
     for step in range(len(single)):
         mean = sum(res[f"{loss}/{impl}"][0][step][0] for res in ranks) / world_size
         assert mean == pytest.approx(single[step][0], rel=1e-10)
+
+
+def triton_dcl_steps(world_size, rank=None):
+    """{loss: (value, parameter gradients as DDP averages them)} of DCL and DCLW through the fused kernel (the
+    interpreter, fp32) on this rank's rows of ``full_batch`` (all rows with rank None), gathering negatives."""
+    import torch.distributed as dist
+
+    out = {}
+    for loss in ("dcl", "dclw"):
+        model = make_model().float()
+        gather = rank is not None
+        if loss == "dcl":
+            criterion = fastclr.DCLLoss(TAU, gather_distributed=gather, impl="triton")
+        else:
+            criterion = fastclr.DCLWLoss(TAU, sigma=SIGMA, gather_distributed=gather, impl="triton")
+        x_a, x_b, _ = full_batch(world_size, 0)
+        if gather:
+            x_a, x_b = (
+                x_a[rank * N_RANK : (rank + 1) * N_RANK],
+                x_b[rank * N_RANK : (rank + 1) * N_RANK],
+            )
+        z_a, z_b = model(torch.cat([x_a, x_b]).float()).chunk(2)
+        value = criterion(z_a, z_b)
+        value.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        if gather:
+            for g in grads.values():
+                dist.all_reduce(g)
+                g /= world_size
+        out[loss] = (value.item(), grads)
+    return out
+
+
+def triton_dcl_worker(rank: int, world_size: int) -> dict:
+    return triton_dcl_steps(world_size, rank)
+
+
+def test_triton_dcl_ddp_gradients_equal_full_batch():
+    """W = 2 gloo ranks gathering negatives through the kernel (the row blocks x column splits forward, rows !=
+    columns) give the single-process full-batch gradients (the upper-triangle forward) to fp32 rounding."""
+    world_size = 2
+    ranks = spawn_world(
+        triton_dcl_worker, world_size, env={"TRITON_INTERPRET": "1"}, timeout_s=240.0
+    )
+    single = triton_dcl_steps(world_size)
+    for loss, (value, want) in single.items():
+        assert sum(r[loss][0] for r in ranks) / world_size == pytest.approx(value, rel=1e-5)
+        for rank, res in enumerate(ranks):
+            for name in want:
+                assert_close(
+                    res[loss][1][name], want[name], 1e-6, 1e-4, f"{loss} rank {rank} {name}"
+                )
 
 
 def per_anchor_losses(loss, z_a, z_b, labels):

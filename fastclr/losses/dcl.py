@@ -8,7 +8,9 @@ NT-Xent with the positive pair taken out of the denominator, and optionally weig
 
 Both equal lightly 1.6.0's ``DCLLoss`` / ``DCLWLoss`` in value and gradients. The "torch" impl takes the log-sum-exp
 and the positives' logits from the tiled engine (``fastclr.losses.tiled.row_terms``, memory linear in 2N) and the
-weights from autograd, so a custom ``weight_fn`` gets its own gradient exactly as in lightly.
+weights from autograd, so a custom ``weight_fn`` gets its own gradient exactly as in lightly. The "triton" impl (the
+default for CUDA tensors) runs the fused kernel with the positive left out of its denominator, which gives DCL's loss
+and gradients; with weights it adds mean_i (1 - w_i) s(i, pos(i))/tau, an O(N D) term, in torch.
 
 Under ``gather_distributed`` DCLW's softmax runs over the pairs of every rank, so that W ranks give the single-process
 full-batch gradients (lightly normalises each rank's weights over its own pairs); a custom ``weight_fn`` sees this
@@ -25,9 +27,15 @@ from torch import nn
 
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
+from fastclr.losses.backends import backend, pick_path
 from fastclr.losses.family import check_pair_weights, check_positive, check_weight_fn, family_path
 from fastclr.losses.reference import dcl_reference
-from fastclr.nt_xent_spec import all_gather_rows, check_embeddings, check_temperature
+from fastclr.nt_xent_spec import (
+    all_gather_rows,
+    check_embeddings,
+    check_temperature,
+    fp32_dot_precision,
+)
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,8 +74,8 @@ def dcl(
         temperature: tau > 0.
         weight_fn: w(u, v) -> (N,) weights of the positive pairs of unit rows u, v (N, D), called as w(a_hat, b_hat)
             for the first views' anchors and w(b_hat, a_hat) for the second's (as lightly); None: w = 1.
-        impl: "auto" (= "torch" on every device), "torch" (tiled), "reference" (materialised); "triton" is not
-            available for DCL yet and raises NotImplementedError.
+        impl: "auto" (triton on CUDA, else torch), "triton" (fused kernel), "torch" (tiled, any device),
+            "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32 switch, as ``fastclr.nt_xent``.
         gather_distributed: use the embeddings of every rank of the process group as negatives (exact gradients).
         group: process group for gather_distributed (default: the world).
 
@@ -78,7 +86,7 @@ def dcl(
         >>> loss = fastclr.dcl(model(x_a), model(x_b), temperature=0.1)
     """
     temperature = check_temperature(temperature)
-    path = family_path(impl, "DCL")
+    path = family_path(impl, "DCL", kernel=True)
     check_weight_fn(weight_fn)
     if gather_distributed:
         dist_utils.require_distributed()
@@ -99,7 +107,7 @@ def dclw(
     temperature."""
     temperature = check_temperature(temperature)
     sigma = check_positive(sigma, "sigma")
-    path = family_path(impl, "DCLW")
+    path = family_path(impl, "DCLW", kernel=True)
     if gather_distributed:
         dist_utils.require_distributed()
     return _checked_dcl(z_a, z_b, temperature, None, sigma, path, gather_distributed, group)
@@ -129,8 +137,11 @@ def _checked_dcl(
         weight_fn = partial(negative_mises_fisher_weights, sigma=sigma, group=dist_group)
     if weight_fn is not None:
         weight_fn = partial(_checked_weights, weight_fn)
+    path = pick_path(path, z_a.device)
     if path == "reference":
         return dcl_reference(z_a, z_b, temperature, weight_fn=weight_fn, group=dist_group)
+    if path == "triton":
+        return _dcl_triton(z_a, z_b, temperature, weight_fn, dist_group)
     return _dcl_tiled(z_a, z_b, temperature, weight_fn, dist_group)
 
 
@@ -154,6 +165,25 @@ def _dcl_tiled(
     return (terms.log_sum - w * terms.pair + (1 - w) * terms.shift).mean().to(z_a.dtype)
 
 
+def _dcl_triton(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, weight_fn: WeightFn | None, group
+) -> torch.Tensor:
+    """DCL from the fused kernel (``exclude_pos``: mean_i [lse'_i - s(i, pos(i))/tau]); with weights, plus
+    mean_i (1 - w_i) s(i, pos(i))/tau from the normalised rows, with autograd through s and w."""
+    precision = fp32_dot_precision() if z_a.dtype == torch.float32 else "tf32"
+    kernel = backend("triton", precision)
+    kernel.check(z_a)
+    loss = kernel.loss(z_a, z_b, temperature, group=group, exclude_pos=True)
+    if weight_fn is None:
+        return loss
+    n = z_a.shape[0]
+    z_hat = tiled.normalized(torch.cat([z_a, z_b]))
+    a, b = z_hat[:n], z_hat[n:]
+    w = torch.cat([weight_fn(a, b), weight_fn(b, a)])
+    pair = (a * b).sum(1).repeat(2) / temperature
+    return (loss.float() + ((1 - w) * pair).mean()).to(z_a.dtype)
+
+
 class DCLLoss(nn.Module):
     """Drop-in decoupled contrastive loss (lightly's ``DCLLoss``): NT-Xent without the positive in the denominator.
 
@@ -161,7 +191,7 @@ class DCLLoss(nn.Module):
         temperature: tau > 0.
         weight_fn: optional w(u, v) -> (N,) weights of the positive pairs (see ``fastclr.dcl``).
         gather_distributed: gather negatives from all ranks of the default process group, with exact gradients.
-        impl: "auto" | "torch" | "reference" ("triton" raises NotImplementedError: not covered by the kernel yet).
+        impl: "auto" (triton on CUDA, else torch) | "triton" | "torch" | "reference".
 
     Shapes:
         forward(z_a (N, D), z_b (N, D)) -> 0-d tensor.
@@ -181,7 +211,7 @@ class DCLLoss(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.impl = impl
-        self.path = family_path(impl, type(self).__name__[: -len("Loss")])
+        self.path = family_path(impl, type(self).__name__[: -len("Loss")], kernel=True)
         check_weight_fn(weight_fn)
         self.weight_fn = weight_fn
         if gather_distributed:
@@ -211,7 +241,7 @@ class DCLWLoss(DCLLoss):
         temperature: tau > 0.
         sigma: sigma > 0, the temperature of the weights (see ``negative_mises_fisher_weights``).
         gather_distributed: gather negatives (and the weights' softmax) over all ranks, with exact gradients.
-        impl: "auto" | "torch" | "reference" ("triton" raises NotImplementedError: not covered by the kernel yet).
+        impl: "auto" (triton on CUDA, else torch) | "triton" | "torch" | "reference".
 
     Shapes:
         forward(z_a (N, D), z_b (N, D)) -> 0-d tensor.

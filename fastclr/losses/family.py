@@ -1,9 +1,10 @@
 """What the contrastive-loss family (NT-Xent with a memory bank, DCL, DCLW, SupCon) shares: its impl resolution and
 the checks of its extra inputs (labels, memory bank sizes, weight functions).
 
-The family runs on the tiled torch path (``fastclr.losses.tiled.row_stats``) and on the materialised references; the
-fused Triton kernel covers plain NT-Xent only, so ``impl="auto"`` picks "torch" on every device and ``impl="triton"``
-is refused with an error that says so.
+The family runs on the tiled torch path (``fastclr.losses.tiled.row_stats``) and on the materialised references. The
+fused Triton kernel covers NT-Xent and DCL/DCLW (the positive left out of its denominator, DCLW's weights added in
+torch), where ``impl="auto"`` picks it for CUDA tensors as for NT-Xent; for SupCon and the memory bank ``impl="auto"``
+picks "torch" on every device and ``impl="triton"`` is refused with an error that says so.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import torch
 from fastclr.nt_xent_spec import check_impl
 
 
-def family_path(impl: str, loss: str) -> str:
-    """A family loss's concrete path for ``impl``: "reference" or "torch".
+def family_path(impl: str, loss: str, kernel: bool = False) -> str:
+    """A family loss's path for ``impl``: "reference" or "torch"; with ``kernel`` (a loss the fused kernel covers)
+    ``impl`` itself, "auto" included (``backends.pick_path`` resolves it per device).
 
-    ValueError unless impl is one of IMPLS; NotImplementedError for "triton", which only plain NT-Xent has.
+    ValueError unless impl is one of IMPLS; NotImplementedError for "triton" unless ``kernel``.
     """
     check_impl(impl)
+    if kernel:
+        return impl
     if impl == "triton":
         raise NotImplementedError(
             f"impl='triton': the fused Triton kernel does not cover {loss} yet; use impl='torch' (the tiled path, "

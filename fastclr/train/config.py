@@ -379,13 +379,13 @@ class PretrainConfig:
 
     def _check_loss(self) -> None:
         """ConfigError for a memory bank with another loss than ntxent, and for the fused kernel with a loss it does
-        not cover (the family runs on the tiled torch path)."""
+        not cover (SupCon and the memory bank run on the tiled torch path; NT-Xent, DCL and DCLW on both)."""
         loss = self.loss
         if loss.memory_bank_size and loss.loss != "ntxent":
             raise ConfigError(
                 f"--memory-bank-size applies to --loss ntxent (NT-Xent against a bank), not {loss.loss}"
             )
-        if loss.loss_impl == "triton" and (loss.loss != "ntxent" or loss.memory_bank_size):
+        if loss.loss_impl == "triton" and (loss.loss == "supcon" or loss.memory_bank_size):
             what = "a memory bank" if loss.loss == "ntxent" else f"--loss {loss.loss}"
             raise ConfigError(
                 f"--loss-impl triton: the fused kernel does not cover {what} yet; use --loss-impl torch or auto"
