@@ -308,7 +308,8 @@ def test_main_loop_counts_non_mma_instructions():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # every variant, NT-Xent's and DCL's: about 10 minutes per architecture on 2 idle cores
+# every variant, NT-Xent's and DCL's: about 10 minutes per architecture on 2 idle cores
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_shipped_variant_compiles_cleanly(arch, triton_cache):
     code, report = run_report(triton_cache, "--arch", str(arch))
