@@ -575,13 +575,14 @@ def _nt_xent_fwd_kernel(
             c0 = start_n - OFFSET
             c1 = c0 + BLOCK_N
             if ((c0 < hi_a) & (c1 > lo_a)) | ((c0 < hi_b) & (c1 > lo_b)):
-                # Only the (at most two) tiles holding positives pay for the select.
-                s_pos += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s, 0.0), 1)
+                # Only the (at most two) tiles holding positives pay for the select (and DCL's exclusion: a mask on
+                # every tile spilled on sm_80).
+                is_pos = cols[None, :] == pos_col[:, None]
+                s_pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+                if EXCLUDE_POS:
+                    s = tl.where(is_pos, float("-inf"), s)
             # Online logsumexp: rescale the running sum when the running max grows.
-            valid = col_ok[None, :] & (cols[None, :] != diag[:, None])
-            if EXCLUDE_POS:
-                valid = valid & (cols[None, :] != pos_col[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(col_ok[None, :] & (cols[None, :] != diag[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A tile can hold only masked columns for a row; subtract 0 then so that -inf - -inf never makes NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
