@@ -28,11 +28,12 @@ from torch import nn
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
 from fastclr.losses.backends import backend, pick_path
-from fastclr.losses.family import check_pair_weights, check_positive, check_weight_fn, family_path
+from fastclr.losses.family import check_pair_weights, check_positive, check_weight_fn
 from fastclr.losses.reference import dcl_reference
 from fastclr.nt_xent_spec import (
     all_gather_rows,
     check_embeddings,
+    check_impl,
     check_temperature,
     fp32_dot_precision,
 )
@@ -86,7 +87,7 @@ def dcl(
         >>> loss = fastclr.dcl(model(x_a), model(x_b), temperature=0.1)
     """
     temperature = check_temperature(temperature)
-    path = family_path(impl, "DCL", kernel=True)
+    path = check_impl(impl)
     check_weight_fn(weight_fn)
     if gather_distributed:
         dist_utils.require_distributed()
@@ -107,7 +108,7 @@ def dclw(
     temperature."""
     temperature = check_temperature(temperature)
     sigma = check_positive(sigma, "sigma")
-    path = family_path(impl, "DCLW", kernel=True)
+    path = check_impl(impl)
     if gather_distributed:
         dist_utils.require_distributed()
     return _checked_dcl(z_a, z_b, temperature, None, sigma, path, gather_distributed, group)
@@ -155,14 +156,19 @@ def _dcl_tiled(
 ) -> torch.Tensor:
     """L = mean_i [ log l_i - w_i pair_i + (1 - w_i) m_i ] from the tiled engine's terms: lse_i = m_i + log l_i and
     S_i,pos(i)/tau = m_i + pair_i, so that with w = 1 no term of size 1/tau is formed."""
-    n = z_a.shape[0]
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
     terms = tiled.row_terms(z_hat, temperature, group=group, exclude_pos=True)
     if weight_fn is None:
         return (terms.log_sum - terms.pair).mean().to(z_a.dtype)
-    a, b = z_hat[:n], z_hat[n:]
-    w = torch.cat([weight_fn(a, b), weight_fn(b, a)])
+    w = _row_weights(z_hat, weight_fn)
     return (terms.log_sum - w * terms.pair + (1 - w) * terms.shift).mean().to(z_a.dtype)
+
+
+def _row_weights(z_hat: torch.Tensor, weight_fn: WeightFn) -> torch.Tensor:
+    """(2N,) weights of the anchors [a_hat; b_hat] = z_hat: w(a_hat, b_hat) for the first views, w(b_hat, a_hat) for
+    the second (as lightly), through autograd."""
+    a, b = z_hat.chunk(2)
+    return torch.cat([weight_fn(a, b), weight_fn(b, a)])
 
 
 def _dcl_triton(
@@ -176,11 +182,10 @@ def _dcl_triton(
     loss = kernel.loss(z_a, z_b, temperature, group=group, exclude_pos=True)
     if weight_fn is None:
         return loss
-    n = z_a.shape[0]
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
-    a, b = z_hat[:n], z_hat[n:]
-    w = torch.cat([weight_fn(a, b), weight_fn(b, a)])
+    a, b = z_hat.chunk(2)
     pair = (a * b).sum(1).repeat(2) / temperature
+    w = _row_weights(z_hat, weight_fn)
     return (loss.float() + ((1 - w) * pair).mean()).to(z_a.dtype)
 
 
@@ -211,7 +216,7 @@ class DCLLoss(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.impl = impl
-        self.path = family_path(impl, type(self).__name__[: -len("Loss")], kernel=True)
+        self.path = check_impl(impl)
         check_weight_fn(weight_fn)
         self.weight_fn = weight_fn
         if gather_distributed:

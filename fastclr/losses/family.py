@@ -17,15 +17,13 @@ import torch
 from fastclr.nt_xent_spec import check_impl
 
 
-def family_path(impl: str, loss: str, kernel: bool = False) -> str:
-    """A family loss's path for ``impl``: "reference" or "torch"; with ``kernel`` (a loss the fused kernel covers)
-    ``impl`` itself, "auto" included (``backends.pick_path`` resolves it per device).
+def family_path(impl: str, loss: str) -> str:
+    """A concrete path for ``impl`` of a loss the fused kernel does not cover: "reference" or "torch" (DCL/DCLW, which
+    it covers, take ``check_impl`` and ``backends.pick_path`` as NT-Xent does).
 
-    ValueError unless impl is one of IMPLS; NotImplementedError for "triton" unless ``kernel``.
+    ValueError unless impl is one of IMPLS; NotImplementedError for "triton".
     """
     check_impl(impl)
-    if kernel:
-        return impl
     if impl == "triton":
         raise NotImplementedError(
             f"impl='triton': the fused Triton kernel does not cover {loss} yet; use impl='torch' (the tiled path, "
