@@ -27,6 +27,10 @@ logits of the label positives P(i) = {j != i : y_j = y_i} (SupCon), or add K ext
 bank). Its backward takes per-row coefficients c_i and e_i, the upstream gradients of lse_i and of the label sums:
 
     tau dJ/dz_hat_i = sum_{kept j} (c_i P_ij + c_j P_ji) z_hat_j + sum_{p in P(i)} (e_i + e_p) z_hat_p + sum_k c_i P_ik x_k
+
+The last sum needs no second pass: the extra columns have no gradient, so the forward keeps sum_k P_ik x_k (A, D) from
+the tiles it already computes (FlashAttention's forward, with the bank as keys and values): a bank costs two (A x K x D)
+GEMMs in all where recomputing its tiles in the backward would cost three.
 """
 
 from __future__ import annotations
@@ -141,6 +145,8 @@ class RowStats(NamedTuple):
     )  # (A,): S_{i,pos(i)}/tau - m_i, the pair positive's logit as its tile holds it
     # (A, 2): (sum_{p in P(i)} (S_ip/tau - m_i), |P(i)|) with labels, else None
     labelled: torch.Tensor | None
+    # (A, D): sum_k exp(S_ik/tau - m_i) x_k over the extra columns, with ``extra_sums``, else None
+    extra_sum: torch.Tensor | None = None
 
 
 def _pos_entries(r0: int, r1: int, c0: int, c1: int, offset: int, a: int, device):
@@ -183,6 +189,7 @@ def row_stats(
     exclude_pos: bool = False,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
     extra: torch.Tensor | None = None,
+    extra_sums: bool = False,
 ) -> RowStats:
     """Per-row softmax statistics over the kept columns, the pair positives' logits and, with labels, the label
     positives' logits: ``RowStats`` with stats (A, 3) = (m_i, log l_i, k_i), lse_i = m_i + log l_i,
@@ -195,6 +202,10 @@ def row_stats(
     labelled[i] = (sum_{p in P(i)} (S_ip/tau - m_i), |P(i)|), P(i) = {j != i : y_j = y_i} among ``cols``; not together
     with ``exclude_pos``, and below SHIFT_MIN_TEMPERATURE only (with the fixed shift the label sums come from
     per-class sums, ``_label_terms``).
+
+    With ``extra_sums`` the same pass also keeps extra_sum_i = sum_k exp(S_ik/tau - m_i) x_k (A, D), rescaled when
+    the running maximum moves (FlashAttention's recurrence). The extra columns have no gradient, so their whole part of
+    the backward is then c_i/l_i * extra_sum_i (``rows_grad``): one GEMM in the forward instead of two in the backward.
 
     m_i is 1/tau (the fixed shift) for tau >= SHIFT_MIN_TEMPERATURE, else the row's largest logit. lse_i itself is never
     stored: it is about 1/tau, and rounded to the dtype it would be off by ~1e-7/tau, which exp(S_ij/tau - lse_i) turns
@@ -216,6 +227,7 @@ def row_stats(
     total = z_hat.new_zeros(a)
     pos = z_hat.new_zeros(a)
     label_sum = count = None
+    extra_sum = z_hat.new_zeros(a, z_hat.shape[1]) if extra is not None and extra_sums else None
     if labels is not None:
         label_sum, count = z_hat.new_zeros(a), z_hat.new_zeros(a)
     device = z_hat.device
@@ -230,10 +242,12 @@ def row_stats(
                 if in_batch:
                     for idx in _excluded(r0, r1, c0, c1, offset, a, exclude_pos, device):
                         tile[idx] = 0.0
+                elif extra_sum is not None:
+                    extra_sum[r0:r1].addmm_(tile, src[c0:c1])
                 total[r0:r1] += tile.sum(dim=1)
         no_arg = torch.full_like(total, -1.0)
         stats = torch.stack([torch.full_like(total, inv_t), total.log_(), no_arg], dim=1)
-        return RowStats(stats, pos, None)
+        return RowStats(stats, pos, None, extra_sum)
     # Online log-sum-exp (running max); finfo.min instead of -inf keeps exp(m_old - m_new) finite-or-zero, never NaN.
     low = torch.finfo(z_hat.dtype).min
     run_max = torch.full((a,), low, dtype=z_hat.dtype, device=device)
@@ -259,13 +273,17 @@ def row_stats(
                     same = _same_labels(labels, r0, r1, c0, c1, offset, device)
                     label_sum[r0:r1] += torch.where(same, tile - new_max[:, None], 0.0).sum(dim=1)
                     count[r0:r1] += same.sum(dim=1)
-            total[r0:r1] = total[r0:r1] * torch.exp(old_max - new_max) + torch.exp(
-                tile - new_max[:, None]
-            ).sum(1)
+            rescale = torch.exp(old_max - new_max)
+            weights = torch.exp(tile - new_max[:, None])
+            total[r0:r1] = total[r0:r1] * rescale + weights.sum(1)
+            if (
+                not in_batch and extra_sum is not None
+            ):  # the extra columns come last: it is zero before them
+                extra_sum[r0:r1].mul_(rescale[:, None]).addmm_(weights, src[c0:c1])
             run_max[r0:r1] = new_max
     stats = torch.stack([run_max, total.log_(), run_arg], dim=1)
     labelled = None if labels is None else torch.stack([label_sum, count], 1)
-    return RowStats(stats, pos.sub_(run_max), labelled)
+    return RowStats(stats, pos.sub_(run_max), labelled, extra_sum)
 
 
 def rows_grad(
@@ -285,6 +303,7 @@ def rows_grad(
     e_rows: torch.Tensor | None = None,
     e_cols: torch.Tensor | None = None,
     extra: torch.Tensor | None = None,
+    extra_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tau * dJ/dz_hat (A, D) for J = sum_i c_i lse_i + sum_i e_i sum_{p in P(i)} S_ip/tau over the rows of every
     rank, from the symmetric form in the module docstring:
@@ -294,7 +313,8 @@ def rows_grad(
 
     z_hat, cols, stats, offset, exclude_pos, labels, extra: as ``row_stats`` had them; stats_cols (M, 3): the stats of
     every column's row; c_rows (A,), c_cols (M,): the coefficients c of the local rows and of every column (the upstream
-    gradient of each row's lse, gathered from its rank); e_rows, e_cols likewise for the label sums.
+    gradient of each row's lse, gathered from its rank); e_rows, e_cols likewise for the label sums. extra_sum: what
+    ``row_stats(extra_sums=True)`` kept, which replaces the extra columns' tiles: sum_k c_i P_ik x_k = c_i/l_i extra_sum_i.
     """
     m_rows, log_l_rows = stats[:, 0], stats[:, 1]
     m_cols, log_l_cols = stats_cols[:, 0], stats_cols[:, 1]
@@ -336,7 +356,9 @@ def rows_grad(
             same = _same_labels(labels, r0, r1, c0, c1, offset, device)
             weight.add_(torch.add(e_rows[r0:r1, None], e_cols[None, c0:c1]).mul_(same))
         grad[r0:r1].addmm_(weight, cols[c0:c1])
-    if extra is not None:
+    if extra_sum is not None:
+        grad.add_(extra_sum * (c_rows * torch.exp(-log_l_rows))[:, None])
+    elif extra is not None:
         for r0, r1, c0, c1 in _tiles(a, extra.shape[0], block_rows, block_cols):
             if shift:
                 tile = _logits_tile(buf, z_hat[r0:r1], extra[c0:c1], inv_t, inv_t).exp_()
@@ -601,8 +623,9 @@ def _label_grad(z_hat, cols, y_cols, offset: int, e_rows, e_cols) -> torch.Tenso
 
 
 class RowTermsFunction(torch.autograd.Function):
-    """``row_stats`` with autograd for z_hat: forward keeps z_hat, the gathered columns and the stats (O(A D));
-    backward recomputes the tiles (``rows_grad``), after one all_gather of the (A, 2) upstream coefficients. One
+    """``row_stats`` with autograd for z_hat: forward keeps z_hat, the gathered columns and the stats (O(A D)), and
+    the extra columns' weighted sum when z_hat needs a gradient; backward recomputes the candidates' tiles
+    (``rows_grad``), after one all_gather of the (A, 2) upstream coefficients. One
     process with the fixed shift and no extra columns takes the upper-triangle schedule (``symmetric_row_stats``,
     ``symmetric_grad``): every option is symmetric in (i, j)."""
 
@@ -623,11 +646,14 @@ class RowTermsFunction(torch.autograd.Function):
             found = row_stats(
                 z_hat, cols, temperature, offset, block_rows, block_cols, exclude_pos=exclude_pos,
                 labels=None if tile_labels is None else (labels, y_cols), extra=extra,
+                extra_sums=extra is not None and ctx.needs_input_grad[0],
             )  # fmt: skip
         if ctx.class_sums:
             found = found._replace(labelled=_label_terms(z_hat, cols, y_cols, offset, temperature))
         stats_cols = all_gather_rows(found.stats, group)[0] if in_batch else found.stats[:0]
-        ctx.save_for_backward(z_hat, cols, found.stats, stats_cols, extra, labels, y_cols)
+        ctx.save_for_backward(
+            z_hat, cols, found.stats, stats_cols, extra, labels, y_cols, found.extra_sum
+        )
         ctx.offset, ctx.temperature, ctx.group = offset, temperature, group
         ctx.in_batch, ctx.exclude_pos = in_batch, exclude_pos
         ctx.blocks = (block_rows, block_cols)
@@ -641,7 +667,7 @@ class RowTermsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _g_shift, g_log_sum, g_pair, g_positive, _g_count):
-        z_hat, cols, stats, stats_cols, extra, labels, y_cols = ctx.saved_tensors
+        z_hat, cols, stats, stats_cols, extra, labels, y_cols, extra_sum = ctx.saved_tensors
         c = torch.zeros_like(stats[:, 0]) if g_log_sum is None else g_log_sum
         e = torch.zeros_like(c) if g_positive is None else g_positive
         c_cols, e_cols = c, e
@@ -660,7 +686,7 @@ class RowTermsFunction(torch.autograd.Function):
                 z_hat, cols, stats, stats_cols, ctx.offset, c, c_cols, ctx.temperature, *ctx.blocks,
                 exclude_pos=ctx.exclude_pos,
                 labels=None if tile_labels is None else (labels, y_cols),
-                e_rows=e, e_cols=e_cols, extra=extra,
+                e_rows=e, e_cols=e_cols, extra=extra, extra_sum=extra_sum,
             )  # fmt: skip
         if ctx.class_sums:
             grad.add_(_label_grad(z_hat, cols, y_cols, ctx.offset, e, e_cols))
