@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -247,43 +248,62 @@ def test_gradcheck_float64(loss, tau, monkeypatch):
 
 # The fused kernel under the interpreter (fp32, exact dots: PyTorch's default fp32 matmul precision), against the
 # float64 reference: DCL's denominator without the positive in the upper-triangle forward (tau >= 0.025), the row
-# blocks x column splits forward (tau < 0.025) and the backward; DCLW's and a custom weight_fn's term in torch.
-@pytest.mark.parametrize("loss", ["dcl", "dclw", "dcl-weighted"])
+# blocks x column splits forward (tau < 0.025) and the backward; DCLW's and a custom weight_fn's term in torch;
+# SupCon's label positives from per-class sums in torch (n = 1: the pair alone; labels from 3 classes otherwise).
+@pytest.mark.parametrize("loss", ["dcl", "dclw", "dcl-weighted", "supcon"])
 @pytest.mark.parametrize("tau", [0.3, 0.01])
 @pytest.mark.parametrize("n,d", [(2, 3), (37, 19)])
-def test_triton_dcl_matches_reference(loss, tau, n, d):
+def test_triton_family_matches_reference(loss, tau, n, d):
     """Within fp32 rounding of the float64 reference: no more than twice the error of the reference run in fp32 (at
-    tau = 0.01 the weights' term s/tau scales the rounding of s by 100), plus a floor of 2e-6 of the largest entry."""
+    tau = 0.01 the weights' term s/tau scales the rounding of s by 100), plus a floor of 2e-6 of the largest entry.
+    SupCon takes its log-sum-exp's gradient from the NT-Xent kernel, whose own error on the same rows (the rounding of
+    S log2(e)/tau in its exp2, ~1e-7/tau relative) it may have too: the label terms add none."""
     a, b = pair(n, d, seed=n)
-    exact = loss_and_grads(loss_fn(loss, "reference", tau), a, b)
+    labels = some_labels(n, 3, seed=n)
+    exact = loss_and_grads(loss_fn(loss, "reference", tau, labels), a, b)
     a32, b32 = (t.detach().float().requires_grad_() for t in (a, b))
-    ref = loss_and_grads(loss_fn(loss, "reference", tau), a32, b32)
-    got = loss_and_grads(loss_fn(loss, "triton", tau), a32, b32)
-    for g, r, e, what in zip(got, ref, exact, ("loss", "grad z_a", "grad z_b"), strict=True):
+    ref = loss_and_grads(loss_fn(loss, "reference", tau, labels), a32, b32)
+    got = loss_and_grads(loss_fn(loss, "triton", tau, labels), a32, b32)
+    kernel_err = [0.0] * 3
+    if loss == "supcon":
+
+        def ntxent(impl):
+            return lambda u, v: fastclr.nt_xent(u, v, tau, impl=impl)
+
+        nt_exact = loss_and_grads(ntxent("reference"), a, b)
+        nt_got = loss_and_grads(ntxent("triton"), a32, b32)
+        kernel_err = [
+            (x.double() - e).abs().max().item() for x, e in zip(nt_got, nt_exact, strict=True)
+        ]
+    for g, r, e, k_err, what in zip(
+        got, ref, exact, kernel_err, ("loss", "grad z_a", "grad z_b"), strict=True
+    ):
         assert g.dtype == torch.float32
         err_fast, err_ref = ((x.double() - e).abs().max().item() for x in (g, r))
+        err_ref = max(err_ref, k_err)
         floor = 2e-6 * max(e.abs().max().item(), 1.0)
         assert err_fast <= 2 * err_ref + floor, (
             f"{loss} tau={tau} {what}: {err_fast:.3e} vs {err_ref:.3e}"
         )
 
 
-def test_triton_dcl_in_half_precision_and_the_config_check():
+@pytest.mark.parametrize("loss", ["dclw", "supcon"])
+def test_triton_family_in_half_precision_and_the_config_check(loss):
     """bf16 through the kernel: no worse than the reference in bf16; and the trainer accepts --loss-impl triton for
-    DCL/DCLW (not for SupCon or a bank: test_pretrain_loss_settings_are_checked)."""
+    the loss (not for a bank: test_pretrain_loss_settings_are_checked)."""
     from fastclr.train.config import PretrainConfig
 
     a64, b64 = pair(40, 32, seed=1)
-    exact = loss_and_grads(loss_fn("dclw", "reference", 0.1), a64, b64)
+    labels = some_labels(40, 5, seed=1)
+    exact = loss_and_grads(loss_fn(loss, "reference", 0.1, labels), a64, b64)
     a, b = (t.detach().bfloat16().requires_grad_() for t in (a64, b64))
-    ref = loss_and_grads(loss_fn("dclw", "reference", 0.1), a, b)
-    got = loss_and_grads(loss_fn("dclw", "triton", 0.1), a, b)
+    ref = loss_and_grads(loss_fn(loss, "reference", 0.1, labels), a, b)
+    got = loss_and_grads(loss_fn(loss, "triton", 0.1, labels), a, b)
     for g, r, e, what in zip(got, ref, exact, ("loss", "grad z_a", "grad z_b"), strict=True):
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), what
         err_fast, err_ref = ((x.double() - e).abs().max().item() for x in (g, r))
         assert err_fast <= 2 * err_ref + 1e-5 * e.abs().max().item(), (what, err_fast, err_ref)
-    for loss in ("dcl", "dclw"):
-        PretrainConfig.from_dict({"loss": {"loss": loss, "loss_impl": "triton"}}).validate()
+    PretrainConfig.from_dict({"loss": {"loss": loss, "loss_impl": "triton"}}).validate()
 
 
 def test_identical_embeddings():
@@ -452,16 +472,14 @@ def test_fuzz_torch_against_float64_reference(case):
 
 
 def test_auto_is_torch_and_triton_says_it_is_not_covered():
-    """SupCon and the bank: "auto" is the tiled path on every device, "triton" an error (DCL/DCLW have the kernel)."""
+    """ "auto" is the tiled path for CPU tensors; the bank's "triton" is an error (the other losses have the kernel)."""
     a, b = pair(5, 4)
     labels = some_labels(5, 2)
     assert fastclr.supcon(a, b, labels, impl="auto").item() == pytest.approx(
         fastclr.supcon(a, b, labels, impl="torch").item(), rel=0, abs=0
     )
     for make in (
-        lambda: fastclr.SupConLoss(impl="triton"),
         lambda: fastclr.NTXentLoss(memory_bank_size=(8, 4), impl="triton"),
-        lambda: fastclr.supcon(a, b, labels, impl="triton"),
         lambda: fastclr.nt_xent_bank(a, b, some_bank(3, 4).double(), impl="triton"),
     ):
         with pytest.raises(NotImplementedError, match="does not cover .* yet; use impl='torch'"):
@@ -702,24 +720,25 @@ def test_ddp_gradients_equal_full_batch(ddp_world, loss, impl):
 
 
 def triton_dcl_steps(world_size, rank=None):
-    """{loss: (value, parameter gradients as DDP averages them)} of DCL and DCLW through the fused kernel (the
+    """{loss: (value, parameter gradients as DDP averages them)} of DCL, DCLW and SupCon through the fused kernel (the
     interpreter, fp32) on this rank's rows of ``full_batch`` (all rows with rank None), gathering negatives."""
     import torch.distributed as dist
 
     out = {}
-    for loss in ("dcl", "dclw"):
+    for loss in ("dcl", "dclw", "supcon"):
         model = make_model().float()
         gather = rank is not None
         if loss == "dcl":
             criterion = fastclr.DCLLoss(TAU, gather_distributed=gather, impl="triton")
-        else:
+        elif loss == "dclw":
             criterion = fastclr.DCLWLoss(TAU, sigma=SIGMA, gather_distributed=gather, impl="triton")
-        x_a, x_b, _ = full_batch(world_size, 0)
+        else:
+            supcon = fastclr.SupConLoss(TAU, gather_distributed=gather, impl="triton")
+        x_a, x_b, labels = full_batch(world_size, 0)
         if gather:
-            x_a, x_b = (
-                x_a[rank * N_RANK : (rank + 1) * N_RANK],
-                x_b[rank * N_RANK : (rank + 1) * N_RANK],
-            )
+            x_a, x_b, labels = (t[rank * N_RANK : (rank + 1) * N_RANK] for t in (x_a, x_b, labels))
+        if loss == "supcon":
+            criterion = partial(_with_labels, supcon, labels)
         z_a, z_b = model(torch.cat([x_a, x_b]).float()).chunk(2)
         value = criterion(z_a, z_b)
         value.backward()
@@ -730,6 +749,10 @@ def triton_dcl_steps(world_size, rank=None):
                 g /= world_size
         out[loss] = (value.item(), grads)
     return out
+
+
+def _with_labels(criterion, labels, z_a, z_b):
+    return criterion(z_a, z_b, labels)
 
 
 def triton_dcl_worker(rank: int, world_size: int) -> dict:
@@ -826,7 +849,6 @@ def test_pretrain_flags_build_the_loss():
     "settings,match",
     [
         ({"loss": "dcl", "memory_bank_size": 8}, "--memory-bank-size applies to --loss ntxent"),
-        ({"loss": "supcon", "loss_impl": "triton"}, "does not cover --loss supcon yet"),
         ({"memory_bank_size": 8, "loss_impl": "triton"}, "does not cover a memory bank yet"),
         ({"loss": "moco"}, "loss must be one of"),
         ({"memory_bank_size": -1}, "memory_bank_size must be"),

@@ -2,9 +2,10 @@
 the checks of its extra inputs (labels, memory bank sizes, weight functions).
 
 The family runs on the tiled torch path (``fastclr.losses.tiled.row_stats``) and on the materialised references. The
-fused Triton kernel covers NT-Xent and DCL/DCLW (the positive left out of its denominator, DCLW's weights added in
-torch), where ``impl="auto"`` picks it for CUDA tensors as for NT-Xent; for SupCon and the memory bank ``impl="auto"``
-picks "torch" on every device and ``impl="triton"`` is refused with an error that says so.
+fused Triton kernel covers NT-Xent, DCL/DCLW (the positive left out of its denominator, DCLW's weights added in
+torch) and SupCon (NT-Xent's log-sum-exp, the label positives from per-class sums in torch), where ``impl="auto"``
+picks it for CUDA tensors as for NT-Xent; for the memory bank ``impl="auto"`` picks "torch" on every device and
+``impl="triton"`` is refused with an error that says so.
 """
 
 from __future__ import annotations

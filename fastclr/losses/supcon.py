@@ -9,6 +9,13 @@ similarity, rows [z_a; z_b] with labels y = [labels; labels], candidates gathere
 P(i) always holds the anchor's other view, so no row is without positives; with all labels distinct P(i) = {pos(i)} and
 L is NT-Xent. The "torch" impl compares labels inside the tiles of the tiled engine (``fastclr.losses.tiled``): no
 (2N)^2 mask or logits matrix exists, memory stays linear in 2N, and the gradient under DDP is the full-batch one.
+
+The "triton" impl (the default for CUDA tensors) takes the log-sum-exp from the fused NT-Xent kernel, whose loss is
+mean_i [lse_i - s(i, pos(i))/tau] over the same denominator, and adds the O(N D) difference of the positives' terms
+from per-class sums of the unit rows (sum_{p in P(i)} s(i, p) = <z_hat_i, C_{y_i} - z_hat_i>, C_y the sum of class y's
+rows of every rank), with autograd:
+
+    L = L_NT-Xent + 1/(2N) sum_i [ (s(i, pos(i)) - 1)/tau - 1/|P(i)| sum_{p in P(i)} (s(i, p) - 1)/tau ]
 """
 
 from __future__ import annotations
@@ -18,9 +25,15 @@ from torch import nn
 
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
-from fastclr.losses.family import check_labels, family_path
+from fastclr.losses.backends import backend, pick_path
+from fastclr.losses.family import check_labels
 from fastclr.losses.reference import supcon_reference
-from fastclr.nt_xent_spec import check_embeddings, check_temperature
+from fastclr.nt_xent_spec import (
+    check_embeddings,
+    check_impl,
+    check_temperature,
+    fp32_dot_precision,
+)
 
 
 def supcon(
@@ -40,8 +53,9 @@ def supcon(
         z_b: (N, D) embeddings of the second views of the same samples.
         labels: (N,) integer class of each sample, on the embeddings' device.
         temperature: tau > 0.
-        impl: "auto" (= "torch" on every device), "torch" (tiled), "reference" (materialised); "triton" is not
-            available for SupCon yet and raises NotImplementedError.
+        impl: "auto" (triton on CUDA, else torch), "triton" (the fused NT-Xent kernel plus the label terms),
+            "torch" (tiled, any device), "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32
+            switch, as ``fastclr.nt_xent``.
         gather_distributed: use the embeddings and labels of every rank of the process group (exact gradients).
         group: process group for gather_distributed (default: the world).
 
@@ -52,7 +66,7 @@ def supcon(
         >>> loss = fastclr.supcon(model(x_a), model(x_b), y, temperature=0.1)
     """
     temperature = check_temperature(temperature)
-    path = family_path(impl, "SupCon")
+    path = check_impl(impl)
     if gather_distributed:
         dist_utils.require_distributed()
     return _checked_supcon(z_a, z_b, labels, temperature, path, gather_distributed, group)
@@ -74,14 +88,33 @@ def _checked_supcon(
     dist_group = dist_utils.resolve_group(gather_distributed, group)
     if dist_group is not None:
         dist_utils.check_equal_batches(z_a.shape[0], z_a.shape[1], z_a.device, dist_group)
+    path = pick_path(path, z_a.device)
     if path == "reference":
         return supcon_reference(z_a, z_b, labels, temperature, group=dist_group)
+    if path == "triton":
+        return _supcon_triton(z_a, z_b, labels, temperature, dist_group)
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
     terms = tiled.row_terms(
         z_hat, temperature, group=dist_group, labels=torch.cat([labels, labels])
     )
     # lse_i - mean_p S_ip/tau = log l_i - mean_p (S_ip/tau - m_i): no term of size 1/tau is formed
     return (terms.log_sum - terms.positive / terms.count).mean().to(z_a.dtype)
+
+
+def _supcon_triton(
+    z_a: torch.Tensor, z_b: torch.Tensor, labels: torch.Tensor, temperature: float, group
+) -> torch.Tensor:
+    """SupCon from the fused NT-Xent kernel plus the positives' difference (see the module docstring), each term a
+    difference of cosines over tau: no term of size 1/tau is formed."""
+    precision = fp32_dot_precision() if z_a.dtype == torch.float32 else "tf32"
+    kernel = backend("triton", precision)
+    kernel.check(z_a)
+    loss = kernel.loss(z_a, z_b, temperature, group=group)
+    z_hat = tiled.normalized(torch.cat([z_a, z_b]))
+    sums = tiled.label_sums(z_hat, torch.cat([labels, labels]), temperature, group=group)
+    a, b = z_hat.chunk(2)
+    pair = ((a * b).sum(1).repeat(2) - 1) / temperature
+    return (loss.float() + (pair - sums.positive / sums.count).mean()).to(z_a.dtype)
 
 
 class SupConLoss(nn.Module):
@@ -91,7 +124,7 @@ class SupConLoss(nn.Module):
         temperature: tau > 0.
         gather_distributed: gather embeddings and labels from all ranks of the default process group, with exact
             gradients.
-        impl: "auto" | "torch" | "reference" ("triton" raises NotImplementedError: not covered by the kernel yet).
+        impl: "auto" (triton on CUDA, else torch) | "triton" | "torch" | "reference".
 
     Shapes:
         forward(z_a (N, D), z_b (N, D), labels (N,) integer) -> 0-d tensor.
@@ -107,7 +140,7 @@ class SupConLoss(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.impl = impl
-        self.path = family_path(impl, "SupCon")
+        self.path = check_impl(impl)
         if gather_distributed:
             dist_utils.require_distributed()
         self.gather_distributed = gather_distributed

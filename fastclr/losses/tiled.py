@@ -622,6 +622,46 @@ def _label_grad(z_hat, cols, y_cols, offset: int, e_rows, e_cols) -> torch.Tenso
     return e * (found.sums[found.own] - z_hat) + (weighted[found.own] - e * z_hat)
 
 
+class LabelSums(NamedTuple):
+    """What ``label_sums`` returns, each (A,)."""
+
+    positive: torch.Tensor  # sum_{p in P(i)} (S_ip - 1)/tau over the label positives
+    count: torch.Tensor  # |P(i)|, a constant
+
+
+class LabelSumsFunction(torch.autograd.Function):
+    """``_label_terms`` with autograd for z_hat, the rows and labels gathered from ``group``: the backward gathers the
+    (A,) upstream gradients once and weights each row's class by them (``_label_grad``), so that W ranks give the
+    full-batch gradient as ``row_terms`` does."""
+
+    @staticmethod
+    def forward(ctx, z_hat, labels, temperature, group):
+        cols, offset = all_gather_rows(z_hat, group)
+        y_cols = all_gather_rows(labels, group)[0]
+        found = _label_terms(z_hat, cols, y_cols, offset, temperature)
+        ctx.save_for_backward(z_hat, cols, y_cols)
+        ctx.offset, ctx.temperature, ctx.group = offset, temperature, group
+        count = found[:, 1].clone()
+        ctx.mark_non_differentiable(count)
+        return found[:, 0].clone(), count
+
+    @staticmethod
+    def backward(ctx, g_positive, _g_count):
+        z_hat, cols, y_cols = ctx.saved_tensors
+        e_cols = all_gather_rows(g_positive, ctx.group)[0] if ctx.group is not None else g_positive
+        grad = _label_grad(z_hat, cols, y_cols, ctx.offset, g_positive, e_cols)
+        return grad.mul_(1.0 / ctx.temperature), None, None, None
+
+
+def label_sums(
+    z_hat: torch.Tensor, labels: torch.Tensor, temperature: float, *, group=None
+) -> LabelSums:
+    """The label positives' logits of unit rows z_hat (A, D) with labels (A,) int64, P(i) = {j != i : y_j = y_i} among
+    the rows of every rank of ``group``, from per-class sums in O((A W) D), differentiable with respect to z_hat (exact
+    under DDP). For a loss whose log-sum-exp comes from elsewhere (SupCon on the fused kernel)."""
+    return LabelSums(*LabelSumsFunction.apply(z_hat, labels, float(temperature), group))
+
+
 class RowTermsFunction(torch.autograd.Function):
     """``row_stats`` with autograd for z_hat: forward keeps z_hat, the gathered columns and the stats (O(A D)), and
     the extra columns' weighted sum when z_hat needs a gradient; backward recomputes the candidates' tiles

@@ -379,16 +379,15 @@ class PretrainConfig:
 
     def _check_loss(self) -> None:
         """ConfigError for a memory bank with another loss than ntxent, and for the fused kernel with a loss it does
-        not cover (SupCon and the memory bank run on the tiled torch path; NT-Xent, DCL and DCLW on both)."""
+        not cover (the memory bank runs on the tiled torch path; NT-Xent, DCL, DCLW and SupCon on both)."""
         loss = self.loss
         if loss.memory_bank_size and loss.loss != "ntxent":
             raise ConfigError(
                 f"--memory-bank-size applies to --loss ntxent (NT-Xent against a bank), not {loss.loss}"
             )
-        if loss.loss_impl == "triton" and (loss.loss == "supcon" or loss.memory_bank_size):
-            what = "a memory bank" if loss.loss == "ntxent" else f"--loss {loss.loss}"
+        if loss.loss_impl == "triton" and loss.memory_bank_size:
             raise ConfigError(
-                f"--loss-impl triton: the fused kernel does not cover {what} yet; use --loss-impl torch or auto"
+                "--loss-impl triton: the fused kernel does not cover a memory bank yet; use --loss-impl torch or auto"
             )
 
     def _check_arch(self) -> None:
