@@ -29,9 +29,9 @@ DTYPE_CASES = {
     "bf16": ("bfloat16", "tf32", Tolerance(2e-2, 5e-2)),
     "fp16": ("float16", "tf32", Tolerance(5e-3, 2e-2)),
 }
-# DCL through the kernel (``exclude_pos``) against ``dcl_reference``, in these of DTYPE_CASES, at 2N >= 4 (one pair has
-# no negative).
-DCL_CASES = ("fp32-ieee", "bf16")
+# The family through the kernel, in these of DTYPE_CASES, against its reference: DCL (``exclude_pos``) at 2N >= 4 (one
+# pair has no negative), SupCon (labels from 3 classes; fp32 "ieee" is PyTorch's default TF32 switch, which it follows).
+FAMILY_CASES = {"dcl": ("fp32-ieee", "bf16"), "supcon": ("fp32-ieee", "bf16")}
 # Dense tensor-core TFLOP/s (no sparsity) by a substring of the CUDA device name, most specific first: (bf16, tf32).
 PEAK_TFLOPS = {
     "H100 PCIe": (756.0, 378.0),
@@ -92,18 +92,15 @@ def compare(got, want, tol: Tolerance) -> dict:
 def check_correctness(ctx) -> list[dict]:
     import torch
 
-    from fastclr.kernels.nt_xent import nt_xent_triton
-    from fastclr.losses.reference import dcl_reference, nt_xent_reference
-
-    cases = [(case, False) for case in DTYPE_CASES] + [(case, True) for case in DCL_CASES]
+    cases = [(name, "ntxent") for name in DTYPE_CASES]
+    cases += [(name, loss) for loss, names in FAMILY_CASES.items() for name in names]
     rows = []
-    for name, dcl in cases:
+    for name, loss in cases:
         dtype, precision, tol = DTYPE_CASES[name]
-        case = f"dcl-{name}" if dcl else name
-        reference = dcl_reference if dcl else nt_xent_reference
+        case = name if loss == "ntxent" else f"{loss}-{name}"
         for d in ctx.sizes.correctness_d:
             for two_n in ctx.sizes.correctness_two_n:
-                if dcl and two_n < 4:
+                if loss == "dcl" and two_n < 4:
                     continue
                 row = {
                     "case": case,
@@ -119,17 +116,11 @@ def check_correctness(ctx) -> list[dict]:
                 z = torch.randn(2, two_n // 2, d, generator=gen).to(
                     ctx.device, getattr(torch, dtype)
                 )
+                labels = torch.randint(0, 3, (two_n // 2,), generator=gen).to(ctx.device)
+                fast, reference = loss_pair(loss, precision, ctx.tau, labels)
                 try:
-                    got, again = (
-                        loss_and_grads(
-                            lambda a, b, p=precision, x=dcl: nt_xent_triton(
-                                a, b, ctx.tau, precision=p, exclude_pos=x
-                            ),
-                            *z,
-                        )
-                        for _ in range(2)
-                    )
-                    want = loss_and_grads(lambda a, b, f=reference: f(a, b, ctx.tau), *z.double())
+                    got, again = (loss_and_grads(fast, *z) for _ in range(2))
+                    want = loss_and_grads(reference, *z.double())
                     result = compare(got, want, tol)
                     if not all(torch.equal(x, y) for x, y in zip(got, again, strict=True)):
                         result |= {
@@ -140,6 +131,25 @@ def check_correctness(ctx) -> list[dict]:
                 except RuntimeError as exc:  # a compile error, or no memory for the float64 logits
                     rows.append(row | {"status": f"failed: {str(exc).splitlines()[0][:120]}"})
     return rows
+
+
+def loss_pair(loss: str, precision: str, tau: float, labels):
+    """(kernel, reference): two callables (z_a, z_b) -> 0-d loss of ``loss`` ("ntxent" or a FAMILY_CASES key)."""
+    import fastclr
+    from fastclr.kernels.nt_xent import nt_xent_triton
+    from fastclr.losses import reference
+
+    if loss == "supcon":
+        return (
+            lambda a, b: fastclr.supcon(a, b, labels, tau, impl="triton"),
+            lambda a, b: reference.supcon_reference(a, b, labels, tau),
+        )
+    dcl = loss == "dcl"
+    ref = reference.dcl_reference if dcl else reference.nt_xent_reference
+    return (
+        lambda a, b: nt_xent_triton(a, b, tau, precision=precision, exclude_pos=dcl),
+        lambda a, b: ref(a, b, tau),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ def _supcon_triton(
     kernel = backend("triton", precision)
     kernel.check(z_a)
     loss = kernel.loss(z_a, z_b, temperature, group=group)
+    if group is None and z_a.shape[0] == 1:
+        # One pair in all: P(i) = {pos(i)}, the difference is exactly 0 (and its gradient, not a rounding residue).
+        return loss
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
     sums = tiled.label_sums(z_hat, torch.cat([labels, labels]), temperature, group=group)
     a, b = z_hat.chunk(2)
