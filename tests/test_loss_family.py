@@ -759,10 +759,10 @@ def triton_dcl_worker(rank: int, world_size: int) -> dict:
     return triton_dcl_steps(world_size, rank)
 
 
-def test_triton_dcl_ddp_gradients_equal_full_batch():
-    """W = 2 gloo ranks gathering negatives through the kernel (the row blocks x column splits forward, rows !=
-    columns) give the single-process full-batch gradients (the upper-triangle forward) to fp32 rounding."""
-    world_size = 2
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_triton_family_ddp_gradients_equal_full_batch(world_size):
+    """W gloo ranks gathering negatives through the kernel (the row blocks x column splits forward, rows != columns)
+    give the single-process full-batch gradients (the upper-triangle forward) to fp32 rounding."""
     ranks = spawn_world(
         triton_dcl_worker, world_size, env={"TRITON_INTERPRET": "1"}, timeout_s=240.0
     )
