@@ -29,9 +29,14 @@ DTYPE_CASES = {
     "bf16": ("bfloat16", "tf32", Tolerance(2e-2, 5e-2)),
     "fp16": ("float16", "tf32", Tolerance(5e-3, 2e-2)),
 }
-# The family through the kernel, in these of DTYPE_CASES, against its reference: DCL (``exclude_pos``) at 2N >= 4 (one
-# pair has no negative), SupCon (labels from 3 classes; fp32 "ieee" is PyTorch's default TF32 switch, which it follows).
-FAMILY_CASES = {"dcl": ("fp32-ieee", "bf16"), "supcon": ("fp32-ieee", "bf16")}
+# The family through the kernels, in these of DTYPE_CASES, against its reference: DCL (``exclude_pos``) at 2N >= 4 (one
+# pair has no negative), SupCon (labels from 3 classes), NT-Xent against a bank of K = 2N unit rows (the bank kernel);
+# fp32 "ieee" is PyTorch's default TF32 switch, which SupCon and the bank follow.
+FAMILY_CASES = {
+    "dcl": ("fp32-ieee", "bf16"),
+    "supcon": ("fp32-ieee", "bf16"),
+    "bank": ("fp32-ieee", "bf16"),
+}
 # Dense tensor-core TFLOP/s (no sparsity) by a substring of the CUDA device name, most specific first: (bf16, tf32).
 PEAK_TFLOPS = {
     "H100 PCIe": (756.0, 378.0),
@@ -117,7 +122,8 @@ def check_correctness(ctx) -> list[dict]:
                     ctx.device, getattr(torch, dtype)
                 )
                 labels = torch.randint(0, 3, (two_n // 2,), generator=gen).to(ctx.device)
-                fast, reference = loss_pair(loss, precision, ctx.tau, labels)
+                bank = torch.nn.functional.normalize(torch.randn(two_n, d, generator=gen), dim=1)
+                fast, reference = loss_pair(loss, precision, ctx.tau, labels, bank.to(ctx.device))
                 try:
                     got, again = (loss_and_grads(fast, *z) for _ in range(2))
                     want = loss_and_grads(reference, *z.double())
@@ -133,12 +139,18 @@ def check_correctness(ctx) -> list[dict]:
     return rows
 
 
-def loss_pair(loss: str, precision: str, tau: float, labels):
-    """(kernel, reference): two callables (z_a, z_b) -> 0-d loss of ``loss`` ("ntxent" or a FAMILY_CASES key)."""
+def loss_pair(loss: str, precision: str, tau: float, labels, bank):
+    """(kernel, reference): two callables (z_a, z_b) -> 0-d loss of ``loss`` ("ntxent" or a FAMILY_CASES key); labels
+    (N,) for SupCon, bank (K, D) unit rows for the bank (cast to the embeddings' dtype)."""
     import fastclr
     from fastclr.kernels.nt_xent import nt_xent_triton
     from fastclr.losses import reference
 
+    if loss == "bank":
+        return (
+            lambda a, b: fastclr.nt_xent_bank(a, b, bank.to(a.dtype), tau, impl="triton"),
+            lambda a, b: reference.nt_xent_bank_reference(a, b, bank.to(a.dtype), tau),
+        )
     if loss == "supcon":
         return (
             lambda a, b: fastclr.supcon(a, b, labels, tau, impl="triton"),

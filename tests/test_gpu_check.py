@@ -32,11 +32,15 @@ def test_dry_run_runs_every_section_and_writes_json_and_csv(tmp_path):
     sections = report["sections"]
     assert list(sections) == list(gpu_check.SECTIONS)
     # Every case of the correctness grid ran and passed.
-    # NT-Xent and SupCon at 2N = 2 and 8, DCL at 8 (one pair has no negative), each at three D.
+    # NT-Xent, SupCon and the bank at 2N = 2 and 8, DCL at 8 (one pair has no negative), each at three D.
     family = gpu_check_loss.FAMILY_CASES
-    per_d = 2 * (len(gpu_check_loss.DTYPE_CASES) + len(family["supcon"])) + len(family["dcl"])
-    assert len(sections["correctness"]) == per_d * 3
-    assert {r["case"] for r in sections["correctness"]} >= {"dcl-bf16", "supcon-fp32-ieee"}
+    both = len(gpu_check_loss.DTYPE_CASES) + len(family["supcon"]) + len(family["bank"])
+    assert len(sections["correctness"]) == (2 * both + len(family["dcl"])) * 3
+    assert {r["case"] for r in sections["correctness"]} >= {
+        "dcl-bf16",
+        "supcon-fp32-ieee",
+        "bank-bf16",
+    }
     assert {r["status"] for r in sections["correctness"]} == {"ok"}
     loss = sections["loss"]
     assert {r["impl"] for r in loss} == {"triton", "reference", "compile", "lightly"}

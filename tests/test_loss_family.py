@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 
 import numpy as np
 import pytest
@@ -250,7 +249,7 @@ def test_gradcheck_float64(loss, tau, monkeypatch):
 # float64 reference: DCL's denominator without the positive in the upper-triangle forward (tau >= 0.025), the row
 # blocks x column splits forward (tau < 0.025) and the backward; DCLW's and a custom weight_fn's term in torch;
 # SupCon's label positives from per-class sums in torch (n = 1: the pair alone; labels from 3 classes otherwise).
-@pytest.mark.parametrize("loss", ["dcl", "dclw", "dcl-weighted", "supcon"])
+@pytest.mark.parametrize("loss", ["dcl", "dclw", "dcl-weighted", "supcon", "bank"])
 @pytest.mark.parametrize("tau", [0.3, 0.01])
 @pytest.mark.parametrize("n,d", [(2, 3), (37, 19)])
 def test_triton_family_matches_reference(loss, tau, n, d):
@@ -259,11 +258,11 @@ def test_triton_family_matches_reference(loss, tau, n, d):
     SupCon takes its log-sum-exp's gradient from the NT-Xent kernel, whose own error on the same rows (the rounding of
     S log2(e)/tau in its exp2, ~1e-7/tau relative) it may have too: the label terms add none."""
     a, b = pair(n, d, seed=n)
-    labels = some_labels(n, 3, seed=n)
-    exact = loss_and_grads(loss_fn(loss, "reference", tau, labels), a, b)
+    labels, bank = some_labels(n, 3, seed=n), some_bank(23, d, seed=n)
+    exact = loss_and_grads(loss_fn(loss, "reference", tau, labels, bank.double()), a, b)
     a32, b32 = (t.detach().float().requires_grad_() for t in (a, b))
-    ref = loss_and_grads(loss_fn(loss, "reference", tau, labels), a32, b32)
-    got = loss_and_grads(loss_fn(loss, "triton", tau, labels), a32, b32)
+    ref = loss_and_grads(loss_fn(loss, "reference", tau, labels, bank), a32, b32)
+    got = loss_and_grads(loss_fn(loss, "triton", tau, labels, bank), a32, b32)
     kernel_err = [0.0] * 3
     if loss == "supcon":
 
@@ -287,23 +286,24 @@ def test_triton_family_matches_reference(loss, tau, n, d):
         )
 
 
-@pytest.mark.parametrize("loss", ["dclw", "supcon"])
+@pytest.mark.parametrize("loss", ["dclw", "supcon", "bank"])
 def test_triton_family_in_half_precision_and_the_config_check(loss):
     """bf16 through the kernel: no worse than the reference in bf16; and the trainer accepts --loss-impl triton for
-    the loss (not for a bank: test_pretrain_loss_settings_are_checked)."""
+    the loss."""
     from fastclr.train.config import PretrainConfig
 
     a64, b64 = pair(40, 32, seed=1)
-    labels = some_labels(40, 5, seed=1)
-    exact = loss_and_grads(loss_fn(loss, "reference", 0.1, labels), a64, b64)
+    labels, bank = some_labels(40, 5, seed=1), some_bank(70, 32, seed=1)
+    exact = loss_and_grads(loss_fn(loss, "reference", 0.1, labels, bank.double()), a64, b64)
     a, b = (t.detach().bfloat16().requires_grad_() for t in (a64, b64))
-    ref = loss_and_grads(loss_fn(loss, "reference", 0.1, labels), a, b)
-    got = loss_and_grads(loss_fn(loss, "triton", 0.1, labels), a, b)
+    ref = loss_and_grads(loss_fn(loss, "reference", 0.1, labels, bank), a, b)
+    got = loss_and_grads(loss_fn(loss, "triton", 0.1, labels, bank), a, b)
     for g, r, e, what in zip(got, ref, exact, ("loss", "grad z_a", "grad z_b"), strict=True):
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), what
         err_fast, err_ref = ((x.double() - e).abs().max().item() for x in (g, r))
         assert err_fast <= 2 * err_ref + 1e-5 * e.abs().max().item(), (what, err_fast, err_ref)
-    PretrainConfig.from_dict({"loss": {"loss": loss, "loss_impl": "triton"}}).validate()
+    settings = {"loss": "ntxent", "memory_bank_size": 64} if loss == "bank" else {"loss": loss}
+    PretrainConfig.from_dict({"loss": {**settings, "loss_impl": "triton"}}).validate()
 
 
 def test_identical_embeddings():
@@ -360,7 +360,7 @@ def test_dcl_matches_lightly(loss, impl):
             )
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, "triton"])
 def test_memory_bank_matches_lightly_step_after_step(impl):
     """Same seed, same bank; then training steps (one that wraps the bank and drops the rest of its batch, one larger
     than the bank) and evaluation steps that must leave it alone: equal losses, gradients, bank and pointer."""
@@ -409,7 +409,7 @@ def test_memory_bank_matches_lightly_step_after_step(impl):
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # The losses the fused kernel covers, and its dtypes.
-TRITON_LOSSES = ("dcl", "dclw", "supcon")
+TRITON_LOSSES = ("dcl", "dclw", "supcon", "bank")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -491,22 +491,14 @@ def check_against_float64_reference(impl, case):
 # API, impl choice and bad input
 
 
-def test_auto_is_torch_and_triton_says_it_is_not_covered():
-    """ "auto" is the tiled path for CPU tensors; the bank's "triton" is an error (the other losses have the kernel)."""
+def test_auto_is_the_tiled_path_for_cpu_tensors():
+    """ "auto" is the tiled path for CPU tensors (the kernels for CUDA ones): bitwise the "torch" result."""
     a, b = pair(5, 4)
-    labels = some_labels(5, 2)
-    assert fastclr.supcon(a, b, labels, impl="auto").item() == pytest.approx(
-        fastclr.supcon(a, b, labels, impl="torch").item(), rel=0, abs=0
-    )
-    for make in (
-        lambda: fastclr.NTXentLoss(memory_bank_size=(8, 4), impl="triton"),
-        lambda: fastclr.nt_xent_bank(a, b, some_bank(3, 4).double(), impl="triton"),
-    ):
-        with pytest.raises(NotImplementedError, match="does not cover .* yet; use impl='torch'"):
-            make()
-    assert (
-        fastclr.NTXentLoss(impl="triton").memory_bank is None
-    )  # without a bank: the kernel, as before
+    labels, bank = some_labels(5, 2), some_bank(3, 4).double()
+    for loss in ("dcl", "dclw", "supcon", "bank"):
+        auto = loss_and_grads(loss_fn(loss, "auto", 0.2, labels, bank), a, b)
+        tiled_ = loss_and_grads(loss_fn(loss, "torch", 0.2, labels, bank), a, b)
+        assert all(torch.equal(x, y) for x, y in zip(auto, tiled_, strict=True)), loss
 
 
 def test_modules_equal_functionals():
@@ -660,7 +652,7 @@ def full_batch(world_size, step):
     return x_a, x_b, torch.randint(0, 3, (N_RANK * world_size,), generator=g)
 
 
-def train_steps(loss, impl, world_size, rank=None, scale=1.0):
+def train_steps(loss, impl, world_size, rank=None, scale=1.0, dtype=torch.float64):
     """Per step (loss, parameter gradients of loss * scale) on this rank's rows (all rows with rank None), then the
     bank if any; two steps for the bank, which changes between them, one for the others.
 
@@ -668,7 +660,7 @@ def train_steps(loss, impl, world_size, rank=None, scale=1.0):
     ``tests/test_distributed.py`` runs the DDP wrapper itself, whose construction alone takes seconds here)."""
     import torch.distributed as dist
 
-    model = make_model()
+    model = make_model().to(dtype)
     criterion = make_criterion(loss, impl, gather=rank is not None)
     out = []
     for step in range(2 if loss == "bank" else 1):
@@ -677,7 +669,7 @@ def train_steps(loss, impl, world_size, rank=None, scale=1.0):
             rows = slice(rank * N_RANK, (rank + 1) * N_RANK)
             x_a, x_b, labels = x_a[rows], x_b[rows], labels[rows]
         model.zero_grad(set_to_none=True)
-        z_a, z_b = model(torch.cat([x_a, x_b])).chunk(2)
+        z_a, z_b = model(torch.cat([x_a, x_b]).to(dtype)).chunk(2)
         value = criterion(z_a, z_b, labels) if loss == "supcon" else criterion(z_a, z_b)
         (value * scale).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -739,61 +731,39 @@ def test_ddp_gradients_equal_full_batch(ddp_world, loss, impl):
         assert mean == pytest.approx(single[step][0], rel=1e-10)
 
 
-def triton_dcl_steps(world_size, rank=None):
-    """{loss: (value, parameter gradients as DDP averages them)} of DCL, DCLW and SupCon through the fused kernel (the
-    interpreter, fp32) on this rank's rows of ``full_batch`` (all rows with rank None), gathering negatives."""
-    import torch.distributed as dist
-
-    out = {}
-    for loss in ("dcl", "dclw", "supcon"):
-        model = make_model().float()
-        gather = rank is not None
-        if loss == "dcl":
-            criterion = fastclr.DCLLoss(TAU, gather_distributed=gather, impl="triton")
-        elif loss == "dclw":
-            criterion = fastclr.DCLWLoss(TAU, sigma=SIGMA, gather_distributed=gather, impl="triton")
-        else:
-            supcon = fastclr.SupConLoss(TAU, gather_distributed=gather, impl="triton")
-        x_a, x_b, labels = full_batch(world_size, 0)
-        if gather:
-            x_a, x_b, labels = (t[rank * N_RANK : (rank + 1) * N_RANK] for t in (x_a, x_b, labels))
-        if loss == "supcon":
-            criterion = partial(_with_labels, supcon, labels)
-        z_a, z_b = model(torch.cat([x_a, x_b]).float()).chunk(2)
-        value = criterion(z_a, z_b)
-        value.backward()
-        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-        if gather:
-            for g in grads.values():
-                dist.all_reduce(g)
-                g /= world_size
-        out[loss] = (value.item(), grads)
-    return out
-
-
-def _with_labels(criterion, labels, z_a, z_b):
-    return criterion(z_a, z_b, labels)
-
-
-def triton_dcl_worker(rank: int, world_size: int) -> dict:
-    return triton_dcl_steps(world_size, rank)
+def triton_family_worker(rank: int, world_size: int) -> dict:
+    return {
+        loss: train_steps(loss, "triton", world_size, rank, dtype=torch.float32)
+        for loss in DDP_LOSSES
+    }
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_triton_family_ddp_gradients_equal_full_batch(world_size):
-    """W gloo ranks gathering negatives through the kernel (the row blocks x column splits forward, rows != columns)
-    give the single-process full-batch gradients (the upper-triangle forward) to fp32 rounding."""
+    """W gloo ranks through the kernels (fp32, the interpreter) give the single-process full-batch gradients to fp32
+    rounding: NT-Xent's kernel gathering negatives (the row blocks x column splits forward, rows != columns) against
+    its upper-triangle forward on one process; the bank kernel over two steps, every rank's rows enqueued."""
     ranks = spawn_world(
-        triton_dcl_worker, world_size, env={"TRITON_INTERPRET": "1"}, timeout_s=240.0
+        triton_family_worker, world_size, env={"TRITON_INTERPRET": "1"}, timeout_s=240.0
     )
-    single = triton_dcl_steps(world_size)
-    for loss, (value, want) in single.items():
-        assert sum(r[loss][0] for r in ranks) / world_size == pytest.approx(value, rel=1e-5)
-        for rank, res in enumerate(ranks):
-            for name in want:
-                assert_close(
-                    res[loss][1][name], want[name], 1e-6, 1e-4, f"{loss} rank {rank} {name}"
-                )
+    for loss in DDP_LOSSES:
+        single, single_bank = train_steps(loss, "triton", world_size, dtype=torch.float32)
+        for step, (value, want) in enumerate(single):
+            mean = sum(r[loss][0][step][0] for r in ranks) / world_size
+            assert mean == pytest.approx(value, rel=1e-5), f"{loss} step {step}"
+            for rank, res in enumerate(ranks):
+                for name in want:
+                    grads = res[loss][0][step][1]
+                    assert_close(
+                        grads[name],
+                        want[name],
+                        1e-6,
+                        1e-4,
+                        f"{loss} step {step} rank {rank} {name}",
+                    )
+        if loss == "bank":
+            for rank, res in enumerate(ranks):
+                assert_close(res[loss][1], single_bank, 1e-6, 0.0, f"rank {rank} bank")
 
 
 def per_anchor_losses(loss, z_a, z_b, labels):
@@ -869,7 +839,6 @@ def test_pretrain_flags_build_the_loss():
     "settings,match",
     [
         ({"loss": "dcl", "memory_bank_size": 8}, "--memory-bank-size applies to --loss ntxent"),
-        ({"memory_bank_size": 8, "loss_impl": "triton"}, "does not cover a memory bank yet"),
         ({"loss": "moco"}, "loss must be one of"),
         ({"memory_bank_size": -1}, "memory_bank_size must be"),
     ],

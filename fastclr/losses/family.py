@@ -1,11 +1,11 @@
 """What the contrastive-loss family (NT-Xent with a memory bank, DCL, DCLW, SupCon) shares: its impl resolution and
 the checks of its extra inputs (labels, memory bank sizes, weight functions).
 
-The family runs on the tiled torch path (``fastclr.losses.tiled.row_stats``) and on the materialised references. The
-fused Triton kernel covers NT-Xent, DCL/DCLW (the positive left out of its denominator, DCLW's weights added in
-torch) and SupCon (NT-Xent's log-sum-exp, the label positives from per-class sums in torch), where ``impl="auto"``
-picks it for CUDA tensors as for NT-Xent; for the memory bank ``impl="auto"`` picks "torch" on every device and
-``impl="triton"`` is refused with an error that says so.
+The family runs on the tiled torch path (``fastclr.losses.tiled.row_stats``), on the materialised references and on
+the fused Triton kernels: NT-Xent's covers DCL/DCLW (the positive left out of its denominator, DCLW's weights added in
+torch) and SupCon (NT-Xent's log-sum-exp, the label positives from per-class sums in torch), the bank kernel
+(``fastclr.kernels.memory_bank``) the memory bank. Every loss resolves its impl as NT-Xent does
+(``fastclr.nt_xent_spec.check_impl``, then ``fastclr.losses.backends.pick_path``: "auto" is triton for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -14,23 +14,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
-from fastclr.nt_xent_spec import check_impl
-
-
-def family_path(impl: str, loss: str) -> str:
-    """A concrete path for ``impl`` of a loss the fused kernel does not cover: "reference" or "torch" (DCL/DCLW, which
-    it covers, take ``check_impl`` and ``backends.pick_path`` as NT-Xent does).
-
-    ValueError unless impl is one of IMPLS; NotImplementedError for "triton".
-    """
-    check_impl(impl)
-    if impl == "triton":
-        raise NotImplementedError(
-            f"impl='triton': the fused Triton kernel does not cover {loss} yet; use impl='torch' (the tiled path, "
-            "memory linear in 2N, on any device) or impl='auto', which picks it"
-        )
-    return "torch" if impl == "auto" else impl
 
 
 def check_labels(labels, z_a: torch.Tensor) -> None:

@@ -20,7 +20,9 @@ and absent from ``state_dict`` (the trainer's checkpoints carry it, see ``fastcl
 stays on the device: a step never reads it back, so a skipped step can put the bank and the pointer back in place.
 
 The "torch" impl takes lse^bank from the tiled engine (the bank as extra columns without gradient, memory linear in N
-and K); "reference" materialises the (N, 1 + K) logits.
+and K), "triton" (the default for CUDA tensors) from the fused bank kernel (``fastclr.kernels.memory_bank``); both keep
+sum_k P_ik q_k from the forward's tiles, since the bank has no gradient, so that a step costs two (N x K x D) GEMMs.
+"reference" materialises the (N, 1 + K) logits.
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ from torch import nn
 
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
-from fastclr.losses.family import family_path
+from fastclr.losses.backends import backend, pick_path
 from fastclr.losses.reference import nt_xent_bank_reference, unit_rows
-from fastclr.nt_xent_spec import all_gather_rows, check_embeddings, check_temperature
+from fastclr.nt_xent_spec import (
+    all_gather_rows,
+    check_embeddings,
+    check_impl,
+    check_temperature,
+    fp32_dot_precision,
+)
 
 
 def nt_xent_bank(
@@ -51,13 +59,14 @@ def nt_xent_bank(
         z_b: (N, D) embeddings of the second views (the positives).
         bank: (K, D) unit rows (what ``MemoryBank`` stores), K >= 1, on z_a's device; no gradient flows into it.
         temperature: tau > 0.
-        impl: "auto" (= "torch" on every device), "torch" (tiled), "reference"; "triton" raises NotImplementedError.
+        impl: "auto" (triton on CUDA, else torch), "triton" (fused bank kernel), "torch" (tiled, any device),
+            "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32 switch, as ``fastclr.nt_xent``.
 
     Returns:
         0-d tensor in the input dtype: the mean over the N anchors.
     """
     temperature = check_temperature(temperature)
-    path = family_path(impl, "NT-Xent with a memory bank")
+    path = check_impl(impl)
     check_embeddings(z_a, z_b)
     check_bank(bank, z_a)
     return _bank_loss(z_a, z_b, bank, temperature, path)
@@ -81,14 +90,33 @@ def check_bank(bank, z_a: torch.Tensor) -> None:
 
 
 def _bank_loss(
-    z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float, path: str
+    z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float, impl: str
 ) -> torch.Tensor:
+    """The loss of the module docstring for a checked impl ("auto" resolved here), from lse^bank_i = shift_i +
+    log_sum_i: the positive's logit is subtracted from the shift first, so no two numbers of size 1/tau meet."""
+    path = pick_path(impl, z_a.device)
     if path == "reference":
         return nt_xent_bank_reference(z_a, z_b, bank, temperature)
     a, b = tiled.normalized(z_a), tiled.normalized(z_b)
-    terms = tiled.row_terms(a, temperature, in_batch=False, extra=bank.detach().to(a.dtype))
+    if path == "triton":
+        shift, log_sum = _bank_lse_triton(a, bank, temperature, z_a.dtype)
+    else:
+        terms = tiled.row_terms(a, temperature, in_batch=False, extra=bank.detach().to(a.dtype))
+        shift, log_sum = terms.shift, terms.log_sum
     positive = (a * b).sum(dim=1) / temperature
-    return F.softplus((terms.shift - positive) + terms.log_sum).mean().to(z_a.dtype)
+    return F.softplus((shift - positive) + log_sum).mean().to(z_a.dtype)
+
+
+def _bank_lse_triton(
+    a: torch.Tensor, bank: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, log_sum) (N,) of the unit anchors a against the bank, through the fused kernel in the embeddings' dtype
+    (the tensor cores' operands; the gradient flows back through the cast)."""
+    from fastclr.kernels.memory_bank import bank_lse_triton
+
+    precision = fp32_dot_precision() if dtype == torch.float32 else "tf32"
+    backend("triton", precision).check(a.to(dtype))
+    return bank_lse_triton(a.to(dtype), bank.detach().to(dtype), temperature, precision=precision)
 
 
 class MemoryBank(nn.Module):
@@ -167,7 +195,7 @@ def bank_step(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
     temperature: float,
-    path: str,
+    impl: str,
     gather_distributed: bool,
 ) -> torch.Tensor:
     """One ``NTXentLoss`` step with a bank: the loss against the bank as it was, then z_b's unit rows enqueued when
@@ -184,7 +212,7 @@ def bank_step(
         dist_utils.check_equal_batches(z_a.shape[0], d, z_a.device, group)
         bank.sync(group)
     negatives = bank.snapshot(z_a)
-    loss = _bank_loss(z_a, z_b, negatives, temperature, path)
+    loss = _bank_loss(z_a, z_b, negatives, temperature, impl)
     if (
         z_a.requires_grad and torch.is_grad_enabled()
     ):  # lightly: update when its normalised z_a requires a gradient

@@ -11,7 +11,7 @@ from torch import nn
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses.backends import backend, pick_path, resolve_impl, triton_available
 from fastclr.losses.custom_op import nt_xent_op
-from fastclr.losses.family import check_memory_bank_size, family_path
+from fastclr.losses.family import check_memory_bank_size
 from fastclr.losses.memory_bank import MemoryBank, bank_step
 from fastclr.losses.reference import nt_xent_reference
 from fastclr.nt_xent_spec import (
@@ -104,8 +104,8 @@ class NTXentLoss(nn.Module):
             lightly refuses it: D cannot be guessed.
         gather_distributed: without a bank, gather negatives from all ranks of the default process group, with exact
             gradients; with a bank, enqueue every rank's z_b rows.
-        impl: "auto" | "triton" | "torch" | "reference" (see ``fastclr.nt_xent``). With a bank "auto" is "torch" on
-            every device and "triton" raises NotImplementedError (the fused kernel does not cover the bank yet).
+        impl: "auto" | "triton" | "torch" | "reference" (see ``fastclr.nt_xent``); with a bank "triton" is the fused
+            bank kernel (``fastclr.nt_xent_bank``).
 
     Shapes:
         forward(z_a (N, D), z_b (N, D)) -> 0-d tensor.
@@ -128,9 +128,6 @@ class NTXentLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         self.impl = check_impl(impl)
         bank_size = check_memory_bank_size(memory_bank_size)
-        self.bank_path = (
-            None if bank_size is None else family_path(impl, "NT-Xent with a memory bank")
-        )
         if gather_distributed:
             dist_utils.require_distributed()
         self.gather_distributed = gather_distributed
@@ -143,7 +140,7 @@ class NTXentLoss(nn.Module):
                 z_a,
                 z_b,
                 self.temperature,
-                self.bank_path,
+                self.impl,
                 self.gather_distributed,
             )
         return _checked_nt_xent(

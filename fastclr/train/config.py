@@ -378,16 +378,11 @@ class PretrainConfig:
             )
 
     def _check_loss(self) -> None:
-        """ConfigError for a memory bank with another loss than ntxent, and for the fused kernel with a loss it does
-        not cover (the memory bank runs on the tiled torch path; NT-Xent, DCL, DCLW and SupCon on both)."""
+        """ConfigError for a memory bank with another loss than ntxent."""
         loss = self.loss
         if loss.memory_bank_size and loss.loss != "ntxent":
             raise ConfigError(
                 f"--memory-bank-size applies to --loss ntxent (NT-Xent against a bank), not {loss.loss}"
-            )
-        if loss.loss_impl == "triton" and loss.memory_bank_size:
-            raise ConfigError(
-                "--loss-impl triton: the fused kernel does not cover a memory bank yet; use --loss-impl torch or auto"
             )
 
     def _check_arch(self) -> None:
