@@ -10,7 +10,8 @@ floor.
 --loss picks the loss (default ntxent). ntxent-bank is NT-Xent against a memory bank of K = --bank-size negatives
 (default 2N, the column count of in-batch NT-Xent) with N anchors; supcon draws labels from --classes classes.
 Providers: torch and reference for every loss; lightly for ntxent, ntxent-bank, dcl, dclw; materialised for supcon
-(the usual materialising implementation written from the paper: a (2N)^2 float mask and logits); triton for ntxent.
+(the usual materialising implementation written from the paper: a (2N)^2 float mask and logits); triton (CUDA) for
+every loss.
 
 Every (impl, 2N) runs in a fresh child process: peak memory is the child's RSS high-water mark (CPU, reset once the inputs exist) or the CUDA allocator's peak
 above the baseline taken after the inputs exist, and an address-space limit (--mem-limit-gb) turns "would not fit" into a
@@ -38,13 +39,13 @@ from fastclr.bench.harness import add_out_argument, append_csv, environment, pri
 IMPLS = ("floor", "torch", "triton", "reference", "compile", "lightly", "materialised")
 DEFAULT_SIZES = (1024, 4096, 16384, 65536)
 LOSSES = ("ntxent", "ntxent-bank", "dcl", "dclw", "supcon")
-# The providers each loss has (the default --impls); "compile" and "triton" are NT-Xent's only.
+# The providers each loss has (the default --impls); "compile" and the named kernel variants are NT-Xent's only.
 LOSS_IMPLS = {
     "ntxent": ("floor", "torch", "triton", "reference", "compile", "lightly"),
-    "ntxent-bank": ("floor", "torch", "reference", "lightly"),
-    "dcl": ("floor", "torch", "reference", "lightly"),
-    "dclw": ("floor", "torch", "reference", "lightly"),
-    "supcon": ("floor", "torch", "reference", "materialised"),
+    "ntxent-bank": ("floor", "torch", "triton", "reference", "lightly"),
+    "dcl": ("floor", "torch", "triton", "reference", "lightly"),
+    "dclw": ("floor", "torch", "triton", "reference", "lightly"),
+    "supcon": ("floor", "torch", "triton", "reference", "materialised"),
 }
 
 
@@ -66,6 +67,16 @@ def supcon_materialised(z_a, z_b, labels, temperature: float):
     return -((positives * log_prob).sum(dim=1) / positives.sum(dim=1)).mean()
 
 
+def require_cuda() -> None:
+    """RuntimeError('skipped: ...') without a CUDA device: the triton providers time compiled kernels only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "skipped: no CUDA device (the Triton interpreter is a correctness tool, not a fast path)"
+        )
+
+
 def make_family_loss_fn(loss: str, impl: str, temperature: float, bank_size: int, d: int):
     """A callable (z_a, z_b, labels) -> loss for one provider of a family loss (the labels (N,) are supcon's; the
     others ignore them); raises RuntimeError('skipped: ...') where the provider does not exist for that loss."""
@@ -73,6 +84,8 @@ def make_family_loss_fn(loss: str, impl: str, temperature: float, bank_size: int
 
     if impl not in LOSS_IMPLS[loss]:
         raise RuntimeError(f"skipped: no {impl} provider for --loss {loss}")
+    if impl == "triton":
+        require_cuda()
     if impl == "lightly":
         try:
             import lightly.loss as lightly_loss
@@ -110,10 +123,8 @@ def make_loss_fn(impl: str, temperature: float):
         return torch.compile(lambda a, b: nt_xent_reference(a, b, temperature))
     if impl == "materialised":
         raise RuntimeError("skipped: the materialised provider is SupCon's (--loss supcon)")
-    if impl.startswith("triton") and not torch.cuda.is_available():
-        raise RuntimeError(
-            "skipped: no CUDA device (the Triton interpreter is a correctness tool, not a fast path)"
-        )
+    if impl.startswith("triton"):
+        require_cuda()
     if impl.startswith("triton:"):  # a named kernel variant, e.g. triton:BM64_BN64_W4_S3
         from fastclr.kernels.nt_xent import nt_xent_triton
 

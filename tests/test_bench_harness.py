@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastclr.bench import (
     bench_cpu_augment,
@@ -148,6 +149,14 @@ def test_bench_loss_writes_its_csv_and_plot_into_out(tmp_path):
     assert written[1]["x_floor"] and float(written[1]["median_s"]) > 0
     assert (tmp_path / "bench_loss.png").stat().st_size > 1000
     assert {p.name: p.stat().st_mtime_ns for p in RESULTS.iterdir()} == results_before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only skip")
+@pytest.mark.parametrize("loss", ["ntxent-bank", "dcl", "dclw", "supcon"])
+def test_every_family_loss_has_a_triton_provider_that_needs_cuda(loss):
+    assert "triton" in bench_loss.LOSS_IMPLS[loss]
+    with pytest.raises(RuntimeError, match="skipped: no CUDA device"):
+        bench_loss.make_family_loss_fn(loss, "triton", 0.5, 8, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -763,7 +763,10 @@ def row_terms(
     """
     if labels is not None and exclude_pos:
         raise ValueError("row_terms: labels and exclude_pos do not combine")
-    blocks = (block_rows or DEFAULT_BLOCK_ROWS, block_cols or DEFAULT_BLOCK_COLS)
+    # Without in-batch columns (a bank) the same 2 MiB tile, twice as tall: each bank tile then serves twice the anchors
+    # in both of its GEMMs (S and sum_k P_ik x_k), 9% faster at N = 8192, K = 16384 on 2 CPU cores.
+    tall = 1 if in_batch else 2
+    blocks = (block_rows or DEFAULT_BLOCK_ROWS * tall, block_cols or DEFAULT_BLOCK_COLS // tall)
     return RowTerms(
         *RowTermsFunction.apply(
             z_hat, extra, labels, float(temperature), group, in_batch, exclude_pos, *blocks
