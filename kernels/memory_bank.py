@@ -301,29 +301,13 @@ def executed_macs(
 def _autotuned():
     """Autotuning over the pruned candidates on a GPU, keyed on (A, K, D) and the dot precision (the autotuner adds
     the dtypes). Not on WITH_GRAD: the two forwards share the config the first call picked, hence their stats."""
-    by_name = {
-        name: triton.Config(
-            {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-        )
-        for name, c in CONFIGS.items()
-    }
 
-    def prune(configs, named_args, **kwargs):
-        # The launch passes every argument by keyword, and the autotuner's named_args hold only positional ones.
-        args = {**named_args, **kwargs}
-        cands = candidate_configs(
+    def candidates(args):
+        return candidate_configs(
             args["A"], args["D"], args["x_ptr"].element_size(), args["INPUT_PRECISION"]
         )
-        # Best guess first: with equal timings (or none, see kernels/stub_driver.py) the autotuner keeps it.
-        return [by_name[c.name] for c in cands]
 
-    return triton.autotune(
-        configs=list(by_name.values()),
-        key=["A", "K", "D", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": prune},
-    )(_bank_fwd_kernel)
+    return _nt.autotuner(_bank_fwd_kernel, CONFIGS, candidates, ["A", "K", "D", "INPUT_PRECISION"])
 
 
 # One autotuner per target (the stub driver compiles for several in one process).
@@ -339,8 +323,7 @@ def _launch(grid_fn, a: int, d: int, itemsize: int, config: str | None, **kwargs
         _AUTOTUNED[target][grid_fn](**kwargs)
         return
     cfg = resolve_config(a, d, config, itemsize, kwargs["INPUT_PRECISION"])
-    meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-    _bank_fwd_kernel[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _nt.launch_with(_bank_fwd_kernel, grid_fn, cfg, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------

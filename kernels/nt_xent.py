@@ -1670,40 +1670,51 @@ def executed_macs(
     return out
 
 
-def _autotuned(fn, kernel: str):
-    """Autotuning over the pruned candidates on a GPU, keyed on (2N, M, D) and every constexpr that changes the code the
-    kernel compiles to besides those (the logsumexp path, the dot precision); the autotuner adds the dtypes."""
-
+def autotuner(fn, configs: dict[str, KernelConfig], candidates, key: list[str]):
+    """``triton.autotune`` of ``fn`` over ``configs`` (name -> KernelConfig), each launch pruned to
+    ``candidates(args)`` (the launch's arguments by name -> KernelConfigs of ``configs``, best guess first: with equal
+    timings, or none, see kernels/stub_driver.py, the autotuner keeps the first), keyed on ``key``."""
     by_name = {
         name: triton.Config(
             {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
             num_warps=c.num_warps,
             num_stages=c.num_stages,
         )
-        for name, c in CONFIGS.items()
+        for name, c in configs.items()
     }
 
-    def prune(configs, named_args, **kwargs):
+    def prune(_configs, named_args, **kwargs):
         # The launch passes every argument by keyword, and the autotuner's named_args hold only positional ones.
-        args = {**named_args, **kwargs}
+        return [by_name[c.name] for c in candidates({**named_args, **kwargs})]
+
+    return triton.autotune(
+        configs=list(by_name.values()), key=key, prune_configs_by={"early_config_prune": prune}
+    )(fn)
+
+
+def launch_with(fn, grid_fn, cfg: KernelConfig, **kwargs) -> None:
+    """Launch ``fn`` with one config's block sizes, warps and stages."""
+    meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+    fn[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _autotuned(fn, kernel: str):
+    """Autotuning over the pruned candidates on a GPU, keyed on (2N, M, D) and every constexpr that changes the code the
+    kernel compiles to besides those (the logsumexp path, the dot precision); the autotuner adds the dtypes."""
+
+    def candidates(args):
         itemsize = args["cols_ptr" if "cols_ptr" in args else "zhat_ptr"].element_size()
-        cands = candidate_configs(
+        return candidate_configs(
             kernel, args["A"], args["D"], itemsize, args["INPUT_PRECISION"], args["M"],
             PROGRAMS_PER_SM * sm_count(),
         )  # fmt: skip
-        # Best guess first: with equal timings (or none, see kernels/stub_driver.py) the autotuner keeps it.
-        return [by_name[c.name] for c in cands]
 
     # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A; the wide backward's GEMM neither.
     key = {
         "sym_fwd": ["A", "M", "D", "EXCLUDE_POS", "INPUT_PRECISION"],
         "bwd_gemm": ["A", "M", "D", "INPUT_PRECISION"],
     }.get(kernel, ["A", "M", "D", "SHIFT", "EXCLUDE_POS", "INPUT_PRECISION"])
-    return triton.autotune(
-        configs=list(by_name.values()),
-        key=key,
-        prune_configs_by={"early_config_prune": prune},
-    )(fn)
+    return autotuner(fn, CONFIGS, candidates, key)
 
 
 # One autotuner per kernel and target (the stub driver compiles for several in one process).
@@ -1724,8 +1735,7 @@ def _launch(
     cfg = resolve_config(
         kernel, a, d, config, itemsize, kwargs["INPUT_PRECISION"], kwargs["M"], PROGRAMS_PER_SM * sm_count()
     )  # fmt: skip
-    meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-    fn[grid_fn](**kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch_with(fn, grid_fn, cfg, **kwargs)
 
 
 def _launch_device_type() -> str:

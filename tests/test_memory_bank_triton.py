@@ -27,6 +27,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from test_nt_xent_triton import assert_close
 
 from fastclr.kernels import memory_bank as MB
 
@@ -40,20 +41,6 @@ HALF_SHAPES = [(3, 5, 3), (1, 300, 130), (257, 5, 300)]
 HALF_TAUS = [1e-3, 0.07, 2.0]
 FP32 = dict(atol=1e-6, rtol=1e-5)
 HALF_FLOOR = 1e-6
-
-
-def assert_close(actual, expected, atol, rtol, what):
-    """allclose that says where and by how much it failed."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    err = (actual - expected).abs()
-    bound = atol + rtol * expected.abs()
-    if not bool((err <= bound).all()):
-        worst = int((err - bound).flatten().argmax())
-        raise AssertionError(
-            f"{what}: max |err| {err.max().item():.3e}; worst at flat index {worst}: "
-            f"{actual.flatten()[worst].item():.8g} vs {expected.flatten()[worst].item():.8g} "
-            f"(bound {bound.flatten()[worst].item():.3e})"
-        )
 
 
 def bank(a, k, d, dtype, seed=0):
