@@ -254,7 +254,7 @@ class Context:
 SECTION_FNS = {
     "correctness": (check_correctness, ("case", "two_n", "d", "loss_rtol", "grad_rtol", "loss_err", "grad_err",
                                         "worst", "status")),
-    "loss": (time_loss, ("impl", "two_n", "d", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "peak_fraction",
+    "loss": (time_loss, ("loss", "impl", "two_n", "d", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "peak_fraction",
                          "peak_mem_mb", "loss_err", "status")),
     "pipeline": (time_pipeline, ("pipeline", "size", "threads", "pairs_per_s", "x_cpu", "status")),
     "train": (time_training, ("model", "batch_size", "compile", "images_per_s", "data_ms", "forward_ms", "loss_ms",

@@ -2,8 +2,10 @@
 
 ``check_correctness`` compares ``nt_xent_triton``'s loss and gradients with ``nt_xent_reference`` in float64 on the same
 rounded inputs, per dtype (``DTYPE_CASES``, with their tolerances), and runs the kernel twice: the column splits'
-partials are combined in a fixed order, so a second run must be bitwise the same; ``time_loss`` times forward + backward of each loss
-implementation and rates it against the device's tensor-core peak (``PEAK_TFLOPS``). Both take the check's context
+partials are combined in a fixed order, so a second run must be bitwise the same; the family's kernels
+(``FAMILY_CASES``) are compared with their references the same way. ``time_loss`` times forward + backward of each
+NT-Xent implementation and rates it against the device's tensor-core peak (``PEAK_TFLOPS``), then the family's kernels
+beside their tiled path and the materialising comparison (``FAMILY_TIMED``). Both take the check's context
 (device, sizes, time budget) from ``gpu_check.py``, which runs them; kernels are imported lazily, after a dry run has
 set TRITON_INTERPRET.
 """
@@ -198,10 +200,45 @@ def loss_provider(impl: str, ctx):
     return make_loss_fn(impl, ctx.tau)  # reference, lightly
 
 
-def time_one(impl: str, z_a, z_b, ctx) -> dict:
+# The family's timed providers: its kernel, the tiled path, and the materialising comparison (bench_loss's).
+FAMILY_TIMED = {
+    "dcl": ("triton", "torch", "lightly"),
+    "supcon": ("triton", "torch", "materialised"),
+    "ntxent-bank": (
+        "triton",
+        "torch",
+    ),  # lightly's bank fails on bf16 embeddings (``family_provider``)
+}
+
+
+def family_provider(loss: str, impl: str, ctx, two_n: int, d: int, labels):
+    """A callable (z_a, z_b) -> loss of a family loss (K = 2N for the bank, ``labels`` (N,) for SupCon, of the
+    embeddings' dtype); the kernels through the public modules, so that the dry run walks them under the interpreter.
+    RuntimeError('skipped: ...') where the provider cannot run."""
+    import fastclr
+    from fastclr.bench.bench_loss import make_family_loss_fn
+
+    if (loss, impl) == ("ntxent-bank", "lightly"):
+        raise RuntimeError(
+            "skipped: lightly's memory bank is float32 and its product with bf16 embeddings fails"
+        )
+    if impl in ("lightly", "materialised"):
+        fn = make_family_loss_fn(loss, impl, ctx.tau, two_n, d)
+        return lambda a, b: fn(a, b, labels)
+    if loss == "supcon":
+        module = fastclr.SupConLoss(ctx.tau, impl=impl)
+        return lambda a, b: module(a, b, labels)
+    if loss == "dcl":
+        return fastclr.DCLLoss(ctx.tau, impl=impl)
+    return fastclr.NTXentLoss(ctx.tau, memory_bank_size=(two_n, d), impl=impl).to(ctx.device)
+
+
+def time_one(impl: str, z_a, z_b, ctx, fn=None) -> dict:
+    """Time forward + backward of ``fn`` (default: NT-Xent's provider ``impl``)."""
     import torch
 
-    fn = loss_provider(impl, ctx)
+    ntxent = fn is None
+    fn = loss_provider(impl, ctx) if ntxent else fn
 
     def step():
         loss = fn(z_a, z_b)
@@ -219,7 +256,7 @@ def time_one(impl: str, z_a, z_b, ctx) -> dict:
         torch.cuda.synchronize()
         row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     row["ms"], row["ms_p20"], row["ms_p80"] = time_ms(step, ctx.cuda)
-    if impl == "triton" and z_a.shape[0] * 2 <= 32768:
+    if impl == "triton" and ntxent and z_a.shape[0] * 2 <= 32768:
         # The autotuned kernel's loss against float64 (the correctness section runs the same configs per size).
         ref = _reference_loss(z_a, z_b, ctx.tau)
         row["loss_err"] = abs(loss.double().item() - ref) / max(abs(ref), 1.0)
@@ -242,26 +279,33 @@ def time_loss(ctx) -> list[dict]:
     import torch
 
     rows = []
-    plan = [(dtype, two_n, impl) for dtype in ("bfloat16", "float32") for two_n in ctx.sizes.loss_two_n
+    plan = [("ntxent", dtype, two_n, impl) for dtype in ("bfloat16", "float32") for two_n in ctx.sizes.loss_two_n
             for impl in ("triton", "reference", "compile", "lightly")]  # fmt: skip
-    plan += [(dtype, ctx.sizes.loss_big_two_n, "triton") for dtype in ("bfloat16", "float32")]
-    for dtype, two_n, impl in plan:
+    plan += [
+        ("ntxent", dtype, ctx.sizes.loss_big_two_n, "triton") for dtype in ("bfloat16", "float32")
+    ]
+    # The family at the smallest size, bf16: its kernels beside the tiled path and the materialising comparison.
+    plan += [(loss, "bfloat16", ctx.sizes.loss_two_n[0], impl) for loss, impls in FAMILY_TIMED.items()
+             for impl in impls]  # fmt: skip
+    for loss, dtype, two_n, impl in plan:
         d = 128
-        row = {"impl": impl, "two_n": two_n, "d": d, "dtype": dtype}
+        row = {"loss": loss, "impl": impl, "two_n": two_n, "d": d, "dtype": dtype}
         if not ctx.budget.allows(
-            f"loss {impl} {dtype} 2N={two_n}", 45 if impl == "compile" else 15
+            f"loss {loss} {impl} {dtype} 2N={two_n}", 45 if impl == "compile" else 15
         ):
             rows.append(row | {"status": "skipped: time budget"})
             continue
         gen = torch.Generator().manual_seed(two_n)
         z = torch.randn(2, two_n // 2, d, generator=gen).to(ctx.device, getattr(torch, dtype))
         z_a, z_b = (x.requires_grad_() for x in z)
+        labels = torch.randint(0, 100, (two_n // 2,), generator=gen).to(ctx.device)
         try:
-            row |= {"status": "ok"} | time_one(impl, z_a, z_b, ctx)
+            fn = None if loss == "ntxent" else family_provider(loss, impl, ctx, two_n, d, labels)
+            row |= {"status": "ok"} | time_one(impl, z_a, z_b, ctx, fn)
         except RuntimeError as exc:  # a skipped provider or (torch.cuda.OutOfMemoryError) no memory
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             row["status"] = message if message.startswith("skipped") else f"failed: {message[:120]}"
-        if row.get("ms"):
+        if row.get("ms") and loss == "ntxent":  # the rate on NT-Xent's three GEMMs
             row["tflops"] = gemm_tflop(two_n, d) / (row["ms"] / 1e3)
             peak = peak_tflops(ctx.device_name, dtype)
             row["peak_fraction"] = row["tflops"] / peak if peak else None

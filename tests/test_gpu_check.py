@@ -43,9 +43,22 @@ def test_dry_run_runs_every_section_and_writes_json_and_csv(tmp_path):
     }
     assert {r["status"] for r in sections["correctness"]} == {"ok"}
     loss = sections["loss"]
-    assert {r["impl"] for r in loss} == {"triton", "reference", "compile", "lightly"}
+    assert {r["impl"] for r in loss} == {
+        "triton",
+        "torch",
+        "reference",
+        "compile",
+        "lightly",
+        "materialised",
+    }
+    family = {(r["loss"], r["impl"]) for r in loss if r["loss"] != "ntxent" and r["status"] == "ok"}
+    assert family == {
+        (loss, impl) for loss, impls in gpu_check_loss.FAMILY_TIMED.items() for impl in impls
+    }
     assert all(r["status"] == "ok" or r["status"].startswith("skipped") for r in loss), loss
-    assert all(r["ms"] > 0 and r["loss_err"] < 0.02 for r in loss if r["impl"] == "triton")
+    triton = [r for r in loss if r["impl"] == "triton"]
+    assert all(r["ms"] > 0 for r in triton)
+    assert all(r["loss_err"] < 0.02 for r in triton if r["loss"] == "ntxent")
     assert sections["pipeline"][0]["pairs_per_s"] > 0
     assert [r["compile"] for r in sections["train"]] == [False, True]
     assert all(r["images_per_s"] > 0 for r in sections["train"])
