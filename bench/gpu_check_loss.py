@@ -141,6 +141,20 @@ def check_correctness(ctx) -> list[dict]:
     return rows
 
 
+def with_fp32_precision(precision: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with PyTorch's fp32 matmul switch set to ``precision`` ("tf32" | "ieee"), which the public
+    losses follow for fp32 kernel inputs (``fastclr.nt_xent_spec.fp32_dot_precision``), and set back after."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        matmul.fp32_precision = before
+
+
 def loss_pair(loss: str, precision: str, tau: float, labels, bank):
     """(kernel, reference): two callables (z_a, z_b) -> 0-d loss of ``loss`` ("ntxent" or a FAMILY_CASES key); labels
     (N,) for SupCon, bank (K, D) unit rows for the bank (cast to the embeddings' dtype)."""
@@ -150,12 +164,16 @@ def loss_pair(loss: str, precision: str, tau: float, labels, bank):
 
     if loss == "bank":
         return (
-            lambda a, b: fastclr.nt_xent_bank(a, b, bank.to(a.dtype), tau, impl="triton"),
+            lambda a, b: with_fp32_precision(
+                precision, fastclr.nt_xent_bank, a, b, bank.to(a.dtype), tau, impl="triton"
+            ),
             lambda a, b: reference.nt_xent_bank_reference(a, b, bank.to(a.dtype), tau),
         )
     if loss == "supcon":
         return (
-            lambda a, b: fastclr.supcon(a, b, labels, tau, impl="triton"),
+            lambda a, b: with_fp32_precision(
+                precision, fastclr.supcon, a, b, labels, tau, impl="triton"
+            ),
             lambda a, b: reference.supcon_reference(a, b, labels, tau),
         )
     dcl = loss == "dcl"

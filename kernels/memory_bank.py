@@ -38,7 +38,6 @@ import triton.language as tl
 from fastclr.kernels import nt_xent as _nt
 from fastclr.kernels.nt_xent import (
     LOG2E,
-    MAX_BLOCK_D,
     PRECISIONS,
     PROGRAMS_PER_SM,
     KernelConfig,
@@ -48,6 +47,7 @@ from fastclr.kernels.nt_xent import (
     _split_columns,
     _unit_stride,
     column_splits,
+    d_tier,
     d_tiling,
     sm_count,
 )
@@ -191,7 +191,7 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # nt_xent's tile configs, and one more stage-less FMA tile (see _EXACT_FP32_CANDIDATES).
 CONFIGS = {**_nt.CONFIGS, "BM32_BN32_W8_S1": KernelConfig(32, 32, 8, 1)}
 
-# The pruned autotune sets, best guess first, by D tier (0: one block of D <= 128, 1: one block of 256, 2: the D loop)
+# The pruned autotune sets, best guess first, by D tier (``d_tier``: 0 one block of D <= 128, 1 one block of 256, 2 the D loop)
 # and input element size. The gradient forward keeps a BLOCK_M x BLOCK_DO fp32 accumulator next to the logits tile
 # (FlashAttention's forward), so these are close to the nt_xent backward's shapes; the no-gradient forward takes the
 # same list, so that its stats equal the gradient forward's. Every entry compiles spill-free on sm_80 and sm_90 with and
@@ -210,11 +210,6 @@ _CANDIDATES = {
 _EXACT_FP32_CANDIDATES = {0: ("BM32_BN32_W8_S2",), 1: ("BM32_BN32_W8_S2",), 2: ("BM32_BN32_W8_S1",)}
 
 
-def _tier(d: int) -> int:
-    """0: one block of D <= 128, 1: one block of 256, 2: the D loop (D > MAX_BLOCK_D)."""
-    return 2 if d > MAX_BLOCK_D else int(d_tiling(d).block_d > 128)
-
-
 def candidate_configs(
     a: int, d: int, itemsize: int = 2, precision: str = "tf32"
 ) -> list[KernelConfig]:
@@ -225,7 +220,7 @@ def candidate_configs(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     exact = _exact_fp32(itemsize, precision)
-    names = _EXACT_FP32_CANDIDATES[_tier(d)] if exact else _CANDIDATES[_tier(d), itemsize]
+    names = _EXACT_FP32_CANDIDATES[d_tier(d)] if exact else _CANDIDATES[d_tier(d), itemsize]
     listed = [CONFIGS[n] for n in names]
     fitting = [c for c in listed if c.block_m <= max(64, triton.next_power_of_2(a))]
     return fitting or [min(listed, key=lambda c: c.block_m)]

@@ -220,6 +220,17 @@ def test_supcon_with_distinct_labels_is_nt_xent(impl):
         assert_close(g, w, 1e-12, 1e-10, what)
 
 
+@pytest.mark.parametrize("tau", [0.2, 1e-4])
+def test_supcon_with_distinct_labels_is_the_nt_xent_kernel_bitwise(tau):
+    """Through the kernel, with distinct labels (also at a tiny tau, where the class sums' rounding would show), SupCon
+    is NT-Xent's kernel exactly: every row's only positive is its pair, whose term is exactly 0."""
+    a, b = pair(23, 9, dtype=torch.float32)
+    distinct = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    got = loss_and_grads(lambda x, y: fastclr.supcon(x, y, distinct, tau, impl="triton"), a, b)
+    want = loss_and_grads(lambda x, y: fastclr.nt_xent(x, y, tau, impl="triton"), a, b)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_supcon_with_one_label_averages_over_every_other_view(impl):
     """All labels equal: P(i) is every k != i, so L_i = lse_i - mean_{k != i} s_ik / tau."""
@@ -499,6 +510,35 @@ def test_auto_is_the_tiled_path_for_cpu_tensors():
         auto = loss_and_grads(loss_fn(loss, "auto", 0.2, labels, bank), a, b)
         tiled_ = loss_and_grads(loss_fn(loss, "torch", 0.2, labels, bank), a, b)
         assert all(torch.equal(x, y) for x, y in zip(auto, tiled_, strict=True)), loss
+
+
+def test_auto_picks_the_kernels_where_they_run(monkeypatch):
+    """With the CPU counted as a kernel device (the interpreter runs the kernels), "auto" is the triton path for fp32,
+    bf16 and fp16 rows of every loss, bitwise; fp64 rows, and a bank wider than KERNEL_MAX_D, take the tiled path."""
+    from fastclr.losses import backends, memory_bank
+
+    monkeypatch.setattr(backends, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+
+    def tiled_path_taken(*args, **kwargs):
+        raise AssertionError("the tiled path")
+
+    labels, bank = some_labels(5, 2), some_bank(3, 4)
+    for loss in ("dcl", "dclw", "supcon", "bank"):
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = pair(5, 4, dtype=dtype)
+            want = loss_and_grads(loss_fn(loss, "triton", 0.2, labels, bank), a, b)
+            with monkeypatch.context() as m:
+                m.setattr(tiled, "row_terms", tiled_path_taken)
+                got = loss_and_grads(loss_fn(loss, "auto", 0.2, labels, bank), a, b)
+                assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True)), loss
+                with pytest.raises(AssertionError, match="the tiled path"):
+                    a64, b64 = pair(5, 4)
+                    loss_fn(loss, "auto", 0.2, labels, bank)(a64, b64)
+    monkeypatch.setattr(memory_bank, "KERNEL_MAX_D", 3)
+    monkeypatch.setattr(tiled, "row_terms", tiled_path_taken)
+    a, b = pair(5, 4, dtype=torch.float32)
+    with pytest.raises(AssertionError, match="the tiled path"):
+        loss_fn("bank", "auto", 0.2, labels, bank)(a, b)
 
 
 def test_modules_equal_functionals():

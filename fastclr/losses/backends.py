@@ -20,9 +20,12 @@ from typing import NamedTuple
 import torch
 
 from fastclr.losses import tiled
-from fastclr.nt_xent_spec import ForwardState, check_impl
+from fastclr.nt_xent_spec import ForwardState, check_impl, fp32_dot_precision
 
 PATHS = ("torch", "triton")  # the impls with a forward and a backward ("reference" is autograd's)
+# Where and for what "auto" runs the kernels (tests add "cpu" to walk the choice under the interpreter).
+KERNEL_DEVICE_TYPES = ("cuda",)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Backend(NamedTuple):
@@ -45,12 +48,23 @@ def triton_available() -> bool:
     return True
 
 
-def pick_path(impl: str, device: torch.device) -> str:
-    """A checked ``impl`` as a concrete path. "auto": triton for CUDA tensors when triton imports, else the tiled torch
-    path."""
+def pick_path(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """A checked ``impl`` as a concrete path. "auto": triton for CUDA tensors of a dtype the kernels take (fp32, bf16,
+    fp16; any when ``dtype`` is None) when triton imports, else the tiled torch path."""
     if impl != "auto":
         return impl
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    kernel = device.type in KERNEL_DEVICE_TYPES and (dtype is None or dtype in KERNEL_DTYPES)
+    return "triton" if kernel and triton_available() else "torch"
+
+
+def checked_triton(z: torch.Tensor) -> tuple[Backend, str]:
+    """The triton path for embeddings z and its dot precision ("tf32" or "ieee" for fp32 as PyTorch's TF32 switch says,
+    see ``fp32_dot_precision``; bf16/fp16 use their own tensor-core dots), once the kernel has checked z (a TypeError
+    or ValueError naming what it does not take)."""
+    precision = fp32_dot_precision() if z.dtype == torch.float32 else "tf32"
+    kernel = backend("triton", precision)
+    kernel.check(z)
+    return kernel, precision
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

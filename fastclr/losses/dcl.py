@@ -27,7 +27,7 @@ from torch import nn
 
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
-from fastclr.losses.backends import backend, pick_path
+from fastclr.losses.backends import checked_triton, pick_path
 from fastclr.losses.family import check_pair_weights, check_positive, check_weight_fn
 from fastclr.losses.reference import dcl_reference
 from fastclr.nt_xent_spec import (
@@ -35,7 +35,6 @@ from fastclr.nt_xent_spec import (
     check_embeddings,
     check_impl,
     check_temperature,
-    fp32_dot_precision,
 )
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,7 +74,7 @@ def dcl(
         temperature: tau > 0.
         weight_fn: w(u, v) -> (N,) weights of the positive pairs of unit rows u, v (N, D), called as w(a_hat, b_hat)
             for the first views' anchors and w(b_hat, a_hat) for the second's (as lightly); None: w = 1.
-        impl: "auto" (triton on CUDA, else torch), "triton" (fused kernel), "torch" (tiled, any device),
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch), "triton" (fused kernel), "torch" (tiled, any device),
             "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32 switch, as ``fastclr.nt_xent``.
         gather_distributed: use the embeddings of every rank of the process group as negatives (exact gradients).
         group: process group for gather_distributed (default: the world).
@@ -138,7 +137,7 @@ def _checked_dcl(
         weight_fn = partial(negative_mises_fisher_weights, sigma=sigma, group=dist_group)
     if weight_fn is not None:
         weight_fn = partial(_checked_weights, weight_fn)
-    path = pick_path(path, z_a.device)
+    path = pick_path(path, z_a.device, z_a.dtype)
     if path == "reference":
         return dcl_reference(z_a, z_b, temperature, weight_fn=weight_fn, group=dist_group)
     if path == "triton":
@@ -176,9 +175,7 @@ def _dcl_triton(
 ) -> torch.Tensor:
     """DCL from the fused kernel (``exclude_pos``: mean_i [lse'_i - s(i, pos(i))/tau]); with weights, plus
     mean_i (1 - w_i) s(i, pos(i))/tau from the normalised rows, with autograd through s and w."""
-    precision = fp32_dot_precision() if z_a.dtype == torch.float32 else "tf32"
-    kernel = backend("triton", precision)
-    kernel.check(z_a)
+    kernel, _ = checked_triton(z_a)
     loss = kernel.loss(z_a, z_b, temperature, group=group, exclude_pos=True)
     if weight_fn is None:
         return loss
@@ -196,7 +193,7 @@ class DCLLoss(nn.Module):
         temperature: tau > 0.
         weight_fn: optional w(u, v) -> (N,) weights of the positive pairs (see ``fastclr.dcl``).
         gather_distributed: gather negatives from all ranks of the default process group, with exact gradients.
-        impl: "auto" (triton on CUDA, else torch) | "triton" | "torch" | "reference".
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch) | "triton" | "torch" | "reference".
 
     Shapes:
         forward(z_a (N, D), z_b (N, D)) -> 0-d tensor.
@@ -246,7 +243,7 @@ class DCLWLoss(DCLLoss):
         temperature: tau > 0.
         sigma: sigma > 0, the temperature of the weights (see ``negative_mises_fisher_weights``).
         gather_distributed: gather negatives (and the weights' softmax) over all ranks, with exact gradients.
-        impl: "auto" (triton on CUDA, else torch) | "triton" | "torch" | "reference".
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch) | "triton" | "torch" | "reference".
 
     Shapes:
         forward(z_a (N, D), z_b (N, D)) -> 0-d tensor.

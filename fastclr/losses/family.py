@@ -1,5 +1,5 @@
-"""What the contrastive-loss family (NT-Xent with a memory bank, DCL, DCLW, SupCon) shares: its impl resolution and
-the checks of its extra inputs (labels, memory bank sizes, weight functions).
+"""What the contrastive-loss family (NT-Xent with a memory bank, DCL, DCLW, SupCon) shares: the checks of its extra
+inputs (labels, memory bank sizes, weight functions).
 
 The family runs on the tiled torch path (``fastclr.losses.tiled.row_stats``), on the materialised references and on
 the fused Triton kernels: NT-Xent's covers DCL/DCLW (the positive left out of its denominator, DCLW's weights added in

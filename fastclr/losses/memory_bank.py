@@ -20,9 +20,10 @@ and absent from ``state_dict`` (the trainer's checkpoints carry it, see ``fastcl
 stays on the device: a step never reads it back, so a skipped step can put the bank and the pointer back in place.
 
 The "torch" impl takes lse^bank from the tiled engine (the bank as extra columns without gradient, memory linear in N
-and K), "triton" (the default for CUDA tensors) from the fused bank kernel (``fastclr.kernels.memory_bank``); both keep
-sum_k P_ik q_k from the forward's tiles, since the bank has no gradient, so that a step costs two (N x K x D) GEMMs.
-"reference" materialises the (N, 1 + K) logits.
+and K), "triton" from the fused bank kernel (``fastclr.kernels.memory_bank``); both keep sum_k P_ik q_k from the
+forward's tiles, since the bank has no gradient, so that a step costs two (N x K x D) GEMMs (the kernel up to D =
+KERNEL_MAX_D; above it recomputes S per 128-wide chunk of D). "auto" picks the kernel for CUDA tensors of D <=
+KERNEL_MAX_D, the tiled path otherwise. "reference" materialises the (N, 1 + K) logits.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from torch import nn
 
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
-from fastclr.losses.backends import backend, pick_path
+from fastclr.losses.backends import checked_triton, pick_path
 from fastclr.losses.reference import nt_xent_bank_reference, unit_rows
 from fastclr.nt_xent_spec import (
     all_gather_rows,
     check_embeddings,
     check_impl,
     check_temperature,
-    fp32_dot_precision,
 )
+
+# The widest D the bank kernel runs in one pass (its MAX_BLOCK_D): "auto" takes the tiled path above it.
+KERNEL_MAX_D = 256
 
 
 def nt_xent_bank(
@@ -59,7 +62,8 @@ def nt_xent_bank(
         z_b: (N, D) embeddings of the second views (the positives).
         bank: (K, D) unit rows (what ``MemoryBank`` stores), K >= 1, on z_a's device; no gradient flows into it.
         temperature: tau > 0.
-        impl: "auto" (triton on CUDA, else torch), "triton" (fused bank kernel), "torch" (tiled, any device),
+        impl: "auto" (triton for CUDA tensors with D <= KERNEL_MAX_D when triton imports, else torch), "triton" (the
+            fused bank kernel), "torch" (tiled, any device),
             "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32 switch, as ``fastclr.nt_xent``.
 
     Returns:
@@ -93,8 +97,11 @@ def _bank_loss(
     z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float, impl: str
 ) -> torch.Tensor:
     """The loss of the module docstring for a checked impl ("auto" resolved here), from lse^bank_i = shift_i +
-    log_sum_i: the positive's logit is subtracted from the shift first, so no two numbers of size 1/tau meet."""
-    path = pick_path(impl, z_a.device)
+    log_sum_i: the positive's logit is subtracted from the shift (the row's largest logit, or 1/tau) before log_sum
+    is added, so lse_i itself, about 1/tau, is never rounded."""
+    path = pick_path(impl, z_a.device, z_a.dtype)
+    if impl == "auto" and z_a.shape[1] > KERNEL_MAX_D:
+        path = "torch" if path == "triton" else path
     if path == "reference":
         return nt_xent_bank_reference(z_a, z_b, bank, temperature)
     a, b = tiled.normalized(z_a), tiled.normalized(z_b)
@@ -114,9 +121,9 @@ def _bank_lse_triton(
     (the tensor cores' operands; the gradient flows back through the cast)."""
     from fastclr.kernels.memory_bank import bank_lse_triton
 
-    precision = fp32_dot_precision() if dtype == torch.float32 else "tf32"
-    backend("triton", precision).check(a.to(dtype))
-    return bank_lse_triton(a.to(dtype), bank.detach().to(dtype), temperature, precision=precision)
+    x = a.to(dtype)
+    _, precision = checked_triton(x)
+    return bank_lse_triton(x, bank.detach().to(dtype), temperature, precision=precision)
 
 
 class MemoryBank(nn.Module):

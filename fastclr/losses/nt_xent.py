@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from fastclr.losses import distributed as dist_utils
-from fastclr.losses.backends import backend, pick_path, resolve_impl, triton_available
+from fastclr.losses.backends import (
+    backend,
+    checked_triton,
+    pick_path,
+    resolve_impl,
+    triton_available,
+)
 from fastclr.losses.custom_op import nt_xent_op
 from fastclr.losses.family import check_memory_bank_size
 from fastclr.losses.memory_bank import MemoryBank, bank_step
@@ -19,7 +25,6 @@ from fastclr.nt_xent_spec import (
     check_embeddings,
     check_impl,
     check_temperature,
-    fp32_dot_precision,
 )
 
 __all__ = ["IMPLS", "NTXentLoss", "nt_xent", "resolve_impl", "triton_available"]
@@ -73,11 +78,12 @@ def _checked_nt_xent(
 ) -> torch.Tensor:
     """``nt_xent`` once temperature, impl and torch.distributed are checked: checks the embeddings, routes them."""
     check_embeddings(z_a, z_b)
-    path = pick_path(impl, z_a.device)
-    # Only fp32 inputs of the kernel have a choice of dot precision; other dtypes ignore the argument.
-    precision = fp32_dot_precision() if path == "triton" and z_a.dtype == torch.float32 else "tf32"
-    fast = None if path == "reference" else backend(path, precision)
-    if fast is not None:
+    path = pick_path(impl, z_a.device, z_a.dtype)
+    fast, precision = None, "tf32"
+    if path == "triton":
+        fast, precision = checked_triton(z_a)
+    elif path == "torch":
+        fast = backend(path)
         fast.check(z_a)
     dist_group = dist_utils.resolve_group(gather_distributed, group)
     if dist_group is not None:

@@ -13,7 +13,7 @@ L is NT-Xent. The "torch" impl compares labels inside the tiles of the tiled eng
 The "triton" impl (the default for CUDA tensors) takes the log-sum-exp from the fused NT-Xent kernel, whose loss is
 mean_i [lse_i - s(i, pos(i))/tau] over the same denominator, and adds the O(N D) difference of the positives' terms
 from per-class sums of the unit rows (sum_{p in P(i)} s(i, p) = <z_hat_i, C_{y_i} - z_hat_i>, C_y the sum of class y's
-rows of every rank), with autograd:
+rows of every rank), with autograd; a row whose only positive is its pair adds exactly 0:
 
     L = L_NT-Xent + 1/(2N) sum_i [ (s(i, pos(i)) - 1)/tau - 1/|P(i)| sum_{p in P(i)} (s(i, p) - 1)/tau ]
 """
@@ -25,14 +25,13 @@ from torch import nn
 
 from fastclr.losses import distributed as dist_utils
 from fastclr.losses import tiled
-from fastclr.losses.backends import backend, pick_path
+from fastclr.losses.backends import checked_triton, pick_path
 from fastclr.losses.family import check_labels
 from fastclr.losses.reference import supcon_reference
 from fastclr.nt_xent_spec import (
     check_embeddings,
     check_impl,
     check_temperature,
-    fp32_dot_precision,
 )
 
 
@@ -53,7 +52,7 @@ def supcon(
         z_b: (N, D) embeddings of the second views of the same samples.
         labels: (N,) integer class of each sample, on the embeddings' device.
         temperature: tau > 0.
-        impl: "auto" (triton on CUDA, else torch), "triton" (the fused NT-Xent kernel plus the label terms),
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch), "triton" (the fused NT-Xent kernel plus the label terms),
             "torch" (tiled, any device), "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32
             switch, as ``fastclr.nt_xent``.
         gather_distributed: use the embeddings and labels of every rank of the process group (exact gradients).
@@ -88,7 +87,7 @@ def _checked_supcon(
     dist_group = dist_utils.resolve_group(gather_distributed, group)
     if dist_group is not None:
         dist_utils.check_equal_batches(z_a.shape[0], z_a.shape[1], z_a.device, dist_group)
-    path = pick_path(path, z_a.device)
+    path = pick_path(path, z_a.device, z_a.dtype)
     if path == "reference":
         return supcon_reference(z_a, z_b, labels, temperature, group=dist_group)
     if path == "triton":
@@ -104,20 +103,17 @@ def _checked_supcon(
 def _supcon_triton(
     z_a: torch.Tensor, z_b: torch.Tensor, labels: torch.Tensor, temperature: float, group
 ) -> torch.Tensor:
-    """SupCon from the fused NT-Xent kernel plus the positives' difference (see the module docstring), each term a
-    difference of cosines over tau: no term of size 1/tau is formed."""
-    precision = fp32_dot_precision() if z_a.dtype == torch.float32 else "tf32"
-    kernel = backend("triton", precision)
-    kernel.check(z_a)
+    """SupCon from the fused NT-Xent kernel plus the positives' difference (see the module docstring). A row whose only
+    positive is its pair adds exactly 0 (and no gradient); the others carry the rounding of the class sums, about
+    eps |C_y| / tau (fp32: ~1e-7 per class member over tau), the size of the kernel's own rounding of its logits."""
+    kernel, _ = checked_triton(z_a)
     loss = kernel.loss(z_a, z_b, temperature, group=group)
-    if group is None and z_a.shape[0] == 1:
-        # One pair in all: P(i) = {pos(i)}, the difference is exactly 0 (and its gradient, not a rounding residue).
-        return loss
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
     sums = tiled.label_sums(z_hat, torch.cat([labels, labels]), temperature, group=group)
     a, b = z_hat.chunk(2)
     pair = ((a * b).sum(1).repeat(2) - 1) / temperature
-    return (loss.float() + (pair - sums.positive / sums.count).mean()).to(z_a.dtype)
+    diff = torch.where(sums.count == 1, 0.0, pair - sums.positive / sums.count)
+    return (loss.float() + diff.mean()).to(z_a.dtype)
 
 
 class SupConLoss(nn.Module):
@@ -127,7 +123,7 @@ class SupConLoss(nn.Module):
         temperature: tau > 0.
         gather_distributed: gather embeddings and labels from all ranks of the default process group, with exact
             gradients.
-        impl: "auto" (triton on CUDA, else torch) | "triton" | "torch" | "reference".
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch) | "triton" | "torch" | "reference".
 
     Shapes:
         forward(z_a (N, D), z_b (N, D), labels (N,) integer) -> 0-d tensor.

@@ -302,7 +302,6 @@ def rows_grad(
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
     e_rows: torch.Tensor | None = None,
     e_cols: torch.Tensor | None = None,
-    extra: torch.Tensor | None = None,
     extra_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tau * dJ/dz_hat (A, D) for J = sum_i c_i lse_i + sum_i e_i sum_{p in P(i)} S_ip/tau over the rows of every
@@ -311,10 +310,10 @@ def rows_grad(
         tau dJ/dz_hat_i = sum_{kept j} (c_i P_ij + c_j P_ji) z_hat_j + sum_{p in P(i)} (e_i + e_p) z_hat_p
                           + sum_k c_i P_ik x_k                      (x_k the extra columns, which have no gradient)
 
-    z_hat, cols, stats, offset, exclude_pos, labels, extra: as ``row_stats`` had them; stats_cols (M, 3): the stats of
+    z_hat, cols, stats, offset, exclude_pos, labels: as ``row_stats`` had them; stats_cols (M, 3): the stats of
     every column's row; c_rows (A,), c_cols (M,): the coefficients c of the local rows and of every column (the upstream
     gradient of each row's lse, gathered from its rank); e_rows, e_cols likewise for the label sums. extra_sum: what
-    ``row_stats(extra_sums=True)`` kept, which replaces the extra columns' tiles: sum_k c_i P_ik x_k = c_i/l_i extra_sum_i.
+    ``row_stats(extra_sums=True)`` kept of the extra columns, their whole term: sum_k c_i P_ik x_k = c_i/l_i extra_sum_i.
     """
     m_rows, log_l_rows = stats[:, 0], stats[:, 1]
     m_cols, log_l_cols = stats_cols[:, 0], stats_cols[:, 1]
@@ -322,8 +321,7 @@ def rows_grad(
     a, m = z_hat.shape[0], cols.shape[0]
     device = z_hat.device
     grad = torch.zeros_like(z_hat)
-    width = max(min(block_cols, m), 0 if extra is None else min(block_cols, extra.shape[0]))
-    buf = z_hat.new_empty(min(block_rows, a), width)
+    buf = z_hat.new_empty(min(block_rows, a), min(block_cols, m))
     weight_buf = torch.empty_like(buf)
     shift = temperature >= SHIFT_MIN_TEMPERATURE
     if shift:
@@ -358,16 +356,6 @@ def rows_grad(
         grad[r0:r1].addmm_(weight, cols[c0:c1])
     if extra_sum is not None:
         grad.add_(extra_sum * (c_rows * torch.exp(-log_l_rows))[:, None])
-    elif extra is not None:
-        for r0, r1, c0, c1 in _tiles(a, extra.shape[0], block_rows, block_cols):
-            if shift:
-                tile = _logits_tile(buf, z_hat[r0:r1], extra[c0:c1], inv_t, inv_t).exp_()
-                weight = tile.mul_(u_rows[r0:r1, None])
-            else:
-                tile = _logits_tile(buf, z_hat[r0:r1], extra[c0:c1], inv_t, 0.0)
-                tile.sub_(m_rows[r0:r1, None]).sub_(log_l_rows[r0:r1, None])
-                weight = tile.exp_().mul_(c_rows[r0:r1, None])
-            grad[r0:r1].addmm_(weight, extra[c0:c1])
     return grad
 
 
@@ -691,9 +679,7 @@ class RowTermsFunction(torch.autograd.Function):
         if ctx.class_sums:
             found = found._replace(labelled=_label_terms(z_hat, cols, y_cols, offset, temperature))
         stats_cols = all_gather_rows(found.stats, group)[0] if in_batch else found.stats[:0]
-        ctx.save_for_backward(
-            z_hat, cols, found.stats, stats_cols, extra, labels, y_cols, found.extra_sum
-        )
+        ctx.save_for_backward(z_hat, cols, found.stats, stats_cols, labels, y_cols, found.extra_sum)
         ctx.offset, ctx.temperature, ctx.group = offset, temperature, group
         ctx.in_batch, ctx.exclude_pos = in_batch, exclude_pos
         ctx.blocks = (block_rows, block_cols)
@@ -707,7 +693,7 @@ class RowTermsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _g_shift, g_log_sum, g_pair, g_positive, _g_count):
-        z_hat, cols, stats, stats_cols, extra, labels, y_cols, extra_sum = ctx.saved_tensors
+        z_hat, cols, stats, stats_cols, labels, y_cols, extra_sum = ctx.saved_tensors
         c = torch.zeros_like(stats[:, 0]) if g_log_sum is None else g_log_sum
         e = torch.zeros_like(c) if g_positive is None else g_positive
         c_cols, e_cols = c, e
@@ -726,7 +712,7 @@ class RowTermsFunction(torch.autograd.Function):
                 z_hat, cols, stats, stats_cols, ctx.offset, c, c_cols, ctx.temperature, *ctx.blocks,
                 exclude_pos=ctx.exclude_pos,
                 labels=None if tile_labels is None else (labels, y_cols),
-                e_rows=e, e_cols=e_cols, extra=extra, extra_sum=extra_sum,
+                e_rows=e, e_cols=e_cols, extra_sum=extra_sum,
             )  # fmt: skip
         if ctx.class_sums:
             grad.add_(_label_grad(z_hat, cols, y_cols, ctx.offset, e, e_cols))
