@@ -77,14 +77,24 @@ def require_cuda() -> None:
         )
 
 
-def make_family_loss_fn(loss: str, impl: str, temperature: float, bank_size: int, d: int):
+def make_family_loss_fn(
+    loss: str,
+    impl: str,
+    temperature: float,
+    bank_size: int,
+    d: int,
+    *,
+    device="cpu",
+    interpret: bool = False,
+):
     """A callable (z_a, z_b, labels) -> loss for one provider of a family loss (the labels (N,) are supcon's; the
-    others ignore them); raises RuntimeError('skipped: ...') where the provider does not exist for that loss."""
+    others ignore them), its module (and bank) on ``device``; raises RuntimeError('skipped: ...') where the provider
+    does not exist for that loss, or for triton without a CUDA device unless ``interpret`` (the GPU check's dry run)."""
     import fastclr
 
     if impl not in LOSS_IMPLS[loss]:
         raise RuntimeError(f"skipped: no {impl} provider for --loss {loss}")
-    if impl == "triton":
+    if impl == "triton" and not interpret:
         require_cuda()
     if impl == "lightly":
         try:
@@ -103,6 +113,7 @@ def make_family_loss_fn(loss: str, impl: str, temperature: float, bank_size: int
         module = fastclr.NTXentLoss(temperature, memory_bank_size=(bank_size, d), impl=impl)
     else:
         module = {"dcl": fastclr.DCLLoss, "dclw": fastclr.DCLWLoss}[loss](temperature, impl=impl)
+    module = module.to(device)  # a bank lives where the embeddings are
     return lambda a, b, y: module(a, b)
 
 
@@ -191,7 +202,9 @@ def _child(spec: dict) -> dict:
             fn = lambda a, b, y: ntxent(a, b)  # noqa: E731
         else:
             bank_size = spec.get("bank_size") or two_n
-            fn = make_family_loss_fn(loss_name, impl, spec["temperature"], bank_size, d)
+            fn = make_family_loss_fn(
+                loss_name, impl, spec["temperature"], bank_size, d, device=device
+            )
 
         def step():
             loss = fn(z_a, z_b, labels)

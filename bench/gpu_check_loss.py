@@ -218,37 +218,24 @@ def loss_provider(impl: str, ctx):
     return make_loss_fn(impl, ctx.tau)  # reference, lightly
 
 
-# The family's timed providers: its kernel, the tiled path, and the materialising comparison (bench_loss's).
+# The family's timed providers: its kernel, the tiled path, and the materialising comparison (bench_loss's); lightly's
+# bank is float32, and its product with bf16 embeddings fails.
 FAMILY_TIMED = {
     "dcl": ("triton", "torch", "lightly"),
     "supcon": ("triton", "torch", "materialised"),
-    "ntxent-bank": (
-        "triton",
-        "torch",
-    ),  # lightly's bank fails on bf16 embeddings (``family_provider``)
+    "ntxent-bank": ("triton", "torch"),
 }
 
 
 def family_provider(loss: str, impl: str, ctx, two_n: int, d: int, labels):
-    """A callable (z_a, z_b) -> loss of a family loss (K = 2N for the bank, ``labels`` (N,) for SupCon, of the
-    embeddings' dtype); the kernels through the public modules, so that the dry run walks them under the interpreter.
-    RuntimeError('skipped: ...') where the provider cannot run."""
-    import fastclr
+    """A callable (z_a, z_b) -> loss of a family loss (K = 2N for the bank, ``labels`` (N,) for SupCon): bench_loss's
+    provider, the kernels walked under the interpreter in the dry run."""
     from fastclr.bench.bench_loss import make_family_loss_fn
 
-    if (loss, impl) == ("ntxent-bank", "lightly"):
-        raise RuntimeError(
-            "skipped: lightly's memory bank is float32 and its product with bf16 embeddings fails"
-        )
-    if impl in ("lightly", "materialised"):
-        fn = make_family_loss_fn(loss, impl, ctx.tau, two_n, d)
-        return lambda a, b: fn(a, b, labels)
-    if loss == "supcon":
-        module = fastclr.SupConLoss(ctx.tau, impl=impl)
-        return lambda a, b: module(a, b, labels)
-    if loss == "dcl":
-        return fastclr.DCLLoss(ctx.tau, impl=impl)
-    return fastclr.NTXentLoss(ctx.tau, memory_bank_size=(two_n, d), impl=impl).to(ctx.device)
+    fn = make_family_loss_fn(
+        loss, impl, ctx.tau, two_n, d, device=ctx.device, interpret=ctx.dry_run
+    )
+    return lambda a, b: fn(a, b, labels)
 
 
 def time_one(impl: str, z_a, z_b, ctx, fn=None) -> dict:

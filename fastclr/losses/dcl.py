@@ -86,11 +86,11 @@ def dcl(
         >>> loss = fastclr.dcl(model(x_a), model(x_b), temperature=0.1)
     """
     temperature = check_temperature(temperature)
-    path = check_impl(impl)
+    check_impl(impl)
     check_weight_fn(weight_fn)
     if gather_distributed:
         dist_utils.require_distributed()
-    return _checked_dcl(z_a, z_b, temperature, weight_fn, None, path, gather_distributed, group)
+    return _checked_dcl(z_a, z_b, temperature, weight_fn, None, impl, gather_distributed, group)
 
 
 def dclw(
@@ -107,10 +107,10 @@ def dclw(
     temperature."""
     temperature = check_temperature(temperature)
     sigma = check_positive(sigma, "sigma")
-    path = check_impl(impl)
+    check_impl(impl)
     if gather_distributed:
         dist_utils.require_distributed()
-    return _checked_dcl(z_a, z_b, temperature, None, sigma, path, gather_distributed, group)
+    return _checked_dcl(z_a, z_b, temperature, None, sigma, impl, gather_distributed, group)
 
 
 def _checked_dcl(
@@ -119,7 +119,7 @@ def _checked_dcl(
     temperature: float,
     weight_fn: WeightFn | None,
     sigma: float | None,
-    path: str,
+    impl: str,
     gather_distributed: bool,
     group,
 ) -> torch.Tensor:
@@ -137,7 +137,7 @@ def _checked_dcl(
         weight_fn = partial(negative_mises_fisher_weights, sigma=sigma, group=dist_group)
     if weight_fn is not None:
         weight_fn = partial(_checked_weights, weight_fn)
-    path = pick_path(path, z_a.device, z_a.dtype)
+    path = pick_path(impl, z_a.device, z_a.dtype)
     if path == "reference":
         return dcl_reference(z_a, z_b, temperature, weight_fn=weight_fn, group=dist_group)
     if path == "triton":
@@ -180,8 +180,7 @@ def _dcl_triton(
     if weight_fn is None:
         return loss
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
-    a, b = z_hat.chunk(2)
-    pair = (a * b).sum(1).repeat(2) / temperature
+    pair = tiled.pair_cosines(z_hat) / temperature
     w = _row_weights(z_hat, weight_fn)
     return (loss.float() + ((1 - w) * pair).mean()).to(z_a.dtype)
 
@@ -212,8 +211,7 @@ class DCLLoss(nn.Module):
     ):
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.impl = impl
-        self.path = check_impl(impl)
+        self.impl = check_impl(impl)
         check_weight_fn(weight_fn)
         self.weight_fn = weight_fn
         if gather_distributed:
@@ -227,7 +225,7 @@ class DCLLoss(nn.Module):
             self.temperature,
             self.weight_fn,
             None,
-            self.path,
+            self.impl,
             self.gather_distributed,
             None,
         )
@@ -261,7 +259,7 @@ class DCLWLoss(DCLLoss):
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         return _checked_dcl(
-            z_a, z_b, self.temperature, None, self.sigma, self.path, self.gather_distributed, None
+            z_a, z_b, self.temperature, None, self.sigma, self.impl, self.gather_distributed, None
         )
 
     def extra_repr(self) -> str:

@@ -100,8 +100,8 @@ def _bank_loss(
     log_sum_i: the positive's logit is subtracted from the shift (the row's largest logit, or 1/tau) before log_sum
     is added, so lse_i itself, about 1/tau, is never rounded."""
     path = pick_path(impl, z_a.device, z_a.dtype)
-    if impl == "auto" and z_a.shape[1] > KERNEL_MAX_D:
-        path = "torch" if path == "triton" else path
+    if impl == "auto" and path == "triton" and z_a.shape[1] > KERNEL_MAX_D:
+        path = "torch"
     if path == "reference":
         return nt_xent_bank_reference(z_a, z_b, bank, temperature)
     a, b = tiled.normalized(z_a), tiled.normalized(z_b)

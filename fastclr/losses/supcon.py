@@ -65,10 +65,10 @@ def supcon(
         >>> loss = fastclr.supcon(model(x_a), model(x_b), y, temperature=0.1)
     """
     temperature = check_temperature(temperature)
-    path = check_impl(impl)
+    check_impl(impl)
     if gather_distributed:
         dist_utils.require_distributed()
-    return _checked_supcon(z_a, z_b, labels, temperature, path, gather_distributed, group)
+    return _checked_supcon(z_a, z_b, labels, temperature, impl, gather_distributed, group)
 
 
 def _checked_supcon(
@@ -76,7 +76,7 @@ def _checked_supcon(
     z_b: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
-    path: str,
+    impl: str,
     gather_distributed: bool,
     group,
 ) -> torch.Tensor:
@@ -87,7 +87,7 @@ def _checked_supcon(
     dist_group = dist_utils.resolve_group(gather_distributed, group)
     if dist_group is not None:
         dist_utils.check_equal_batches(z_a.shape[0], z_a.shape[1], z_a.device, dist_group)
-    path = pick_path(path, z_a.device, z_a.dtype)
+    path = pick_path(impl, z_a.device, z_a.dtype)
     if path == "reference":
         return supcon_reference(z_a, z_b, labels, temperature, group=dist_group)
     if path == "triton":
@@ -110,8 +110,7 @@ def _supcon_triton(
     loss = kernel.loss(z_a, z_b, temperature, group=group)
     z_hat = tiled.normalized(torch.cat([z_a, z_b]))
     sums = tiled.label_sums(z_hat, torch.cat([labels, labels]), temperature, group=group)
-    a, b = z_hat.chunk(2)
-    pair = ((a * b).sum(1).repeat(2) - 1) / temperature
+    pair = (tiled.pair_cosines(z_hat) - 1) / temperature
     diff = torch.where(sums.count == 1, 0.0, pair - sums.positive / sums.count)
     return (loss.float() + diff.mean()).to(z_a.dtype)
 
@@ -138,15 +137,14 @@ class SupConLoss(nn.Module):
     ):
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.impl = impl
-        self.path = check_impl(impl)
+        self.impl = check_impl(impl)
         if gather_distributed:
             dist_utils.require_distributed()
         self.gather_distributed = gather_distributed
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _checked_supcon(
-            z_a, z_b, labels, self.temperature, self.path, self.gather_distributed, None
+            z_a, z_b, labels, self.temperature, self.impl, self.gather_distributed, None
         )
 
     def extra_repr(self) -> str:

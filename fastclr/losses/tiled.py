@@ -276,9 +276,8 @@ def row_stats(
             rescale = torch.exp(old_max - new_max)
             weights = torch.exp(tile - new_max[:, None])
             total[r0:r1] = total[r0:r1] * rescale + weights.sum(1)
-            if (
-                not in_batch and extra_sum is not None
-            ):  # the extra columns come last: it is zero before them
+            # The extra columns come last: extra_sum is zero before them.
+            if not in_batch and extra_sum is not None:
                 extra_sum[r0:r1].mul_(rescale[:, None]).addmm_(weights, src[c0:c1])
             run_max[r0:r1] = new_max
     stats = torch.stack([run_max, total.log_(), run_arg], dim=1)
@@ -561,6 +560,13 @@ def normalized(z: torch.Tensor) -> torch.Tensor:
     """z (A, D) -> z_hat (A, D) = z / max(||z||, EPS) in the compute dtype, through autograd: the family losses take
     their other O(A D) terms (positives, weights) from autograd too."""
     return normalize_rows(z.to(compute_dtype(z.dtype)))[0]
+
+
+def pair_cosines(z_hat: torch.Tensor) -> torch.Tensor:
+    """(2N,) s(i, pos(i)) of the unit rows z_hat = [a_hat; b_hat] (2N, D): <a_hat_i, b_hat_i>, once per view, through
+    autograd."""
+    a, b = z_hat.chunk(2)
+    return (a * b).sum(dim=1).repeat(2)
 
 
 class RowTerms(NamedTuple):
