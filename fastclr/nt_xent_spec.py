@@ -108,7 +108,8 @@ class ForwardState(NamedTuple):
 
     Both fast paths fill the same fields. The tiled torch path keeps them in its compute dtype (fp32 for fp16/bf16
     inputs) with stats = (m_i, log l_i, argmax_i) (A, 3) (see ``fastclr.losses.tiled.row_stats``); the kernel keeps
-    zhat in the input dtype, norm in fp32 and stats = (m_i, log l_i) (A, 2) fp32 (see ``fastclr.kernels.nt_xent``).
+    zhat in the input dtype, norm in fp32 and stats = (m_i, log l_i) (A, 2) fp32 (see ``fastclr.kernels.nt_xent``),
+    and after its upper-triangle forward the S of its diagonal squares (``fastclr.kernels.nt_xent.diagonal_square``).
     """
 
     zhat: torch.Tensor  # (A, D) local rows z / max(||z||, EPS)
@@ -116,12 +117,20 @@ class ForwardState(NamedTuple):
     stats: torch.Tensor  # per-row softmax statistics: (A, 3) or (A, 2)
     cols: torch.Tensor  # (M, D) candidate columns: zhat itself unless gathered from every rank
     stats_cols: torch.Tensor  # the stats of every candidate column
-    offset: int  # the column of local row 0
+    # The kernel's diagonal squares of S, (A padded to B, B) fp32, after its upper-triangle forward; else None.
+    square: torch.Tensor | None = None
+    offset: int = 0  # the column of local row 0
 
     @classmethod
-    def local(cls, zhat: torch.Tensor, norm: torch.Tensor, stats: torch.Tensor) -> ForwardState:
+    def local(
+        cls,
+        zhat: torch.Tensor,
+        norm: torch.Tensor,
+        stats: torch.Tensor,
+        square: torch.Tensor | None = None,
+    ) -> ForwardState:
         """One process: the candidates are the local rows."""
-        return cls(zhat=zhat, norm=norm, stats=stats, cols=zhat, stats_cols=stats, offset=0)
+        return cls(zhat=zhat, norm=norm, stats=stats, cols=zhat, stats_cols=stats, square=square)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensor fields in order, for ``ctx.save_for_backward``; ``ForwardState(*tensors, offset=...)`` rebuilds

@@ -15,7 +15,9 @@ per row block picks which split combines the partials, in a fixed order), and fo
 (2N)x(2N)xD GEMMs (S forward, S again and W @ cols backward). The (2N)x(2N) matrix never exists in memory.
 On one process with the fixed shift (tau >= SHIFT_MIN_TEMPERATURE) E_ij = exp((S_ij - 1)/tau) is symmetric and
 l_i = sum_{j != i} E_ij a plain sum, so the forward computes only the tiles on and above the diagonal: each gives the
-row sums of its rows and the column sums of its columns (= the row sums of those rows over its rows), half a GEMM.
+row sums of its rows and the column sums of its columns (= the row sums of those rows over its rows), half a GEMM. Its
+diagonal squares are whole MMA tiles; it keeps their S (2N x BLOCK_M fp32), which the backward loads instead of
+computing again: forward + backward execute (2N)^2 D (5/2 - BLOCK_M / (2 2N)) MACs (``executed_macs``).
 
 Launches (two forward, or three on the upper-triangle path; three backward):
     forward    _nt_xent_norm_fwd_kernel   raw z_a, z_b -> z_hat (A, D) in the input dtype and norms (A,); one process:
@@ -29,14 +31,15 @@ Launches (two forward, or three on the upper-triangle path; three backward):
                                           the tiles at and right of each row block's diagonal square: row sums per
                                           split (splits, A), column sums per row block (a workspace of at most
                                           SYM_MAX_SLOTS row blocks x A, the row blocks beyond it in further launches),
-                                          positive logits (A,)
+                                          positive logits (A,), the diagonal squares' S (``diagonal_square``)
                _nt_xent_sym_combine_kernel  l_i = column sums of the row blocks left of row i, in row-block-pair
                                           order (per launch, onto the earlier launches' running sum), + row sums in
                                           split order -> stats (1, log l_i), loss (the last program adds the rows'
                                           sums in order)
     backward   _nt_xent_col_terms_kernel  per column j (M,): g_j / g_max (the rank's upstream gradient), times 1/l_j
                                           on the fixed-shift path, once per column instead of per S element
-               _nt_xent_bwd_kernel        row blocks x output D chunks x column splits: per split, fp32 partial
+               _nt_xent_bwd_kernel        row blocks x output D chunks x column splits (S of the forward's diagonal
+                                          squares loaded, not computed): per split, fp32 partial
                                           acc_i = g_max sum_j W_ij cols_j with
                                           W_ij = (g P_ij + g_j P_ji - 2 g [j = pos(i)]) / g_max, W_ii = 0,
                                           g_max = max_r |g_r|: W (|W| <= 2) is rounded to the input dtype for the
@@ -634,11 +637,47 @@ def _nt_xent_fwd_kernel(
 
 
 @triton.jit
+def _sym_boundary_exp(
+    s,
+    start_n,
+    r0,
+    r1,
+    n,
+    A,
+    spos_ptr,
+    RIGHT: tl.constexpr,
+    QK_SCALE,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EXCLUDE_POS: tl.constexpr,
+):
+    """E^T (BLOCK_N, BLOCK_M) of a boundary block of ``_sym_piece`` from its S^T, masked (the diagonal, columns >= A,
+    EXCLUDE_POS the positives), after storing the positive logits it holds. RIGHT: the block is right of the diagonal
+    square (not in it).
+
+    pos is an involution: S_{j,pos(j)} is the positive logit of column j and of row pos(j), picked from the same S that
+    enters the sums (identical rows give exactly log(A - 1)) along the tile's in-thread axis. Row pos(j) takes it
+    wherever it lies, column j only right of the diagonal square (inside, its own row picks it)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    pos_of_col = tl.where(cols < n, cols + n, cols - n)
+    pick = tl.sum(tl.where(tl.arange(0, BLOCK_M)[None, :] == (pos_of_col - r0)[:, None], s, 0.0), 1)
+    mine = (pos_of_col >= r0) & (pos_of_col < r1) & (cols < A)
+    tl.store(spos_ptr + pos_of_col, pick, mask=mine)
+    if RIGHT:
+        tl.store(spos_ptr + cols, pick, mask=mine)
+    valid = (cols[:, None] < A) & ((cols - r0)[:, None] != tl.arange(0, BLOCK_M)[None, :])
+    if EXCLUDE_POS:
+        valid = valid & (tl.arange(0, BLOCK_M)[None, :] != (pos_of_col - r0)[:, None])
+    return tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
+
+
+@triton.jit
 def _sym_piece(
     zhat_ptr,
     rowpart_ptr,
     colpart_ptr,
     spos_ptr,
+    square_ptr,
     blk,
     jb,
     je,
@@ -655,25 +694,32 @@ def _sym_piece(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EXCLUDE_POS: tl.constexpr,
+    STORE_SQUARE: tl.constexpr,
 ):
     """Row block blk (rows r0 = blk BLOCK_M ..) over its column blocks [jb, je), all at or right of its diagonal
     square (columns r0 .. r0 + BLOCK_M, blocks blk R .. (blk + 1) R with R = BLOCK_M / BLOCK_N).
 
     Tiles are computed transposed, E^T (BLOCK_N, BLOCK_M) with E = exp2(S QK_SCALE - QK_SCALE): a column's sum over
     the row block is a reduction within each thread's registers (the MMA layout spreads the tile's rows over threads),
-    and in the first loop the row sums stay per element (l_acc, reduced once; the second loop reduces per tile, which
-    keeps it spill-free next to the positives' picks). Right of the diagonal square each tile adds its row sums
-    to the rows and stores its column sums in colpart_ptr[slot, columns]: E is symmetric, so they are the sums of
+    and in the first loop the row sums stay per element (l_acc, reduced once; the boundary loops reduce per tile,
+    which keeps them spill-free next to the positives' picks). Right of the diagonal square each tile adds its row
+    sums to the rows and stores its column sums in colpart_ptr[slot, columns]: E is symmetric, so they are the sums of
     those columns' rows over this row block's columns. The diagonal square gives row sums only (it holds both E_ij
-    and E_ji). Masks only in the second loop: the diagonal square, the blocks holding the positives of rows < N
-    (pos(i) = i + N, the only positives right of the square) and a ragged last block; the first loop runs the other
-    blocks with none, each visited once (its index skips the positives' run).
+    and E_ji). Masks only in the boundary loops: the diagonal square's (the second loop), then the blocks holding the
+    positives of rows < N (pos(i) = i + N, the only positives right of the square) and a ragged last block (the
+    third); the first loop runs the other blocks with none, each visited once (its index skips the positives' run).
 
     Positive logits: each S_{i,pos(i)} is stored once, in spos_ptr[i], from the tile holding column pos(i) of row i
     (the diagonal square or the positives' run), and right of the diagonal square also for row pos(i) (S_{i, i + N} is
     the positive of row i + N too). The row sums over [jb, je) go to rowpart_ptr[split, rows] when write (an empty
     piece writes zeros). EXCLUDE_POS (DCL): E_{i,pos(i)} enters neither the row nor the column sums (the pair is one
     element of the upper triangle, in a boundary block, and the sums of both its rows leave it out).
+
+    STORE_SQUARE: the diagonal square's S, raw fp32, goes to square_ptr[rows, columns - r0] (rows padded to a multiple
+    of BLOCK_M, BLOCK_M wide): the backward loads it there instead of computing those tiles again, so that the square's
+    lower half, which this forward computes only because MMA tiles are whole, is not paid for twice. The host sets it
+    only for N >= BLOCK_M, where no positive lies in a square: the second loop then stores S and masks the diagonal
+    alone (from a loop that also picks positives the store spilled on sm_90, BM128_BN128_W8, for DCL).
     """
     R: tl.constexpr = BLOCK_M // BLOCK_N
     n = A // 2
@@ -696,6 +742,10 @@ def _sym_piece(
     hi = tl.minimum(je, full)
     gp, n_pos = _clip(f1, l1, lo, hi)
     cp = colpart_ptr + tl.cast(slot, tl.int64) * A
+    ragged = (full >= off) & ((full < f1) | (full >= l1))
+    g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
+        blk * R, tl.minimum(off, n_blocks), f1, l1, 0, 0, full, tl.where(ragged, n_blocks, full), jb, je
+    )  # fmt: skip
     l_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for v in range(0, tl.maximum(hi - lo, 0) - n_pos):
         b = lo + v
@@ -710,37 +760,43 @@ def _sym_piece(
         l_acc += e
         tl.store(cp + start_n + tl.arange(0, BLOCK_N), tl.sum(e, 1))
     l_i = tl.sum(l_acc, 0)
-    # Boundary blocks, each once: the diagonal square, the positives' run and a ragged last block outside it.
-    ragged = (full >= off) & ((full < f1) | (full >= l1))
-    g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
-        blk * R, tl.minimum(off, n_blocks), f1, l1, 0, 0, full, tl.where(ragged, n_blocks, full), jb, je
-    )  # fmt: skip
-    # Unpipelined: a few blocks per row block, and a second tile in flight would spill next to l_acc and the picks.
-    for v in tl.range(0, n0 + n1 + n2 + n3, num_stages=1):
-        t, _ = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
-        start_n = t * BLOCK_N
-        cols = start_n + tl.arange(0, BLOCK_N)
+    # Boundary blocks, each once. The diagonal square (row sums only) in a loop of its own, with STORE_SQUARE also its
+    # S: storing it from the loop below would spill.
+    for v in tl.range(0, n0, num_stages=1):
+        start_n = (g0 + v) * BLOCK_N
         s = _logits_tile(
             zhat_ptr, zhat_ptr, q, r0, A, start_n, A, D,
             BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, False, True,
         )  # fmt: skip
-        right = t >= off
-        # pos is an involution: S_{j,pos(j)} is the positive logit of column j and of row pos(j), picked from the same
-        # S that enters the sums (identical rows give exactly log(A - 1)) along the tile's in-thread axis. Row pos(j)
-        # takes it wherever it lies, column j only right of the diagonal square (inside, its own row picks it).
-        pos_of_col = tl.where(cols < n, cols + n, cols - n)
-        pick = tl.sum(
-            tl.where(tl.arange(0, BLOCK_M)[None, :] == (pos_of_col - r0)[:, None], s, 0.0), 1
-        )
-        mine = (pos_of_col >= r0) & (pos_of_col < r1) & (cols < A)
-        tl.store(spos_ptr + pos_of_col, pick, mask=mine)
-        tl.store(spos_ptr + cols, pick, mask=mine & right)
-        valid = (cols[:, None] < A) & ((cols - r0)[:, None] != tl.arange(0, BLOCK_M)[None, :])
-        if EXCLUDE_POS:
-            valid = valid & (tl.arange(0, BLOCK_M)[None, :] != (pos_of_col - r0)[:, None])
-        e = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
+        if STORE_SQUARE:
+            out = square_ptr + tl.cast(r0, tl.int64) * BLOCK_M + (start_n - r0)
+            tl.store(
+                out + (tl.arange(0, BLOCK_M)[None, :] * BLOCK_M + tl.arange(0, BLOCK_N)[:, None]), s
+            )
+            # N >= BLOCK_M: no positive in the square, whose only masks are the diagonal and a ragged end.
+            cols = start_n + tl.arange(0, BLOCK_N)
+            valid = (cols[:, None] < A) & ((cols - r0)[:, None] != tl.arange(0, BLOCK_M)[None, :])
+            e = tl.where(valid, tl.exp2(s * QK_SCALE - QK_SCALE), 0.0)
+        else:
+            e = _sym_boundary_exp(
+                s, start_n, r0, r1, n, A, spos_ptr, False, QK_SCALE, BLOCK_M, BLOCK_N, EXCLUDE_POS
+            )
         l_i += tl.sum(e, 0)
-        tl.store(cp + cols, tl.sum(e, 1), mask=(cols < A) & right)
+    # The positives' run and a ragged last block outside it. Unpipelined: a few blocks per row block, and a second tile
+    # in flight would spill next to the picks.
+    for v in tl.range(n0, n0 + n1 + n2 + n3, num_stages=1):
+        t, _ = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
+        start_n = t * BLOCK_N
+        s = _logits_tile(
+            zhat_ptr, zhat_ptr, q, r0, A, start_n, A, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, False, True,
+        )  # fmt: skip
+        e = _sym_boundary_exp(
+            s, start_n, r0, r1, n, A, spos_ptr, True, QK_SCALE, BLOCK_M, BLOCK_N, EXCLUDE_POS
+        )
+        l_i += tl.sum(e, 0)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        tl.store(cp + cols, tl.sum(e, 1), mask=cols < A)
     tl.store(rowpart_ptr + tl.cast(split, tl.int64) * A + rows, l_i, mask=row_ok & write)
 
 
@@ -750,12 +806,14 @@ def _nt_xent_sym_fwd_kernel(
     rowpart_ptr,
     colpart_ptr,
     spos_ptr,
+    square_ptr,
     A,
     M,
     D,
     PAIR0,
     QK_SCALE,
     EXCLUDE_POS: tl.constexpr,
+    STORE_SQUARE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -770,7 +828,8 @@ def _nt_xent_sym_fwd_kernel(
     square, and a pair's U_p + U_q is the same for every pair, so the splits of all pairs are equal in work. Split s
     takes the s-th run of cdiv(U_p + U_q, splits) blocks of p's blocks followed by q's (``_sym_piece`` for each part).
     Outputs (``_nt_xent_sym_combine_kernel`` adds them in a fixed order): row sums rowpart_ptr (splits, A), column sums
-    colpart_ptr (2 pairs, A) in slots 2 (p - PAIR0) and 2 (p - PAIR0) + 1, positive logits spos_ptr (A,). M is unused
+    colpart_ptr (2 pairs, A) in slots 2 (p - PAIR0) and 2 (p - PAIR0) + 1, positive logits spos_ptr (A,), and
+    (STORE_SQUARE) the diagonal squares' S in square_ptr (A padded to BLOCK_M, BLOCK_M) for the backward. M is unused
     (the autotuner's key and pruning read it).
     """
     tl.static_assert(
@@ -792,14 +851,14 @@ def _nt_xent_sym_fwd_kernel(
     lo = tl.minimum(split * per, u_p + u_q)
     hi = tl.minimum(lo + per, u_p + u_q)
     _sym_piece(
-        zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, p, p * R + tl.minimum(lo, u_p), p * R + tl.minimum(hi, u_p),
-        2 * pid, split, p >= 0, A, D, QK_SCALE, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER,
-        EXCLUDE_POS,
+        zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, square_ptr, p, p * R + tl.minimum(lo, u_p),
+        p * R + tl.minimum(hi, u_p), 2 * pid, split, p >= 0, A, D, QK_SCALE, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS,
+        INPUT_PRECISION, INTERPRETER, EXCLUDE_POS, STORE_SQUARE,
     )  # fmt: skip
     _sym_piece(
-        zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, qb, qb * R + tl.maximum(lo - u_p, 0),
+        zhat_ptr, rowpart_ptr, colpart_ptr, spos_ptr, square_ptr, qb, qb * R + tl.maximum(lo - u_p, 0),
         qb * R + tl.maximum(hi - u_p, 0), 2 * pid + 1, split, qb > p, A, D, QK_SCALE,
-        BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, EXCLUDE_POS,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, INPUT_PRECISION, INTERPRETER, EXCLUDE_POS, STORE_SQUARE,
     )  # fmt: skip
 
 
@@ -963,6 +1022,18 @@ def _bwd_consume(
 
 
 @triton.jit
+def _boundary_w(s, cols, u_i, u_j, diag, pos_col, g, keep, QK_SCALE, EXCLUDE_POS: tl.constexpr):
+    """W of a boundary block on the fixed-shift path, in fp32: exp2(S QK_SCALE - QK_SCALE) (u_i + u_j) with W_ii = 0
+    and the positive's -2g, times keep (0 for a block an earlier run already had, see ``_boundary_block``)."""
+    w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
+    w = tl.where(cols[None, :] != diag[:, None], w, 0.0)
+    # The positive's -2g joins W here, in fp32: W_pos = g (P_ij + P_ji) tends to 2g as the pair gets confident, and
+    # subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
+    w_pos = -2.0 * g if EXCLUDE_POS else w - 2.0 * g
+    return tl.where(cols[None, :] == pos_col[:, None], w_pos, w) * keep
+
+
+@triton.jit
 def _nt_xent_bwd_kernel(
     zhat_ptr,
     cols_ptr,
@@ -973,6 +1044,7 @@ def _nt_xent_bwd_kernel(
     terms_ptr,
     acc_ptr,
     w_ptr,
+    square_ptr,
     A,
     M,
     D,
@@ -988,6 +1060,7 @@ def _nt_xent_bwd_kernel(
     D_BLOCKS: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     STORE_W: tl.constexpr,
+    SQUARE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
@@ -1002,10 +1075,18 @@ def _nt_xent_bwd_kernel(
     _nt_xent_bwd_gemm_kernel. Recomputing S per output chunk would cost D / BLOCK_DO GEMMs.
 
     EXCLUDE_POS (DCL, whose softmax leaves the positive out, see _nt_xent_fwd_kernel): W_{i,pos(i)} = -2 g alone.
+
+    SQUARE (one process, fixed shift, after the upper-triangle forward; 0: none): the forward's BLOCK_M, whose diagonal
+    squares' S it left in square_ptr (A padded to SQUARE, SQUARE) fp32. When SQUARE is a multiple of BLOCK_M and
+    BLOCK_N, a row block's square (columns sq0 .. sq0 + SQUARE, sq0 = r0 rounded down to SQUARE) replaces its diagonal
+    run: the main loop skips it, and its blocks load S instead of computing it (a third loop, before the boundary loop,
+    which counts them as seen). Forward + backward then execute (2N)^2 D (5/2 - SQUARE / (2 2N)) MACs instead of
+    (5/2 + SQUARE / (2 2N)).
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
     )
+    USE_SQUARE: tl.constexpr = (SQUARE > 0) and (SQUARE % BLOCK_M == 0) and (SQUARE % BLOCK_N == 0)
     tl.static_assert(
         D_BLOCKS > 1 or BLOCK_DO == BLOCK_D,
         "one D block: the logits tile doubles as the W @ cols operand",
@@ -1044,6 +1125,11 @@ def _nt_xent_bwd_kernel(
         # masks) and stops before a ragged last block (no row masks on its loads); the boundary loop needs no padding
         # mask either: columns j >= M have zero rows in cols, so their finite W (S = 0 there) adds nothing.
         f0, l0, f1, l1, f2, l2, f3, l3 = _boundary_runs(r0, r1, n, M, OFFSET, BLOCK_N)
+        sq0 = 0
+        # The forward's diagonal square in place of the diagonal run, which it contains.
+        if USE_SQUARE:
+            sq0 = r0 // SQUARE * SQUARE
+            f0, l0 = _blocks(sq0, tl.minimum(sq0 + SQUARE, M), BLOCK_N)
         lo = c_begin // BLOCK_N
         hi = tl.minimum(c_end, M - M % BLOCK_N) // BLOCK_N
         s0, k0, s1, k1, s2, k2 = _skipped_runs(f0, l0, f1, l1, f2, l2, lo, hi)
@@ -1063,7 +1149,27 @@ def _nt_xent_bwd_kernel(
         g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
             f0, l0, f1, l1, f2, l2, f3, l3, c_begin // BLOCK_N, tl.cdiv(c_end, BLOCK_N)
         )
-        for v in range(0, n0 + n1 + n2 + n3):
+        first = 0
+        if USE_SQUARE:
+            # The square's blocks (run 0): S loaded from the forward, not computed; the boundary loop starts after them.
+            first = n0
+            for v in range(0, n0):
+                start_n = (g0 + v) * BLOCK_N
+                cols = start_n + tl.arange(0, BLOCK_N)
+                u_j = tl.load(terms_ptr + cols, mask=cols < M, other=0.0)
+                tile = tl.arange(0, BLOCK_M)[:, None] * SQUARE + (cols - sq0)[None, :]
+                s = tl.load(square_ptr + tl.cast(r0, tl.int64) * SQUARE + tile)
+                k = s  # the weight pass multiplies nothing
+                if not STORE_W:
+                    k = _load_rows(
+                        cols_ptr, start_n, M, pid_d * BLOCK_DO, D, BLOCK_N, BLOCK_DO, INTERPRETER
+                    )
+                w = _boundary_w(s, cols, u_i, u_j, diag, pos_col, g, 1.0, QK_SCALE, EXCLUDE_POS)
+                w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
+                acc = _bwd_consume(
+                    acc, w, k, w_ptr, rows, cols, A, COL0, COL1, 1.0, STORE_W, INPUT_PRECISION, INTERPRETER,
+                )  # fmt: skip
+        for v in range(first, n0 + n1 + n2 + n3):
             t, keep = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
             start_n = t * BLOCK_N
             cols = start_n + tl.arange(0, BLOCK_N)
@@ -1072,12 +1178,7 @@ def _nt_xent_bwd_kernel(
                 zhat_ptr, cols_ptr, q, r0, A, start_n, M, D, pid_d, BLOCK_M, BLOCK_N, BLOCK_D, D_BLOCKS, BLOCK_DO,
                 INPUT_PRECISION, INTERPRETER, False, STORE_W,
             )  # fmt: skip
-            w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
-            w = tl.where(cols[None, :] != diag[:, None], w, 0.0)
-            # The positive's -2g joins W here, in fp32: W_pos = g (P_ij + P_ji) tends to 2g as the pair gets confident,
-            # and subtracting 2g z_hat_pos after W was rounded to bf16 would leave only rounding noise.
-            w_pos = -2.0 * g if EXCLUDE_POS else w - 2.0 * g
-            w = tl.where(cols[None, :] == pos_col[:, None], w_pos, w) * keep
+            w = _boundary_w(s, cols, u_i, u_j, diag, pos_col, g, keep, QK_SCALE, EXCLUDE_POS)
             w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
             acc = _bwd_consume(
                 acc, w, k, w_ptr, rows, cols, A, COL0, COL1, keep, STORE_W, INPUT_PRECISION, INTERPRETER,
@@ -1561,46 +1662,68 @@ def resolve_config(
     return CONFIGS[config]
 
 
-def boundary_visits(a: int, m: int, block_m: int, block_n: int, offset: int = 0) -> int:
-    """Boundary column blocks the fixed-shift kernels' second loop visits (with masks), summed over row blocks: per
-    row block the diagonal run, the two runs of positives and a ragged last block (``_boundary_runs``), each counted
-    (overlaps run twice, counted once in the sums). The splits partition the column blocks, so their number does not
-    matter."""
-    n, col_blocks, visits = a // 2, triton.cdiv(m, block_n), 0
-
-    def run(lo: int, hi: int) -> int:
-        if hi <= lo:
-            return 0
-        return max(0, min(triton.cdiv(hi, block_n), col_blocks) - max(lo // block_n, 0))
-
-    for r0 in range(0, a, block_m):
-        r1 = min(r0 + block_m, a)
-        visits += run(offset + r0, offset + r1) + run(offset + r0 + n, offset + min(r1, n) + n)
-        visits += run(offset + max(r0, n) - n, offset + r1 - n) + run(m - m % block_n, m)
-    return visits
+def reads_square(square: int, block_m: int, block_n: int) -> bool:
+    """Whether a backward of these tiles loads the upper-triangle forward's diagonal squares of width ``square``
+    (``diagonal_square``; 0: none) instead of computing them: its row and column blocks tile the squares."""
+    return square > 0 and square % block_m == 0 and square % block_n == 0
 
 
-def boundary_overlaps(a: int, m: int, block_m: int, block_n: int, offset: int = 0) -> int:
-    """Blocks the fixed-shift kernels visit twice, summed over row blocks: where a row block's boundary runs
-    (``boundary_visits``) overlap, the boundary loop runs the block once per run (counted once). Every other block runs
-    once, in the main loop or the boundary loop."""
-    n, col_blocks, twice = a // 2, triton.cdiv(m, block_n), 0
+def boundary_runs(
+    a: int, m: int, block_m: int, block_n: int, offset: int = 0, square: int = 0
+) -> list[list[range]]:
+    """Per row block, the column blocks of the fixed-shift kernels' four boundary runs (``_boundary_runs``): the
+    diagonal, the two runs of positives and a ragged last block. With ``square`` (the backward after the upper-triangle
+    forward, ``reads_square``) the first run is the row block's diagonal square, whose blocks the backward loads."""
+    n, col_blocks = a // 2, triton.cdiv(m, block_n)
 
     def run(lo: int, hi: int) -> range:
         if hi <= lo:
             return range(0)
         return range(max(lo // block_n, 0), min(triton.cdiv(hi, block_n), col_blocks))
 
+    out = []
     for r0 in range(0, a, block_m):
         r1 = min(r0 + block_m, a)
-        runs = [
-            run(offset + r0, offset + r1),
-            run(offset + r0 + n, offset + min(r1, n) + n),
-            run(offset + max(r0, n) - n, offset + r1 - n),
-            run(m - m % block_n, m),
-        ]
-        twice += sum(len(x) for x in runs) - len(set().union(*runs))
-    return twice
+        sq0 = r0 // square * square if square else 0
+        out.append(
+            [
+                run(sq0, min(sq0 + square, m)) if square else run(offset + r0, offset + r1),
+                run(offset + r0 + n, offset + min(r1, n) + n),
+                run(offset + max(r0, n) - n, offset + r1 - n),
+                run(m - m % block_n, m),
+            ]
+        )
+    return out
+
+
+def boundary_visits(
+    a: int, m: int, block_m: int, block_n: int, offset: int = 0, square: int = 0
+) -> int:
+    """Boundary column blocks the fixed-shift kernels visit with masks, summed over row blocks (``boundary_runs``),
+    overlaps counted once per run. The splits partition the column blocks, so their number does not matter."""
+    return sum(
+        len(x) for runs in boundary_runs(a, m, block_m, block_n, offset, square) for x in runs
+    )
+
+
+def boundary_overlaps(
+    a: int, m: int, block_m: int, block_n: int, offset: int = 0, square: int = 0
+) -> int:
+    """Blocks the fixed-shift kernels visit twice, summed over row blocks: where a row block's boundary runs
+    (``boundary_runs``) overlap, the boundary loop runs the block once per run (counted once). Every other block runs
+    once, in the main loop or the boundary loop."""
+    return sum(
+        sum(len(x) for x in runs) - len(set().union(*runs))
+        for runs in boundary_runs(a, m, block_m, block_n, offset, square)
+    )
+
+
+def square_visits(a: int, block_m: int, block_n: int, square: int) -> int:
+    """Column blocks whose S the backward loads from the upper-triangle forward's diagonal squares instead of computing
+    it, summed over row blocks (0 unless ``reads_square``)."""
+    if not reads_square(square, block_m, block_n):
+        return 0
+    return sum(len(runs[0]) for runs in boundary_runs(a, a, block_m, block_n, square=square))
 
 
 def symmetric_visits(a: int, block_m: int, block_n: int) -> int:
@@ -1625,9 +1748,10 @@ def executed_macs(
     """Multiply-accumulates the GEMM kernels execute (padding included; tensor cores, or FMA units for exact fp32),
     counted from grid x loop trips: every column block once per row block, and on the fixed-shift path (shift, tau >=
     SHIFT_MIN_TEMPERATURE) the blocks where boundary runs overlap once more (``boundary_overlaps``, for the rank at
-    column ``offset``). One
-    process on the fixed-shift path (m = a, shift) runs the upper-triangle forward (``symmetric_visits``: half the
-    tiles) unless symmetric=False, as ``nt_xent_forward(symmetric=False)``. D > MAX_BLOCK_D: the backward is the wide one
+    column ``offset``). One process on the fixed-shift path (m = a, shift) runs the upper-triangle forward
+    (``symmetric_visits``: half the tiles) unless symmetric=False, as ``nt_xent_forward(symmetric=False)``, and its
+    backward loads the S of the forward's diagonal squares instead of computing it (``square_visits``; tiles that
+    ``reads_square``, config applying to both kernels). D > MAX_BLOCK_D: the backward is the wide one
     (``wide_backward``), S once plus the GEMM's (config: its weight pass's tiles, gemm_config the GEMM's).
 
     a = 2N local rows, m = candidate columns (a unless negatives are gathered). Returns {"fwd", "bwd", "total", "ideal",
@@ -1636,22 +1760,23 @@ def executed_macs(
     m = a if m is None else m
     tiling = d_tiling(d, _exact_fp32(itemsize, precision))
     sym = symmetric and shift and m == a
+    square = diagonal_square(a, d, itemsize, precision, config) if sym else 0
     out = {}
     wide = wide_backward(d)
     for kernel in ("sym_fwd" if sym else "fwd", "bwd"):
         cfg = resolve_config(kernel, a, d, config, itemsize, precision)
         rows = triton.cdiv(a, cfg.block_m) * cfg.block_m
         cols = triton.cdiv(m, cfg.block_n) * cfg.block_n
-        tiles = rows * cols  # logits computed
+        tiles = rows * cols  # tiles visited (the backward multiplies each into W @ cols)
+        loaded = 0  # tiles whose S the backward loads from the forward's diagonal squares
         if kernel == "sym_fwd":
             tiles = symmetric_visits(a, cfg.block_m, cfg.block_n) * cfg.block_m * cfg.block_n
         elif shift if kernel == "fwd" else _bwd_fixed_shift(shift, d, itemsize, precision):
-            tiles += (
-                boundary_overlaps(a, m, cfg.block_m, cfg.block_n, offset)
-                * cfg.block_m
-                * cfg.block_n
-            )
-        logits = tiles * tiling.d_blocks * tiling.block_d
+            sq = square if kernel == "bwd" and reads_square(square, cfg.block_m, cfg.block_n) else 0
+            twice = boundary_overlaps(a, m, cfg.block_m, cfg.block_n, offset, sq)
+            tiles += twice * cfg.block_m * cfg.block_n
+            loaded = square_visits(a, cfg.block_m, cfg.block_n, sq) * cfg.block_m * cfg.block_n
+        logits = (tiles - loaded) * tiling.d_blocks * tiling.block_d
         if kernel != "bwd":
             out["fwd"] = logits
         elif wide:
@@ -1765,14 +1890,19 @@ def check_supported(z: torch.Tensor, precision: str = "tf32") -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def empty_state(z_a: torch.Tensor) -> ForwardState:
-    """The single-process state ``nt_xent_forward`` returns for z_a (N, D), as empty tensors (the custom op's fake):
-    zhat in the input dtype, norm (A,) fp32, stats (A, 2) fp32 = (m_i, log l_i), lse_i = m_i / tau + log l_i."""
+def empty_state(z_a: torch.Tensor, temperature: float, precision: str = "tf32") -> ForwardState:
+    """The single-process state ``nt_xent_forward`` returns for z_a (N, D) at this temperature, as empty tensors (the
+    custom op's fake): zhat in the input dtype, norm (A,) fp32, stats (A, 2) fp32 = (m_i, log l_i), lse_i = m_i / tau +
+    log l_i, and on the upper-triangle path the diagonal squares' S (``diagonal_square``)."""
     a, d = 2 * z_a.shape[0], z_a.shape[1]
     f32 = dict(dtype=torch.float32, device=z_a.device)
     # The same strides as the forward's z_hat: (A, D) columns of rows padded to padded_width(D).
-    zhat = z_a.new_empty((a, padded_width(d)))[:, :d]
-    return ForwardState.local(zhat, torch.empty(a, **f32), torch.empty((a, 2), **f32))
+    w = padded_width(d)
+    zhat = z_a.new_empty((a, w))[:, :d]
+    sym = temperature >= SHIFT_MIN_TEMPERATURE
+    block_m = diagonal_square(a, w, z_a.element_size(), precision) if sym else 0
+    square = torch.empty((triton.cdiv(a, block_m) * block_m, block_m), **f32) if block_m else None
+    return ForwardState.local(zhat, torch.empty(a, **f32), torch.empty((a, 2), **f32), square)
 
 
 def _unit_stride(z: torch.Tensor) -> torch.Tensor:
@@ -1854,11 +1984,11 @@ def nt_xent_forward(
     # The GEMM kernels work on the padded width (the same tiling as D's: every block is a multiple of 16).
     tiling = d_tiling(w, _exact_fp32(z_a.element_size(), precision))
     if symmetric and group is None and temperature >= SHIFT_MIN_TEMPERATURE:
-        _symmetric_forward(
+        square = _symmetric_forward(
             zhat, stats, partial, count, loss, w, tiling, temperature, config, precision, splits,
             exclude_pos,
         )  # fmt: skip
-        return loss, ForwardState.local(zhat[:, :d], norm, stats)
+        return loss, ForwardState.local(zhat[:, :d], norm, stats, square)
     # The split count is fixed for the launch (the autotuner's other tile widths share it, see _split_columns).
     splits = launch_grid("fwd", a, w, m, config, z_a.element_size(), precision, splits=splits)[-1]
     split_stats = torch.empty((3, splits, a), dtype=torch.float32, device=dev)
@@ -1893,15 +2023,16 @@ def _symmetric_forward(
     precision: str,
     splits: int | None,
     exclude_pos: bool = False,
-) -> None:
+) -> torch.Tensor | None:
     """The upper-triangle forward of ``nt_xent_forward`` (one process, fixed shift): per chunk of row-block pairs a tile
-    launch and a combine launch (``symmetric_schedule``); writes stats and loss. Workspace: row sums (splits, A),
+    launch and a combine launch (``symmetric_schedule``); writes stats and loss, and returns the diagonal squares' S
+    for the backward (``diagonal_square``; None where the backward would not read it). Workspace: row sums (splits, A),
     column sums (2 x pairs per chunk <= SYM_MAX_SLOTS, A), their running sum (A,) when there are several chunks, and
     the positive logits (A,), all fp32."""
     a, dev, itemsize = zhat.shape[0], zhat.device, zhat.element_size()
-    programs = PROGRAMS_PER_SM * sm_count()
     # The combine reads the column sums per row block: BLOCK_M is fixed here (the autotuner's candidates share it).
-    block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision, a, programs).block_m
+    block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision).block_m
+    keep = diagonal_square(a, w, itemsize, precision, config) > 0
     chunk_pairs, splits = launch_grid(
         "sym_fwd", a, w, a, config, itemsize, precision, splits=splits
     )
@@ -1912,6 +2043,8 @@ def _symmetric_forward(
     colpart = torch.empty((2 * chunk_pairs, a), **f32)
     colacc = torch.empty(a if chunks > 1 else 1, **f32)
     spos = torch.empty(a, **f32)
+    # Zeros: what the backward would compute for padding rows and columns, where no tile of this forward writes.
+    square = torch.zeros((triton.cdiv(a, block_m) * block_m, block_m), **f32) if keep else None
     dot_precision = _dot_precision(zhat.dtype, precision)
     for c in range(chunks):
         pair0 = c * chunk_pairs
@@ -1919,8 +2052,9 @@ def _symmetric_forward(
         _launch(
             "sym_fwd", _nt_xent_sym_fwd_kernel, lambda meta, n_pairs=n_pairs: (n_pairs, splits), a, w, itemsize,
             config,
-            zhat_ptr=zhat, rowpart_ptr=rowpart, colpart_ptr=colpart, spos_ptr=spos, A=a, M=a, D=w, PAIR0=pair0,
-            QK_SCALE=LOG2E / temperature, EXCLUDE_POS=exclude_pos, BLOCK_D=tiling.block_d,
+            zhat_ptr=zhat, rowpart_ptr=rowpart, colpart_ptr=colpart, spos_ptr=spos,
+            square_ptr=spos if square is None else square, A=a, M=a, D=w, PAIR0=pair0,
+            QK_SCALE=LOG2E / temperature, EXCLUDE_POS=exclude_pos, STORE_SQUARE=keep, BLOCK_D=tiling.block_d,
             D_BLOCKS=tiling.d_blocks, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
         )  # fmt: skip
         _nt_xent_sym_combine_kernel[(triton.cdiv(a, REDUCE_BLOCK),)](
@@ -1929,6 +2063,26 @@ def _symmetric_forward(
             inv_t=1.0 / temperature, inv_a=1.0 / a, BLOCK_M=block_m, FIRST=c == 0, LAST=c == chunks - 1,
             BLOCK_R=REDUCE_BLOCK, INTERPRETER=INTERPRET,
         )  # fmt: skip
+    return square
+
+
+def diagonal_square(
+    a: int, w: int, itemsize: int, precision: str = "tf32", config: str | None = None
+) -> int:
+    """The upper-triangle forward's BLOCK_M where it keeps its diagonal squares' S for the backward, else 0.
+
+    Those squares are whole MMA tiles, the lower half computed only because tiles are whole; the fixed-shift backward
+    (``_bwd_fixed_shift``) loads them instead of computing them again, so forward + backward execute (2N)^2 D (5/2 -
+    BLOCK_M / (2 2N)) MACs instead of (5/2 + BLOCK_M / (2 2N)). The residual is (A padded to BLOCK_M, BLOCK_M) fp32: 16
+    MiB at 2N = 32768 with 128-row blocks, against 8 MiB for z_hat at D = 128 in bf16. a = 2N, w = the GEMM row width
+    (``padded_width``), config as the forward's; the caller has checked that the upper-triangle forward runs.
+
+    Also 0 below N = BLOCK_M (2N < 256 at the default tiles), where positives fall inside the squares: the loop that
+    stores them leaves the positives out (with them it spilled on sm_90 for DCL), and so the backward computes them."""
+    if not _bwd_fixed_shift(True, w, itemsize, precision):
+        return 0
+    block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision).block_m
+    return block_m if a // 2 >= block_m else 0
 
 
 def nt_xent_backward(
@@ -1979,9 +2133,12 @@ def nt_xent_backward(
         BLOCK_C=COL_TERMS_BLOCK,
     )  # fmt: skip
     dot_precision = _dot_precision(z_a.dtype, precision)
+    # The upper-triangle forward's diagonal squares (``diagonal_square``), read on the fixed-shift path.
+    square = state.square if shift and m == a else None
     common = dict(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
-        g_cols_ptr=g_cols, terms_ptr=terms, acc_ptr=acc, A=a, M=m, D=w, OFFSET=state.offset,
+        g_cols_ptr=g_cols, terms_ptr=terms, acc_ptr=acc, square_ptr=terms if square is None else square,
+        SQUARE=0 if square is None else square.shape[1], A=a, M=m, D=w, OFFSET=state.offset,
         QK_SCALE=LOG2E / temperature, SHIFT=shift, EXCLUDE_POS=exclude_pos, BLOCK_D=tiling.block_d,
         D_BLOCKS=tiling.d_blocks, BLOCK_DO=tiling.block_do, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
     )  # fmt: skip

@@ -52,15 +52,19 @@ def test_triton_op_equals_tiled_function():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.01])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_opcheck_fake_and_autograd_registration(impl):
-    z_a, z_b = pair(n=5, d=8)
-    torch.library.opcheck(torch.ops.fastclr.nt_xent_fwd.default, (z_a, z_b, 0.5, impl, "ieee"))
-    loss, z_hat, norm, lse = torch.ops.fastclr.nt_xent_fwd(z_a, z_b, 0.5, impl, "ieee")
+def test_opcheck_fake_and_autograd_registration(impl, tau):
+    """Both temperatures' residuals: the kernel's upper-triangle forward (tau = 0.5) keeps its diagonal squares of S,
+    the running-max path (0.01) and the tiled path an empty tensor in their place."""
+    z_a, z_b = pair(n=64, d=8)  # N = 64: squares of 64 rows hold no positive
+    torch.library.opcheck(torch.ops.fastclr.nt_xent_fwd.default, (z_a, z_b, tau, impl, "ieee"))
+    loss, z_hat, norm, lse, square = torch.ops.fastclr.nt_xent_fwd(z_a, z_b, tau, impl, "ieee")
+    assert square.numel() == (128 * 64 if impl == "triton" and tau == 0.5 else 0)
     grad = torch.tensor(0.7)
     torch.library.opcheck(
         torch.ops.fastclr.nt_xent_bwd.default,
-        (grad, z_a, z_b, z_hat, norm, lse, 0.5, impl, "ieee"),
+        (grad, z_a, z_b, z_hat, norm, lse, square, tau, impl, "ieee"),
         test_utils=("test_schema", "test_faketensor"),
     )
 

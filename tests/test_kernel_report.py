@@ -115,9 +115,10 @@ def test_quick_report_compiles_cleanly(arch, triton_cache):
     if arch == 90:
         assert all(line["issue_ms"] > 0 for line in report["roofline"] if line["d"] == R.GRID_D)
     # Executed work in GEMM-equivalents: half a forward, two backward GEMMs, also at D = 2048 (the wide backward;
-    # the issue's bound there is 4), over 2.5 only by the diagonal squares the upper-triangle forward computes whole.
+    # the issue's bound there is 4), under 2.5 by half the diagonal squares (the forward computes them whole, the
+    # backward loads their S).
     for w in report["work"]:
-        assert 2.5 <= w["total"] <= 2.5 + 128 / (2 * w["two_n"]) + 1e-9, w
+        assert 2.5 - 128 / (2 * w["two_n"]) - 1e-9 <= w["total"] <= 2.5, w
 
 
 # (D, dtype, precision, tau): aligned and unaligned D, both paths, tf32 and a half dtype.
@@ -248,11 +249,11 @@ def test_occupancy_follows_the_tightest_limit():
 
 def test_roofline_uses_the_executed_gemm_count():
     line = R.roofline(32768, 128)
-    # The upper-triangle forward (half a GEMM, its diagonal squares whole: 0.1% here) and the backward's two: 2.5
-    # GEMMs of 2 (2N)^2 D FLOPs. No padding at this size.
+    # The upper-triangle forward (half a GEMM, its diagonal squares whole: 0.1% here) and the backward's two less those
+    # squares: 2.5 GEMMs of 2 (2N)^2 D FLOPs, less 0.1%. No padding at this size.
     flops = 5.0 * 32768**2 * 128
     assert line.gemm_flops == 2 * K.executed_macs(32768, 128)["total"]
-    assert flops < line.gemm_flops < 1.001 * flops
+    assert 0.999 * flops < line.gemm_flops < flops
     assert line.tensor_core_ms == pytest.approx(line.gemm_flops / (R.H100_BF16_TFLOPS * 1e12) * 1e3)
     assert line.issue_ms is None
     assert line.bound_ms == max(line.tensor_core_ms, line.sfu_ms, line.hbm_ms)

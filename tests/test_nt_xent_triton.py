@@ -249,8 +249,9 @@ def test_wide_backward_half_and_deterministic(monkeypatch):
 
 def test_wide_backward_computes_s_once_per_tile(monkeypatch):
     """Counted under the interpreter (2N = 200, D = 300, 64 x 32 tiles, super-blocks of 128 columns): the weight pass
-    computes every (row block, column block) tile of S once over all of D (the two where boundary runs overlap twice),
-    where a fused backward would compute it once per output chunk of D; the GEMM runs once per super-block."""
+    computes every (row block, column block) tile of S once over all of D (those where boundary runs overlap twice),
+    where a fused backward would compute it once per output chunk of D, except the diagonal squares' tiles, whose S it
+    loads from the upper-triangle forward; the GEMM runs once per super-block."""
     monkeypatch.setattr(K, "WIDE_W_BYTES", 200 * 4 * 128)
     tiles, gemms = [], []
     bwd_tile, gemm = K._bwd_tile, K._nt_xent_bwd_gemm_kernel
@@ -271,9 +272,88 @@ def test_wide_backward_computes_s_once_per_tile(monkeypatch):
     loss, state = K.nt_xent_forward(z_a, z_b, 0.5, **opts)
     K.nt_xent_backward(torch.ones(()), z_a, z_b, state, 0.5, **opts)
     every = {(r0, c0) for r0 in range(0, 200, 64) for c0 in range(0, 200, 32)}
-    assert set(tiles) == every
-    assert len(tiles) == len(every) + K.boundary_overlaps(200, 200, 64, 32)
+    square = square_tiles(200, 64, 32, 64)
+    assert len(square) == K.square_visits(200, 64, 32, 64) == 4 * 2 - 1  # the last square is ragged
+    assert set(tiles) | square == every
+    want = len(every) + K.boundary_overlaps(200, 200, 64, 32, square=64) - len(square)
+    assert len(tiles) == want
     assert len(gemms) == 2
+
+
+def test_no_squares_where_positives_fall_inside_them():
+    """N < BLOCK_M: the squares hold positives, so the upper-triangle forward keeps none and the backward computes
+    them (and ``executed_macs`` counts them); the running-max path and gathered columns keep none either."""
+    z_a, z_b = pair(40, 24, torch.float32)
+    _, state = K.nt_xent_forward(z_a, z_b, 0.3, precision="ieee", config="BM64_BN32_W4_S2")
+    assert state.square is None and K.diagonal_square(80, 32, 4, "ieee", "BM64_BN32_W4_S2") == 0
+    _, state = K.nt_xent_forward(z_a, z_b, 0.3, precision="ieee", config="BM32_BN32_W8_S2")
+    assert state.square.shape == (96, 32)
+    _, state = K.nt_xent_forward(z_a, z_b, 0.01, precision="ieee", config="BM32_BN32_W8_S2")
+    assert state.square is None
+    macs = K.executed_macs(80, 32, config="BM64_BN32_W4_S2", itemsize=4, precision="ieee")
+    general = K.executed_macs(
+        80, 32, config="BM64_BN32_W4_S2", itemsize=4, precision="ieee", symmetric=False
+    )
+    assert macs["bwd"] == general["bwd"]
+
+
+def square_tiles(a, block_m, block_n, square):
+    """(row block start, column block start) of the tiles a backward of these tiles loads from the forward's diagonal
+    squares of width ``square``, from ``K.boundary_runs``."""
+    runs = K.boundary_runs(a, a, block_m, block_n, square=square)
+    return {(b * block_m, t * block_n) for b, row in enumerate(runs) for t in row[0]}
+
+
+# (forward config, backward config): the backward reads the forward's diagonal squares when its tiles divide them
+# (BLOCK_M 64 against squares of 64, or 32 against 64 with wider columns than the forward's: zeros where the forward
+# wrote nothing) and computes them otherwise (128-row blocks against squares of 64).
+SQUARE_CASES = [
+    ("BM64_BN32_W4_S2", "BM64_BN32_W4_S2", True),
+    ("BM64_BN32_W4_S2", "BM64_BN64_W4_S3", True),
+    ("BM64_BN64_W4_S3", "BM32_BN32_W8_S2", True),
+    ("BM32_BN32_W8_S2", "BM64_BN32_W4_S2", False),
+]
+
+
+@pytest.mark.parametrize("n", [70, 100])
+@pytest.mark.parametrize("fwd_config,bwd_config,reads", SQUARE_CASES)
+def test_backward_loads_the_forward_diagonal_squares(n, fwd_config, bwd_config, reads, monkeypatch):
+    """The upper-triangle forward keeps S of its diagonal squares (A padded to BLOCK_M, BLOCK_M); a backward whose
+    tiles divide them computes every other tile once and loads those (``square_visits`` of them, what
+    ``executed_macs`` leaves out), with the gradient of a backward that computes them all, and the reference's."""
+    tiles = []
+    bwd_tile = K._bwd_tile
+
+    def counting(*args):
+        tiles.append((args[3].handle.data.item(), args[5].handle.data.item()))
+        return bwd_tile(*args)
+
+    monkeypatch.setattr(K, "_bwd_tile", counting)
+    z_a, z_b = pair(n, 24, torch.float32)
+    a, tau, fwd, bwd = 2 * n, 0.3, K.CONFIGS[fwd_config], K.CONFIGS[bwd_config]
+    loss, state = K.nt_xent_forward(z_a, z_b, tau, precision="ieee", config=fwd_config, splits=3)
+    assert state.square.shape == (-(-a // fwd.block_m) * fwd.block_m, fwd.block_m)
+    opts = dict(precision="ieee", config=bwd_config, splits=2)
+    grads = K.nt_xent_backward(torch.tensor(UPSTREAM), z_a, z_b, state, tau, **opts)
+    assert K.reads_square(fwd.block_m, bwd.block_m, bwd.block_n) == reads
+    square = square_tiles(a, bwd.block_m, bwd.block_n, fwd.block_m) if reads else set()
+    every = {(r0, c0) for r0 in range(0, a, bwd.block_m) for c0 in range(0, a, bwd.block_n)}
+    assert set(tiles) | square == every
+    sq = fwd.block_m if reads else 0
+    twice = K.boundary_overlaps(a, a, bwd.block_m, bwd.block_n, square=sq)
+    assert len(tiles) == len(every) + twice - K.square_visits(a, bwd.block_m, bwd.block_n, sq)
+    before = len(tiles)
+    computed = K.nt_xent_backward(
+        torch.tensor(UPSTREAM), z_a, z_b, state._replace(square=None), tau, **opts
+    )
+    # Without the squares the backward computes every tile.
+    assert len(tiles) - before == len(every) + K.boundary_overlaps(a, a, bwd.block_m, bwd.block_n)
+    want = loss_and_grads(
+        lambda x, y, t: nt_xent_reference(x, y, t), z_a.double(), z_b.double(), tau
+    )
+    for got, same, ref, name in zip(grads, computed, want[1:], ("dz_a", "dz_b"), strict=True):
+        assert_close(got, same, 1e-6, 1e-5, f"{name} loading the squares vs computing them")
+        assert_close(got, ref, **FP32_GRAD, what=f"{name} vs the reference")
 
 
 # The upper-triangle forward (one process, tau >= 0.025): 2N = 74, 120 and 200 are ragged in every tile size; BM64_BN32 puts
@@ -655,12 +735,13 @@ def test_macs_count_padding_and_d_chunks():
     wide = K.executed_macs(4096, 2048, config="BM64_BN64_W4_S3", shift=False)
     assert wide["fwd"] == 4096 * 4096 * 2048
     assert wide["bwd"] == 2 * 4096 * 4096 * 2048
-    # 2N = 32768: eight super-blocks of 4096 columns (256 MiB of bf16 W each), the same two GEMMs; with the
-    # upper-triangle forward 2.5 GEMM-equivalents in all (the issue's bound: 4).
+    # 2N = 32768: eight super-blocks of 4096 columns (256 MiB of bf16 W each), the same two GEMMs less the weight
+    # pass's diagonal squares (loaded from the upper-triangle forward); 2.5 GEMM-equivalents in all (the bound was 4).
     assert K.wide_columns(32768, 32768, 2) == 4096
     macs = K.executed_macs(32768, 2048)
-    assert macs["bwd"] == 2 * 32768 * 32768 * 2048
-    assert macs["total"] <= 2.51 * 32768 * 32768 * 2048
+    block_m = K.diagonal_square(32768, 2048, 2)
+    assert macs["bwd"] == (2 * 32768 - block_m) * 32768 * 2048
+    assert macs["total"] <= 2.5 * 32768 * 32768 * 2048
 
 
 def test_macs_count_boundary_blocks_once():
@@ -712,21 +793,28 @@ def test_fixed_shift_kernels_visit_each_block_once(monkeypatch):
 def test_macs_symmetric_forward_halves_the_forward():
     """One process with the fixed shift: the upper-triangle forward visits each row block's diagonal square and the
     blocks right of it once. 2N = 256 in 64 x 32 tiles: 8 + 6 + 4 + 2 blocks; 2N = 200: 7 + 5 + 3 + 1 (the last row
-    block's square is one ragged block). At 2N = 32768, D = 128 (bf16 default tiles) the forward is half a GEMM plus the
-    diagonal squares (2N x BLOCK_M / 2, what square tiles cost: 0.2% here), the backward two GEMMs."""
+    block's square is one ragged block). The backward loads the squares' S instead of computing it: 2 of its 8 blocks
+    per row block at 2N = 256. At 2N = 32768, D = 128 (bf16 default tiles) the forward is half a GEMM plus half the
+    diagonal squares (2N x BLOCK_M / 2), the backward two GEMMs less the squares (2N x BLOCK_M): 2.5 - 0.2% in all."""
     assert K.symmetric_visits(256, 64, 32) == 20
     assert K.symmetric_visits(200, 64, 32) == 16
     macs = K.executed_macs(256, 128, config="BM64_BN32_W4_S2")
     assert macs["fwd"] == 20 * 64 * 32 * 128
-    assert (
-        macs["bwd"] == K.executed_macs(256, 128, config="BM64_BN32_W4_S2", symmetric=False)["bwd"]
-    )
+    general = K.executed_macs(256, 128, config="BM64_BN32_W4_S2", symmetric=False)["bwd"]
+    assert K.square_visits(256, 64, 32, 64) == 4 * 2
+    assert macs["bwd"] == general - 4 * 2 * 64 * 32 * 128
     a, d = 32768, 128
     macs = K.executed_macs(a, d)
     block_m = K.resolve_config("sym_fwd", a, d, None).block_m
+    assert K.diagonal_square(a, d, 2) == block_m
     assert macs["fwd"] == (a * a + a * block_m) // 2 * d
-    assert macs["bwd"] == 2 * a * a * d
-    assert macs["total"] <= 2.5 * 1.001 * a * a * d, macs
+    assert macs["bwd"] == (2 * a * a - a * block_m) * d
+    assert macs["total"] == (5 * a * a - a * block_m) // 2 * d <= 2.5 * a * a * d, macs
+    # Every dtype and precision whose backward takes the fixed-shift form stays within 2.5 GEMM-equivalents.
+    for itemsize, precision in ((2, "tf32"), (4, "tf32"), (4, "ieee")):
+        for two_n, width in ((8192, 128), (32768, 128), (4096, 64), (8192, 2048)):
+            ratio = K.executed_macs(two_n, width, itemsize=itemsize, precision=precision)["total"]
+            assert ratio <= 2.5 * two_n * two_n * width, (itemsize, precision, two_n, width)
     # Gathered columns and the running max keep the full forward.
     assert K.executed_macs(a, d, m=2 * a, offset=a)["fwd"] >= 2 * a * a * d
     assert K.executed_macs(a, d, shift=False)["fwd"] == a * a * d

@@ -5,7 +5,7 @@ fast path's functions, with one signature per job whichever path it is, so that 
     loss(z_a, z_b, temperature, *, group)          the 0-d loss with autograd (negatives gathered from ``group``)
     forward(z_a, z_b, temperature)                 (0-d loss, ForwardState), one process
     backward(grad, z_a, z_b, state, temperature)   (dz_a, dz_b), (N, D) each, two tensors that share no memory
-    empty_state(z_a)                               forward's state as empty tensors (the custom op's fake)
+    empty_state(z_a, temperature)                  forward's state as empty tensors (the custom op's fake)
 
 None of them checks its inputs: ``fastclr.nt_xent`` has. "triton" is imported here, and only when asked for.
 """
@@ -35,7 +35,7 @@ class Backend(NamedTuple):
     loss: Callable[..., torch.Tensor]
     forward: Callable[..., tuple[torch.Tensor, ForwardState]]
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    empty_state: Callable[[torch.Tensor], ForwardState]
+    empty_state: Callable[[torch.Tensor, float], ForwardState]
 
 
 @functools.cache  # a failed import is not cached by Python: ask once per process
@@ -110,7 +110,7 @@ def backend(impl: str, precision: str = "tf32") -> Backend:
                 loss=partial(kernel.nt_xent_triton, precision=precision),
                 forward=partial(kernel.nt_xent_forward, precision=precision),
                 backward=partial(kernel.nt_xent_backward, precision=precision),
-                empty_state=kernel.empty_state,
+                empty_state=partial(kernel.empty_state, precision=precision),
             )
         return _TRITON[precision]
     raise ValueError(f"impl must be one of {PATHS} for a fast path, got {impl!r}")

@@ -505,8 +505,9 @@ def tiled_backward(
     return dz[: a // 2], dz[a // 2 :]
 
 
-def empty_state(z_a: torch.Tensor) -> ForwardState:
-    """The single-process state ``tiled_forward`` returns for z_a (N, D), as empty tensors (the custom op's fake)."""
+def empty_state(z_a: torch.Tensor, temperature: float) -> ForwardState:
+    """The single-process state ``tiled_forward`` returns for z_a (N, D), as empty tensors (the custom op's fake); its
+    shapes do not depend on the temperature."""
     a, d = 2 * z_a.shape[0], z_a.shape[1]
     work = dict(dtype=compute_dtype(z_a.dtype), device=z_a.device)
     return ForwardState.local(
