@@ -1149,26 +1149,10 @@ def _nt_xent_bwd_kernel(
         g0, n0, g1, n1, g2, n2, g3, n3 = _clip_runs(
             f0, l0, f1, l1, f2, l2, f3, l3, c_begin // BLOCK_N, tl.cdiv(c_end, BLOCK_N)
         )
+        # With the forward's squares (run 0), the boundary loop starts after them: a loop of their own loads their S.
         first = 0
         if USE_SQUARE:
-            # The square's blocks (run 0): S loaded from the forward, not computed; the boundary loop starts after them.
             first = n0
-            for v in range(0, n0):
-                start_n = (g0 + v) * BLOCK_N
-                cols = start_n + tl.arange(0, BLOCK_N)
-                u_j = tl.load(terms_ptr + cols, mask=cols < M, other=0.0)
-                tile = tl.arange(0, BLOCK_M)[:, None] * SQUARE + (cols - sq0)[None, :]
-                s = tl.load(square_ptr + tl.cast(r0, tl.int64) * SQUARE + tile)
-                k = s  # the weight pass multiplies nothing
-                if not STORE_W:
-                    k = _load_rows(
-                        cols_ptr, start_n, M, pid_d * BLOCK_DO, D, BLOCK_N, BLOCK_DO, INTERPRETER
-                    )
-                w = _boundary_w(s, cols, u_i, u_j, diag, pos_col, g, 1.0, QK_SCALE, EXCLUDE_POS)
-                w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
-                acc = _bwd_consume(
-                    acc, w, k, w_ptr, rows, cols, A, COL0, COL1, 1.0, STORE_W, INPUT_PRECISION, INTERPRETER,
-                )  # fmt: skip
         for v in range(first, n0 + n1 + n2 + n3):
             t, keep = _boundary_block(v, g0, n0, g1, n1, g2, n2, g3, n3)
             start_n = t * BLOCK_N
@@ -1183,6 +1167,25 @@ def _nt_xent_bwd_kernel(
             acc = _bwd_consume(
                 acc, w, k, w_ptr, rows, cols, A, COL0, COL1, keep, STORE_W, INPUT_PRECISION, INTERPRETER,
             )  # fmt: skip
+        if USE_SQUARE:
+            # The squares hold no positive (the host keeps them only for N >= SQUARE): W masks the diagonal alone.
+            for v in tl.range(0, n0, num_stages=1):
+                start_n = (g0 + v) * BLOCK_N
+                cols = start_n + tl.arange(0, BLOCK_N)
+                u_j = tl.load(terms_ptr + cols, mask=cols < M, other=0.0)
+                tile = tl.arange(0, BLOCK_M)[:, None] * SQUARE + (cols - sq0)[None, :]
+                s = tl.load(square_ptr + tl.cast(r0, tl.int64) * SQUARE + tile)
+                k = s  # the weight pass multiplies nothing
+                if not STORE_W:
+                    k = _load_rows(
+                        cols_ptr, start_n, M, pid_d * BLOCK_DO, D, BLOCK_N, BLOCK_DO, INTERPRETER
+                    )
+                w = tl.exp2(s * QK_SCALE - QK_SCALE) * (u_i[:, None] + u_j[None, :])
+                w = tl.where(cols[None, :] != diag[:, None], w, 0.0)
+                w = _round_operand(w, cols_ptr.dtype.element_ty, INPUT_PRECISION, INTERPRETER)
+                acc = _bwd_consume(
+                    acc, w, k, w_ptr, rows, cols, A, COL0, COL1, 1.0, STORE_W, INPUT_PRECISION, INTERPRETER,
+                )  # fmt: skip
     else:
         for start_n in range(c_begin, c_end, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
