@@ -26,8 +26,9 @@ Grids: for named (rows, columns) shapes the report prints each GEMM kernel's lau
 D chunks x column splits for the architecture's SM count) and the waves it takes at the compiled occupancy.
 
 Roofline (H100 SXM, stated constants below): forward + backward = the MACs ``executed_macs`` counts (the upper-triangle
-forward: about half a (2N)x(2N)xD GEMM, the backward two), against the dense tensor-core peak; HBM bytes are the
-O(2N D) passes of the launches and the forward's column-sum workspace. Every bound uses the clock the dense
+forward: about half a (2N)x(2N)xD GEMM, the backward two less the diagonal squares it loads), against the dense
+tensor-core peak; HBM bytes are the O(2N D) passes of the launches, the forward's column-sum workspace and the
+diagonal squares' S (written once, read once). Every bound uses the clock the dense
 bf16 peak implies (989 TFLOP/s = 132 SMs x 4096 FLOP/clock x 1.83 GHz). The exponentials run on the SFUs (16 per clock
 per SM), which the tensor cores do not help with, and the non-MMA instructions issue at 4 warp instructions per clock
 per SM (one per scheduler): the report shows both bounds.

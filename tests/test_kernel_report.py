@@ -50,8 +50,9 @@ def run_report(cache: str, *args: str) -> tuple[int, dict]:
 
 
 def assert_clean(report: dict) -> None:
+    fields = ("kernel", "loss", "config", "d", "dtype", "path")
     bad = {
-        f"{r['kernel']} {r['config']} D={r['d']} {r['dtype']} {r['path']}": r["problems"]
+        " ".join(str(r[k]) for k in fields): r["problems"]
         for r in report["variants"]
         if r["problems"]
     }
