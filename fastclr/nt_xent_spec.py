@@ -104,7 +104,8 @@ def check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
 
 
 class ForwardState(NamedTuple):
-    """What a backward needs besides z_a, z_b, all O(A D): A = 2N local rows, M candidate columns.
+    """What a backward needs besides z_a, z_b, all O(A D) (the kernel's square: A x its BLOCK_M fp32): A = 2N local
+    rows, M candidate columns.
 
     Both fast paths fill the same fields. The tiled torch path keeps them in its compute dtype (fp32 for fp16/bf16
     inputs) with stats = (m_i, log l_i, argmax_i) (A, 3) (see ``fastclr.losses.tiled.row_stats``); the kernel keeps

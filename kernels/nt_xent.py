@@ -1079,9 +1079,10 @@ def _nt_xent_bwd_kernel(
     SQUARE (one process, fixed shift, after the upper-triangle forward; 0: none): the forward's BLOCK_M, whose diagonal
     squares' S it left in square_ptr (A padded to SQUARE, SQUARE) fp32. When SQUARE is a multiple of BLOCK_M and
     BLOCK_N, a row block's square (columns sq0 .. sq0 + SQUARE, sq0 = r0 rounded down to SQUARE) replaces its diagonal
-    run: the main loop skips it, and its blocks load S instead of computing it (a third loop, before the boundary loop,
-    which counts them as seen). Forward + backward then execute (2N)^2 D (5/2 - SQUARE / (2 2N)) MACs instead of
-    (5/2 + SQUARE / (2 2N)).
+    run: the main loop and the boundary loop skip it, and a third loop, after them, loads its blocks' S instead of
+    computing it. The host keeps squares only for N >= SQUARE, so none holds a positive: the diagonal is their only
+    mask. Forward + backward then execute (2N)^2 D (5/2 - SQUARE / (2 2N)) MACs instead of (5/2 + SQUARE / (2 2N))
+    (2N a multiple of the tiles; ``executed_macs`` counts padding).
     """
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
@@ -1838,8 +1839,10 @@ def _autotuned(fn, kernel: str):
         )  # fmt: skip
 
     # The upper-triangle forward has no SHIFT (it is the fixed-shift path) and M = A; the wide backward's GEMM neither.
+    # The backward reads the forward's diagonal squares (SQUARE) or computes them, which its best tiles may depend on.
     key = {
         "sym_fwd": ["A", "M", "D", "EXCLUDE_POS", "INPUT_PRECISION"],
+        "bwd": ["A", "M", "D", "SHIFT", "EXCLUDE_POS", "SQUARE", "INPUT_PRECISION"],
         "bwd_gemm": ["A", "M", "D", "INPUT_PRECISION"],
     }.get(kernel, ["A", "M", "D", "SHIFT", "EXCLUDE_POS", "INPUT_PRECISION"])
     return autotuner(fn, CONFIGS, candidates, key)
@@ -2046,8 +2049,11 @@ def _symmetric_forward(
     colpart = torch.empty((2 * chunk_pairs, a), **f32)
     colacc = torch.empty(a if chunks > 1 else 1, **f32)
     spos = torch.empty(a, **f32)
-    # Zeros: what the backward would compute for padding rows and columns, where no tile of this forward writes.
-    square = torch.zeros((triton.cdiv(a, block_m) * block_m, block_m), **f32) if keep else None
+    square = torch.empty((triton.cdiv(a, block_m) * block_m, block_m), **f32) if keep else None
+    if square is not None:
+        # The last row block's square may reach past this forward's last column block: zeros there, what the backward
+        # would compute from the zero padding. Every other entry is written.
+        square[-block_m:].zero_()
     dot_precision = _dot_precision(zhat.dtype, precision)
     for c in range(chunks):
         pair0 = c * chunk_pairs
@@ -2138,6 +2144,10 @@ def nt_xent_backward(
     dot_precision = _dot_precision(z_a.dtype, precision)
     # The upper-triangle forward's diagonal squares (``diagonal_square``), read on the fixed-shift path.
     square = state.square if shift and m == a else None
+    if square is not None:
+        width = square.shape[1]
+        assert square.is_contiguous() and square.shape == (triton.cdiv(a, width) * width, width)
+        assert square.dtype == torch.float32 and n >= width, "see diagonal_square"
     common = dict(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,
         g_cols_ptr=g_cols, terms_ptr=terms, acc_ptr=acc, square_ptr=terms if square is None else square,

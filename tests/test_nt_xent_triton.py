@@ -22,7 +22,7 @@ import torch
 
 import fastclr
 from fastclr.kernels import nt_xent as K
-from fastclr.losses.reference import nt_xent_reference
+from fastclr.losses.reference import dcl_reference, nt_xent_reference
 
 # (20, 300): D > MAX_BLOCK_D loops over D and takes the wide backward (a weight pass, then a plain GEMM).
 SHAPES = [(1, 8), (3, 5), (64, 128), (20, 300)]
@@ -280,7 +280,7 @@ def test_wide_backward_computes_s_once_per_tile(monkeypatch):
     assert len(gemms) == 2
 
 
-def test_no_squares_where_positives_fall_inside_them():
+def test_no_squares_where_positives_fall_inside_them(monkeypatch):
     """N < BLOCK_M: the squares hold positives, so the upper-triangle forward keeps none and the backward computes
     them (and ``executed_macs`` counts them); the running-max path and gathered columns keep none either."""
     z_a, z_b = pair(40, 24, torch.float32)
@@ -290,6 +290,10 @@ def test_no_squares_where_positives_fall_inside_them():
     assert state.square.shape == (96, 32)
     _, state = K.nt_xent_forward(z_a, z_b, 0.01, precision="ieee", config="BM32_BN32_W8_S2")
     assert state.square is None
+    _fake_two_ranks(monkeypatch)
+    opts = dict(group=object(), precision="ieee", config="BM32_BN32_W8_S2")
+    _, state = K.nt_xent_forward(z_a, z_b, 0.3, **opts)
+    assert state.square is None and state.cols.shape[0] == 2 * 80
     macs = K.executed_macs(80, 32, config="BM64_BN32_W4_S2", itemsize=4, precision="ieee")
     general = K.executed_macs(
         80, 32, config="BM64_BN32_W4_S2", itemsize=4, precision="ieee", symmetric=False
@@ -306,7 +310,7 @@ def square_tiles(a, block_m, block_n, square):
 
 # (forward config, backward config): the backward reads the forward's diagonal squares when its tiles divide them
 # (BLOCK_M 64 against squares of 64, or 32 against 64 with wider columns than the forward's: zeros where the forward
-# wrote nothing) and computes them otherwise (128-row blocks against squares of 64).
+# wrote nothing) and computes them otherwise (64-row blocks against squares of 32).
 SQUARE_CASES = [
     ("BM64_BN32_W4_S2", "BM64_BN32_W4_S2", True),
     ("BM64_BN32_W4_S2", "BM64_BN64_W4_S3", True),
@@ -315,12 +319,16 @@ SQUARE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("exclude_pos", [False, True])
 @pytest.mark.parametrize("n", [70, 100])
 @pytest.mark.parametrize("fwd_config,bwd_config,reads", SQUARE_CASES)
-def test_backward_loads_the_forward_diagonal_squares(n, fwd_config, bwd_config, reads, monkeypatch):
+def test_backward_loads_the_forward_diagonal_squares(
+    n, fwd_config, bwd_config, reads, exclude_pos, monkeypatch
+):
     """The upper-triangle forward keeps S of its diagonal squares (A padded to BLOCK_M, BLOCK_M); a backward whose
     tiles divide them computes every other tile once and loads those (``square_visits`` of them, what
-    ``executed_macs`` leaves out), with the gradient of a backward that computes them all, and the reference's."""
+    ``executed_macs`` leaves out), with the gradient of a backward that computes them all, and the reference's (NT-Xent
+    and DCL, whose positives left out of the denominator lie outside the squares)."""
     tiles = []
     bwd_tile = K._bwd_tile
 
@@ -331,9 +339,11 @@ def test_backward_loads_the_forward_diagonal_squares(n, fwd_config, bwd_config, 
     monkeypatch.setattr(K, "_bwd_tile", counting)
     z_a, z_b = pair(n, 24, torch.float32)
     a, tau, fwd, bwd = 2 * n, 0.3, K.CONFIGS[fwd_config], K.CONFIGS[bwd_config]
-    loss, state = K.nt_xent_forward(z_a, z_b, tau, precision="ieee", config=fwd_config, splits=3)
+    loss, state = K.nt_xent_forward(
+        z_a, z_b, tau, precision="ieee", config=fwd_config, splits=3, exclude_pos=exclude_pos
+    )
     assert state.square.shape == (-(-a // fwd.block_m) * fwd.block_m, fwd.block_m)
-    opts = dict(precision="ieee", config=bwd_config, splits=2)
+    opts = dict(precision="ieee", config=bwd_config, splits=2, exclude_pos=exclude_pos)
     grads = K.nt_xent_backward(torch.tensor(UPSTREAM), z_a, z_b, state, tau, **opts)
     assert K.reads_square(fwd.block_m, bwd.block_m, bwd.block_n) == reads
     square = square_tiles(a, bwd.block_m, bwd.block_n, fwd.block_m) if reads else set()
@@ -348,9 +358,8 @@ def test_backward_loads_the_forward_diagonal_squares(n, fwd_config, bwd_config, 
     )
     # Without the squares the backward computes every tile.
     assert len(tiles) - before == len(every) + K.boundary_overlaps(a, a, bwd.block_m, bwd.block_n)
-    want = loss_and_grads(
-        lambda x, y, t: nt_xent_reference(x, y, t), z_a.double(), z_b.double(), tau
-    )
+    reference = dcl_reference if exclude_pos else nt_xent_reference
+    want = loss_and_grads(lambda x, y, t: reference(x, y, t), z_a.double(), z_b.double(), tau)
     for got, same, ref, name in zip(grads, computed, want[1:], ("dz_a", "dz_b"), strict=True):
         assert_close(got, same, 1e-6, 1e-5, f"{name} loading the squares vs computing them")
         assert_close(got, ref, **FP32_GRAD, what=f"{name} vs the reference")

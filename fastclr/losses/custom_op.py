@@ -7,9 +7,9 @@ impl = "torch" runs the tiled PyTorch path (``fastclr.losses.tiled``) on any dev
 (``fastclr.kernels.nt_xent``; CUDA tensors, or CPU under TRITON_INTERPRET=1), both through ``backends.backend``. The
 residuals are the single-process ``ForwardState``'s tensors, O(N D): zhat (2N, D) and norm (2N,) in both; stats is the
 lse (2N,) for "torch" and the kernel's (2N, 2) row statistics for "triton"; square is the kernel's diagonal squares of
-S after its upper-triangle forward (``fastclr.kernels.nt_xent.diagonal_square``), O(N), and an empty (0,) tensor where
-there is none (always for "torch"). Each op has a fake (meta) implementation
-with exactly those shapes, and the forward op has its autograd formula registered (the backward op). Only the
+S after its upper-triangle forward (``fastclr.kernels.nt_xent.diagonal_square``: 2N x 128 fp32 at the default tiles),
+and an empty (0,) tensor where there is none (always for "torch"). Each op has a fake (meta) implementation with
+exactly those shapes, and the forward op has its autograd formula registered (the backward op). Only the
 single-process loss goes through these ops; gathering negatives across ranks stays on the autograd Functions.
 """
 
