@@ -3,9 +3,9 @@
 >>> from fastclr import NTXentLoss
 >>> loss = NTXentLoss(temperature=0.5)(z_a, z_b)  # z_a, z_b: (N, D) embeddings of two views
 
-The contrastive family shares the tiled path and the fused kernels: ``NTXentLoss(memory_bank_size=(K, D))``, ``DCLLoss``,
-``DCLWLoss``, ``SupConLoss`` (called with labels), and the functional forms ``dcl``, ``dclw``, ``supcon``,
-``nt_xent_bank``.
+The contrastive family shares the tiled path and the fused kernels: ``NTXentLoss(memory_bank_size=(K, D))``,
+``DCLLoss``, ``DCLWLoss``, ``SupConLoss`` (called with labels), and the functional forms ``dcl``, ``dclw``,
+``supcon``, ``nt_xent_bank``.
 
 Heavy optional dependencies (triton, DALI) are imported lazily, so ``import fastclr`` works anywhere.
 """

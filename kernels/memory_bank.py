@@ -43,6 +43,7 @@ from fastclr.kernels.nt_xent import (
     KernelConfig,
     _dot_precision,
     _exact_fp32,
+    _load_strided,
     _round_operand,
     _split_columns,
     _unit_stride,
@@ -70,18 +71,11 @@ def _load_operand(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """(BLOCK_R, BLOCK_D) tile at rows row0.., columns d0.. of a (n_rows, D) buffer with row stride ``stride``, zero
-    outside, as a tl.dot operand: fp32 rounded to nearest tf32 for tf32 dots (the tensor cores would truncate, see
-    ``_round_operand``), upcast to fp32 under the interpreter. The 64-bit part of the address is one scalar."""
-    base = ptr + tl.cast(row0, tl.int64) * stride
-    r = tl.arange(0, BLOCK_R)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask = ((row0 + r)[:, None] < n_rows) & (offs_d[None, :] < D)
-    tile = tl.load(base + (r[:, None] * stride + offs_d[None, :]), mask=mask, other=0.0)
+    """``_load_strided``'s tile as a tl.dot operand: fp32 rounded to nearest tf32 for tf32 dots (the tensor cores would
+    truncate, see ``_round_operand``)."""
+    tile = _load_strided(ptr, row0, n_rows, stride, d0, D, BLOCK_R, BLOCK_D, INTERPRETER)
     if INPUT_PRECISION == "tf32":  # only fp32 inputs take tf32 dots (_dot_precision)
         tile = _round_operand(tile, tl.float32, INPUT_PRECISION, INTERPRETER)
-    if INTERPRETER:
-        tile = tile.to(tl.float32)
     return tile
 
 
@@ -107,10 +101,10 @@ def _bank_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """Program (row block, output D chunk, column split): over the split's bank rows, the online logsumexp of its anchors
-    and, WITH_GRAD, U for output columns pid_d * BLOCK_DO.. . Partials: m (splits, A) in cosine units (the row max of
-    <x_i, q_k>), l (splits, A) = sum_k exp2((s_ik - m_i) QK_SCALE), u (splits, A, D) the same weights times q_k, fp32.
-    Output chunk 0 writes m and l (every chunk computes them, bitwise alike)."""
+    """Program (row block, output D chunk, column split): over the split's bank rows, the online logsumexp of its
+    anchors and, WITH_GRAD, U for output columns pid_d * BLOCK_DO.. . Partials: m (splits, A) in cosine units (the row
+    max of <x_i, q_k>), l (splits, A) = sum_k exp2((s_ik - m_i) QK_SCALE), u (splits, A, D) the same weights times q_k,
+    fp32. Output chunk 0 writes m and l (every chunk computes them, bitwise alike)."""
     tl.static_assert(
         BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16"
     )
@@ -191,11 +185,11 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # nt_xent's tile configs, and one more stage-less FMA tile (see _EXACT_FP32_CANDIDATES).
 CONFIGS = {**_nt.CONFIGS, "BM32_BN32_W8_S1": KernelConfig(32, 32, 8, 1)}
 
-# The pruned autotune sets, best guess first, by D tier (``d_tier``: 0 one block of D <= 128, 1 one block of 256, 2 the D loop)
-# and input element size. The gradient forward keeps a BLOCK_M x BLOCK_DO fp32 accumulator next to the logits tile
-# (FlashAttention's forward), so these are close to the nt_xent backward's shapes; the no-gradient forward takes the
-# same list, so that its stats equal the gradient forward's. Every entry compiles spill-free on sm_80 and sm_90 with and
-# without the gradient (tests/test_memory_bank_triton.py; -m slow for all of them). Dropped for spills: fp32 tf32 at
+# The pruned autotune sets, best guess first, by D tier (``d_tier``: 0 one block of D <= 128, 1 one block of 256, 2 the
+# D loop) and input element size. The gradient forward keeps a BLOCK_M x BLOCK_DO fp32 accumulator next to the logits
+# tile (FlashAttention's forward), so these are close to the nt_xent backward's shapes; the no-gradient forward takes
+# the same list, so that its stats equal the gradient forward's. Every entry compiles spill-free on sm_80 and sm_90 with
+# and without the gradient (tests/test_memory_bank_triton.py; -m slow for all of them). Dropped for spills: fp32 tf32 at
 # D = 256, BM64_BN32_W8_S2 (16 B of stack on sm_90), BM64_BN32_W8_S1 and BM64_BN16_W8_S2 (255 registers on sm_90).
 _CANDIDATES = {
     (0, 2): ("BM128_BN64_W8_S3", "BM64_BN64_W4_S3", "BM64_BN32_W4_S2"),
@@ -341,7 +335,8 @@ def bank_forward(
     softmax-weighted mean of the bank rows (d lse_i / d x_i = V_i / tau), else None. One launch and an O(splits A D)
     combine in torch; no host sync. Inputs are checked by the caller (``fastclr.kernels.nt_xent.check_supported``).
 
-    precision: fp32 inputs' dots, "tf32" (operands rounded to nearest) or "ieee". config: a name from ``CONFIGS``. splits: column splits (None: enough to fill the device, ``launch_grid``).
+    precision: fp32 inputs' dots, "tf32" (operands rounded to nearest) or "ieee". config: a name from ``CONFIGS``.
+    splits: column splits (None: enough to fill the device, ``launch_grid``).
     """
     x, q = _unit_stride(x), _unit_stride(q)
     a, d = x.shape
@@ -420,8 +415,8 @@ def bank_lse_triton(
         q: (K, D) bank rows, same dtype and device; treated as a constant (no gradient).
         temperature: tau > 0.
         precision: fp32 inputs only: "tf32" (tensor cores, operands rounded to nearest) or "ieee" (exact fp32).
-        config: a kernel variant from ``CONFIGS`` (nt_xent's and one more); None autotunes on a GPU over ``candidate_configs``
-            and takes the first candidate under the interpreter.
+        config: a kernel variant from ``CONFIGS`` (nt_xent's and one more); None autotunes on a GPU over
+            ``candidate_configs`` and takes the first candidate under the interpreter.
         splits: column splits, for tests and microbenchmarks; None fills the device.
 
     Returns:

@@ -166,6 +166,40 @@ def _round_operand(
 
 
 @triton.jit
+def _load_strided(
+    ptr,
+    row0,
+    n_rows,
+    stride,
+    d0,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    EVEN: tl.constexpr = False,
+):
+    """(BLOCK_R, BLOCK_D) tile at rows row0.., columns d0.. of an (n_rows, D) buffer with row stride ``stride``, zero
+    outside. EVEN: the caller knows every row is inside (row0 + BLOCK_R <= n_rows), so only the columns are masked
+    (loop-invariant).
+
+    The 64-bit part of the address is one scalar; in-tile offsets are int32 (BLOCK_R * stride < 2^31), half the
+    registers of a tile of 64-bit pointers.
+    """
+    base = ptr + tl.cast(row0, tl.int64) * stride
+    r = tl.arange(0, BLOCK_R)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask = offs_d[None, :] < D
+    if not EVEN:
+        mask = mask & ((row0 + r)[:, None] < n_rows)
+    tile = tl.load(base + (r[:, None] * stride + offs_d[None, :]), mask=mask, other=0.0)
+    if INTERPRETER:
+        # The interpreter's tl.dot on bf16/fp16 returns garbage, its fp32 dot is exact: upcast the (already rounded)
+        # operands so the interpreter computes what the tensor cores compute up to the accumulation order.
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _load_rows(
     ptr,
     row0,
@@ -177,24 +211,8 @@ def _load_rows(
     INTERPRETER: tl.constexpr,
     EVEN: tl.constexpr = False,
 ):
-    """(BLOCK_R, BLOCK_D) tile at rows row0.., columns d0.. of a row-major (n_rows, D) buffer, zero outside. EVEN: the
-    caller knows every row is inside (row0 + BLOCK_R <= n_rows), so only the columns are masked (loop-invariant).
-
-    The 64-bit part of the address is one scalar; in-tile offsets are int32 (BLOCK_R * D < 2^31), half the registers
-    of a tile of 64-bit pointers.
-    """
-    base = ptr + tl.cast(row0, tl.int64) * D
-    r = tl.arange(0, BLOCK_R)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask = offs_d[None, :] < D
-    if not EVEN:
-        mask = mask & ((row0 + r)[:, None] < n_rows)
-    tile = tl.load(base + (r[:, None] * D + offs_d[None, :]), mask=mask, other=0.0)
-    if INTERPRETER:
-        # The interpreter's tl.dot on bf16/fp16 returns garbage, its fp32 dot is exact: upcast the (already rounded)
-        # operands so the interpreter computes what the tensor cores compute up to the accumulation order.
-        tile = tile.to(tl.float32)
-    return tile
+    """``_load_strided`` of a row-major (n_rows, D) buffer (row stride D)."""
+    return _load_strided(ptr, row0, n_rows, D, d0, D, BLOCK_R, BLOCK_D, INTERPRETER, EVEN)
 
 
 @triton.jit

@@ -13,11 +13,10 @@ entry point's launches for the same arguments.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
+from compile_child import json_records, run_compiling
 
 from fastclr.kernels import nt_xent as K
 from fastclr.kernels import report as R
@@ -25,26 +24,8 @@ from fastclr.kernels import report as R
 TC_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
-@pytest.fixture(scope="session")
-def triton_cache(tmp_path_factory) -> str:
-    """One Triton cache per test session (tests/test_nt_xent_launch.py compiles the same kernels)."""
-    return str(tmp_path_factory.getbasetemp() / "triton-cache")
-
-
-def child_env(cache: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = cache
-    return env
-
-
 def run_report(cache: str, *args: str) -> tuple[int, dict]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastclr.kernels.report", "--json", *args],
-        capture_output=True,
-        text=True,
-        env=child_env(cache),
-        timeout=3600,
-    )
+    proc = run_compiling(["-m", "fastclr.kernels.report", "--json", *args], cache, timeout=3600)
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
 
@@ -172,15 +153,7 @@ def key_of(launch) -> dict:
 
 @pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.slow)])
 def test_report_compiles_what_the_launch_compiles(arch, triton_cache):
-    proc = subprocess.run(
-        [sys.executable, __file__, str(arch)],
-        capture_output=True,
-        text=True,
-        env=child_env(triton_cache),
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    records = json.loads(proc.stdout)
+    records = json_records([__file__, str(arch)], triton_cache, timeout=1200)
     # Six launches on the upper-triangle path (one process, tau >= 0.025), five on the running max.
     assert len(records) == sum(
         6 if tau >= K.SHIFT_MIN_TEMPERATURE else 5 for *_, tau in PARITY_CASES

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 # Before triton is imported: run the kernels on CPU tensors (the compile child sets TRITON_INTERPRET=0).
@@ -27,6 +26,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from compile_child import json_records
 from test_nt_xent_triton import assert_close
 
 from fastclr.kernels import memory_bank as MB
@@ -240,7 +240,8 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def sweep_cases() -> dict:
-    """Every candidate config, D in (100, 128, 256, 300, 2048), every dtype and precision, with and without the gradient."""
+    """Every candidate config, D in (100, 128, 256, 300, 2048), every dtype and precision, with and without the
+    gradient."""
     out = {}
     for dtype, precision in (
         ("bfloat16", "tf32"),
@@ -284,22 +285,8 @@ def child(arch: int, cases: dict) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="session")
-def triton_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "triton-cache")
-
-
 def launches(arch: int, cache: str, names, sweep: bool = False) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(arch), *(["--sweep"] if sweep else []), *names],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3000,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout)
+    return json_records([__file__, str(arch), *(["--sweep"] if sweep else []), *names], cache, 3000)
 
 
 def assert_clean(r: dict) -> None:

@@ -11,11 +11,10 @@ session's temporary directory. ``-m slow`` adds more cases at D = 256 and beyond
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
+from compile_child import json_records
 
 # Entry point, dtype, precision, N, D, tau (>= 0.025 takes the fixed shift, below the running max), distributed.
 # Batches of 2N <= 64 keep the autotuner's candidates to 64-row tiles, which compile fastest; the report compiles the
@@ -129,24 +128,8 @@ def child(arch: int, cases: dict) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="session")
-def triton_cache(tmp_path_factory) -> str:
-    """One Triton cache per test session (tests/test_kernel_report.py compiles the same kernels)."""
-    return str(tmp_path_factory.getbasetemp() / "triton-cache")
-
-
 def launches(arch: int, cache: str, names) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = cache
-    proc = subprocess.run(
-        [sys.executable, __file__, str(arch), *names],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout)
+    return json_records([__file__, str(arch), *names], cache, timeout=1200)
 
 
 CI_CASES = {90: tuple(CASES), 80: SM80_CASES}

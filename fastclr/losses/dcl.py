@@ -74,8 +74,9 @@ def dcl(
         temperature: tau > 0.
         weight_fn: w(u, v) -> (N,) weights of the positive pairs of unit rows u, v (N, D), called as w(a_hat, b_hat)
             for the first views' anchors and w(b_hat, a_hat) for the second's (as lightly); None: w = 1.
-        impl: "auto" (triton for CUDA tensors when triton imports, else torch), "triton" (fused kernel), "torch" (tiled, any device),
-            "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32 switch, as ``fastclr.nt_xent``.
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch), "triton" (fused kernel), "torch"
+            (tiled, any device), "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32 switch, as
+            ``fastclr.nt_xent``.
         gather_distributed: use the embeddings of every rank of the process group as negatives (exact gradients).
         group: process group for gather_distributed (default: the world).
 

@@ -52,9 +52,9 @@ def supcon(
         z_b: (N, D) embeddings of the second views of the same samples.
         labels: (N,) integer class of each sample, on the embeddings' device.
         temperature: tau > 0.
-        impl: "auto" (triton for CUDA tensors when triton imports, else torch), "triton" (the fused NT-Xent kernel plus the label terms),
-            "torch" (tiled, any device), "reference" (materialised). fp32 inputs of the kernel follow PyTorch's TF32
-            switch, as ``fastclr.nt_xent``.
+        impl: "auto" (triton for CUDA tensors when triton imports, else torch), "triton" (the fused NT-Xent kernel
+            plus the label terms), "torch" (tiled, any device), "reference" (materialised). fp32 inputs of the kernel
+            follow PyTorch's TF32 switch, as ``fastclr.nt_xent``.
         gather_distributed: use the embeddings and labels of every rank of the process group (exact gradients).
         group: process group for gather_distributed (default: the world).
 

@@ -312,7 +312,8 @@ def rows_grad(
     z_hat, cols, stats, offset, exclude_pos, labels: as ``row_stats`` had them; stats_cols (M, 3): the stats of
     every column's row; c_rows (A,), c_cols (M,): the coefficients c of the local rows and of every column (the upstream
     gradient of each row's lse, gathered from its rank); e_rows, e_cols likewise for the label sums. extra_sum: what
-    ``row_stats(extra_sums=True)`` kept of the extra columns, their whole term: sum_k c_i P_ik x_k = c_i/l_i extra_sum_i.
+    ``row_stats(extra_sums=True)`` kept of the extra columns, their whole term:
+    sum_k c_i P_ik x_k = c_i/l_i extra_sum_i.
     """
     m_rows, log_l_rows = stats[:, 0], stats[:, 1]
     m_cols, log_l_cols = stats_cols[:, 0], stats_cols[:, 1]

@@ -125,7 +125,8 @@ class LossConfig:
     )
     loss_impl: str = _opt(
         "auto",
-        "loss implementation (every --loss, with or without a bank): auto (triton on CUDA, tiled torch elsewhere), triton, torch, reference",
+        "loss implementation (every --loss, with or without a bank): auto (triton on CUDA, tiled torch "
+        "elsewhere), triton, torch, reference",
         ("auto", "triton", "torch", "reference"),
     )
     loss: str = _opt(
