@@ -22,8 +22,15 @@ def run_compiling(args: list[str], cache: str, timeout: float) -> subprocess.Com
     )
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """A failed child's error first (its stderr's last lines, where Python names the exception), then the traceback's
+    tail: a log cut short after a few lines still says why."""
+    last = " | ".join(proc.stderr.rstrip().splitlines()[-3:])
+    return f"child exited with {proc.returncode}: {last}\n{proc.stderr[-6000:]}"
+
+
 def json_records(args: list[str], cache: str, timeout: float):
-    """What the child prints as JSON, once it exited with 0 (else its stderr's tail is the failure)."""
+    """What the child prints as JSON, once it exited with 0 (else ``failure``)."""
     proc = run_compiling(args, cache, timeout)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.returncode == 0, failure(proc)
     return json.loads(proc.stdout)

@@ -16,7 +16,7 @@ import json
 import sys
 
 import pytest
-from compile_child import json_records, run_compiling
+from compile_child import failure, json_records, run_compiling
 
 from fastclr.kernels import nt_xent as K
 from fastclr.kernels import report as R
@@ -26,7 +26,7 @@ TC_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 def run_report(cache: str, *args: str) -> tuple[int, dict]:
     proc = run_compiling(["-m", "fastclr.kernels.report", "--json", *args], cache, timeout=3600)
-    assert proc.stdout, proc.stderr
+    assert proc.stdout, failure(proc)
     return proc.returncode, json.loads(proc.stdout)
 
 
