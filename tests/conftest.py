@@ -13,3 +13,23 @@ def triton_cache(tmp_path_factory) -> str:
     """One Triton cache per test session: the compile tests' child processes (``compile_child``) build the same kernels
     (the kernel report, the NT-Xent launches, the bank kernel)."""
     return str(tmp_path_factory.getbasetemp() / "triton-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_children_early(request, triton_cache):
+    """Start the compile children of the selected tests at once, in the order the tests will ask for them
+    (``compile_child.start_early``): a test module maps each of its items to the args of the children it runs with
+    ``compile_children(item)``."""
+    from compile_child import start_early, stop_early
+
+    commands = []
+    for item in request.session.items:
+        for args in getattr(getattr(item, "module", None), "compile_children", lambda item: [])(
+            item
+        ):
+            if args not in commands:
+                commands.append(args)
+    if commands:
+        start_early(commands, triton_cache)
+    yield
+    stop_early()

@@ -24,10 +24,26 @@ from fastclr.kernels import report as R
 TC_OPS = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
+def report_args(*args: str) -> list[str]:
+    return ["-m", "fastclr.kernels.report", "--json", *args]
+
+
 def run_report(cache: str, *args: str) -> tuple[int, dict]:
-    proc = run_compiling(["-m", "fastclr.kernels.report", "--json", *args], cache, timeout=3600)
+    proc = run_compiling(report_args(*args), cache, timeout=3600)
     assert proc.stdout, failure(proc)
     return proc.returncode, json.loads(proc.stdout)
+
+
+def compile_children(item) -> list[list[str]]:
+    """The child an item runs (conftest starts it early)."""
+    if "arch" not in getattr(getattr(item, "callspec", None), "params", {}):
+        return []
+    arch, name = str(item.callspec.params["arch"]), item.originalname
+    return {
+        "test_quick_report_compiles_cleanly": [report_args("--arch", arch, "--quick")],
+        "test_report_compiles_what_the_launch_compiles": [[__file__, arch]],
+        "test_every_shipped_variant_compiles_cleanly": [report_args("--arch", arch)],
+    }.get(name, [])
 
 
 def assert_clean(report: dict) -> None:

@@ -285,8 +285,20 @@ def child(arch: int, cases: dict) -> list[dict]:
     return records
 
 
+def child_args(arch: int, names, sweep: bool = False) -> list[str]:
+    return [__file__, str(arch), *(["--sweep"] if sweep else []), *names]
+
+
 def launches(arch: int, cache: str, names, sweep: bool = False) -> list[dict]:
-    return json_records([__file__, str(arch), *(["--sweep"] if sweep else []), *names], cache, 3000)
+    return json_records(child_args(arch, names, sweep), cache, 3000)
+
+
+def compile_children(item) -> list[list[str]]:
+    """The child an item runs (conftest starts it early)."""
+    if "arch_launches" not in item.fixturenames:
+        return []
+    arch = item.callspec.params["arch_launches"]
+    return [child_args(arch, CASES if arch == 90 else SM80_CASES)]
 
 
 def assert_clean(r: dict) -> None:

@@ -128,11 +128,23 @@ def child(arch: int, cases: dict) -> list[dict]:
     return records
 
 
+def child_args(arch: int, names) -> list[str]:
+    return [__file__, str(arch), *names]
+
+
 def launches(arch: int, cache: str, names) -> list[dict]:
-    return json_records([__file__, str(arch), *names], cache, timeout=1200)
+    return json_records(child_args(arch, names), cache, timeout=1200)
 
 
 CI_CASES = {90: tuple(CASES), 80: SM80_CASES}
+
+
+def compile_children(item) -> list[list[str]]:
+    """The child an item runs (conftest starts it early)."""
+    if "arch_launches" not in item.fixturenames:
+        return []
+    arch = item.callspec.params["arch_launches"]
+    return [child_args(arch, CI_CASES[arch])]
 
 
 @pytest.fixture(scope="session", params=[90, 80], ids=["sm90", "sm80"])
