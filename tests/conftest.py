@@ -33,3 +33,19 @@ def _compile_children_early(request, triton_cache):
         start_early(commands, triton_cache)
     yield
     stop_early()
+
+
+def pytest_unconfigure(config):
+    """A session on a nearly full disk says so on its last line, which a log cut short keeps: the tests that write
+    files then fail in ways that name other causes."""
+    import shutil
+    import tempfile
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if reporter is not None and free < 2 * 2**30:
+        reporter.write_line(
+            f"the disk holding {tempfile.gettempdir()} has {free / 2**20:.0f} MiB free: failures above may come "
+            "from that",
+            red=True,
+        )
