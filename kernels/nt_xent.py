@@ -1924,8 +1924,8 @@ def empty_state(z_a: torch.Tensor, temperature: float, precision: str = "tf32") 
     w = padded_width(d)
     zhat = z_a.new_empty((a, w))[:, :d]
     sym = temperature >= SHIFT_MIN_TEMPERATURE
-    block_m = diagonal_square(a, w, z_a.element_size(), precision) if sym else 0
-    square = torch.empty((triton.cdiv(a, block_m) * block_m, block_m), **f32) if block_m else None
+    width = diagonal_square(a, w, z_a.element_size(), precision) if sym else 0
+    square = torch.empty(square_shape(a, width), **f32) if width else None
     return ForwardState.local(zhat, torch.empty(a, **f32), torch.empty((a, 2), **f32), square)
 
 
@@ -2056,7 +2056,7 @@ def _symmetric_forward(
     a, dev, itemsize = zhat.shape[0], zhat.device, zhat.element_size()
     # The combine reads the column sums per row block: BLOCK_M is fixed here (the autotuner's candidates share it).
     block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision).block_m
-    keep = diagonal_square(a, w, itemsize, precision, config) > 0
+    width = diagonal_square(a, w, itemsize, precision, config)  # 0: no squares kept
     chunk_pairs, splits = launch_grid(
         "sym_fwd", a, w, a, config, itemsize, precision, splits=splits
     )
@@ -2067,7 +2067,7 @@ def _symmetric_forward(
     colpart = torch.empty((2 * chunk_pairs, a), **f32)
     colacc = torch.empty(a if chunks > 1 else 1, **f32)
     spos = torch.empty(a, **f32)
-    square = torch.empty((triton.cdiv(a, block_m) * block_m, block_m), **f32) if keep else None
+    square = torch.empty(square_shape(a, width), **f32) if width else None
     if square is not None:
         # The last row block's square may reach past this forward's last column block: zeros there, what the backward
         # would compute from the zero padding. Every other entry is written.
@@ -2081,7 +2081,7 @@ def _symmetric_forward(
             config,
             zhat_ptr=zhat, rowpart_ptr=rowpart, colpart_ptr=colpart, spos_ptr=spos,
             square_ptr=spos if square is None else square, A=a, M=a, D=w, PAIR0=pair0,
-            QK_SCALE=LOG2E / temperature, EXCLUDE_POS=exclude_pos, STORE_SQUARE=keep, BLOCK_D=tiling.block_d,
+            QK_SCALE=LOG2E / temperature, EXCLUDE_POS=exclude_pos, STORE_SQUARE=width > 0, BLOCK_D=tiling.block_d,
             D_BLOCKS=tiling.d_blocks, INPUT_PRECISION=dot_precision, INTERPRETER=INTERPRET,
         )  # fmt: skip
         _nt_xent_sym_combine_kernel[(triton.cdiv(a, REDUCE_BLOCK),)](
@@ -2110,6 +2110,12 @@ def diagonal_square(
         return 0
     block_m = resolve_config("sym_fwd", a, w, config, itemsize, precision).block_m
     return block_m if a // 2 >= block_m else 0
+
+
+def square_shape(a: int, width: int) -> tuple[int, int]:
+    """The shape of the diagonal squares' S for a = 2N rows and squares ``width`` wide (``diagonal_square``): rows
+    padded to a multiple of the width, each its square's row of S."""
+    return (triton.cdiv(a, width) * width, width)
 
 
 def nt_xent_backward(
@@ -2164,7 +2170,7 @@ def nt_xent_backward(
     square = state.square if shift and m == a else None
     if square is not None:
         width = square.shape[1]
-        assert square.is_contiguous() and square.shape == (triton.cdiv(a, width) * width, width)
+        assert square.is_contiguous() and square.shape == square_shape(a, width)
         assert square.dtype == torch.float32 and n >= width, "see diagonal_square"
     common = dict(
         zhat_ptr=zhat, cols_ptr=cols, stats_ptr=state.stats, stats_cols_ptr=state.stats_cols, g_ptr=g,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -477,7 +478,7 @@ def roofline(
     workspace = 2 * 4 * (a * (triton.cdiv(a, sym.block_m) - 1) / 2 + sym_splits * a)
     # The diagonal squares' S, fp32: written by the forward, read by the backward (``diagonal_square``).
     square = K.diagonal_square(a, d, b, config=config)
-    workspace += 2 * 4 * triton.cdiv(a, square) * square * square if square else 0
+    workspace += 2 * 4 * math.prod(K.square_shape(a, square)) if square else 0
     hbm_bytes = (
         a * d * (2 * b + b + b + b + 4 * acc_passes + b + b) + a * 8 * 3 + workspace + w_bytes
     )

@@ -89,6 +89,12 @@ def run_compiling(args: list[str], cache: str, timeout: float) -> subprocess.Com
     return result[0]
 
 
+def param(item, name: str):
+    """The value of parameter (or parametrised fixture) ``name`` of a test item; None where it has none."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(name) if callspec is not None else None
+
+
 def failure(proc: subprocess.CompletedProcess) -> str:
     """A failed child's error first (its stderr's last lines, where Python names the exception), then the traceback's
     tail: a log cut short after a few lines still says why."""

@@ -24,9 +24,8 @@ def _compile_children_early(request, triton_cache):
 
     commands = []
     for item in request.session.items:
-        for args in getattr(getattr(item, "module", None), "compile_children", lambda item: [])(
-            item
-        ):
+        children = getattr(getattr(item, "module", None), "compile_children", None)
+        for args in children(item) if children else []:
             if args not in commands:
                 commands.append(args)
     if commands:

@@ -16,7 +16,7 @@ import json
 import sys
 
 import pytest
-from compile_child import failure, json_records, run_compiling
+from compile_child import failure, json_records, param, run_compiling
 
 from fastclr.kernels import nt_xent as K
 from fastclr.kernels import report as R
@@ -36,9 +36,10 @@ def run_report(cache: str, *args: str) -> tuple[int, dict]:
 
 def compile_children(item) -> list[list[str]]:
     """The child an item runs (conftest starts it early)."""
-    if "arch" not in getattr(getattr(item, "callspec", None), "params", {}):
+    arch = param(item, "arch")
+    if arch is None:
         return []
-    arch, name = str(item.callspec.params["arch"]), item.originalname
+    arch, name = str(arch), item.originalname
     return {
         "test_quick_report_compiles_cleanly": [report_args("--arch", arch, "--quick")],
         "test_report_compiles_what_the_launch_compiles": [[__file__, arch]],

@@ -26,7 +26,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_child import json_records
+from compile_child import json_records, param
 from test_nt_xent_triton import assert_close
 
 from fastclr.kernels import memory_bank as MB
@@ -236,6 +236,7 @@ CASES = {
     "fp16-D300-grad": ("float16", "tf32", 256, 4096, 300, True, None),
 }
 SM80_CASES = ("bf16-D128-grad", "fp32-tf32-D128-grad")
+CI_CASES = {90: tuple(CASES), 80: SM80_CASES}  # what CI compiles per architecture
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -295,10 +296,8 @@ def launches(arch: int, cache: str, names, sweep: bool = False) -> list[dict]:
 
 def compile_children(item) -> list[list[str]]:
     """The child an item runs (conftest starts it early)."""
-    if "arch_launches" not in item.fixturenames:
-        return []
-    arch = item.callspec.params["arch_launches"]
-    return [child_args(arch, CASES if arch == 90 else SM80_CASES)]
+    arch = param(item, "arch_launches")
+    return [] if arch is None else [child_args(arch, CI_CASES[arch])]
 
 
 def assert_clean(r: dict) -> None:
@@ -319,7 +318,7 @@ def assert_clean(r: dict) -> None:
 @pytest.fixture(scope="session", params=[90, 80], ids=["sm90", "sm80"])
 def arch_launches(request, triton_cache):
     arch = request.param
-    names = CASES if arch == 90 else SM80_CASES
+    names = CI_CASES[arch]
     return arch, launches(arch, triton_cache, names)
 
 
@@ -328,7 +327,7 @@ def test_kernel_compiles_spill_free_with_the_launch_specialisation(arch_launches
     from fastclr.kernels.stub_driver import SM_COUNT
 
     arch, records = arch_launches
-    assert [r["case"] for r in records] == list(CASES if arch == 90 else SM80_CASES)
+    assert [r["case"] for r in records] == list(CI_CASES[arch])
     for r in records:
         dtype, precision, a, k, d, grad, _ = CASES[r["case"]]
         itemsize = 4 if dtype == "float32" else 2

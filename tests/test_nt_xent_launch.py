@@ -14,7 +14,7 @@ import json
 import sys
 
 import pytest
-from compile_child import json_records
+from compile_child import json_records, param
 
 # Entry point, dtype, precision, N, D, tau (>= 0.025 takes the fixed shift, below the running max), distributed.
 # Batches of 2N <= 64 keep the autotuner's candidates to 64-row tiles, which compile fastest; the report compiles the
@@ -141,10 +141,8 @@ CI_CASES = {90: tuple(CASES), 80: SM80_CASES}
 
 def compile_children(item) -> list[list[str]]:
     """The child an item runs (conftest starts it early)."""
-    if "arch_launches" not in item.fixturenames:
-        return []
-    arch = item.callspec.params["arch_launches"]
-    return [child_args(arch, CI_CASES[arch])]
+    arch = param(item, "arch_launches")
+    return [] if arch is None else [child_args(arch, CI_CASES[arch])]
 
 
 @pytest.fixture(scope="session", params=[90, 80], ids=["sm90", "sm80"])
